@@ -1,0 +1,1 @@
+"""Turning images into L2-normalised embeddings: the model, its checkpoint, inference."""

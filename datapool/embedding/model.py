@@ -1,0 +1,207 @@
+"""The embedding model: a torchvision backbone, a projection, L2 normalisation.
+
+A model is fully described by a :class:`ModelConfig` plus its weights. Both go
+into the checkpoint (``checkpoint_latest.ckpt``) together with a model id, the
+hash of config and weights, so any stage can rebuild the exact model from the
+checkpoint alone and every pool row can say which model embedded it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from datapool.errors import CheckpointError, InputError
+
+CHECKPOINT_FORMAT = "datapool-checkpoint/1"
+
+# Backbones we know how to cut below their classifier: name -> attribute holding it.
+BACKBONES: dict[str, str] = {
+    "resnet18": "fc",
+    "resnet34": "fc",
+    "resnet50": "fc",
+    "mobilenet_v3_small": "classifier",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines what an embedding means, apart from the weights.
+
+    Attributes:
+        arch: torchvision backbone name, one of :data:`BACKBONES`.
+        embedding_dim: length D of the output vector (after the projection).
+        image_size: side in pixels of the square crop the model sees.
+        weights: torchvision weights to start from (``"DEFAULT"``, ``"IMAGENET1K_V1"``,
+            ...), or ``"none"`` for random initialisation. Only used when no
+            checkpoint exists yet; afterwards the checkpoint's weights rule.
+    """
+
+    arch: str = "resnet18"
+    embedding_dim: int = 64
+    image_size: int = 224
+    weights: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.arch not in BACKBONES:
+            known = ", ".join(sorted(BACKBONES))
+            raise InputError(f"embed.model={self.arch!r} is not supported; choose one of {known}")
+        if self.embedding_dim < 1:
+            raise InputError(f"embed.embedding_dim must be >= 1, got {self.embedding_dim}")
+        if self.image_size < 16:
+            raise InputError(f"embed.image_size must be >= 16 pixels, got {self.image_size}")
+
+    def differences(self, other: ModelConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ, as ``{name: (self_value, other_value)}``.
+
+        ``weights`` is ignored: it only says where training started.
+        """
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if f.name != "weights" and getattr(self, f.name) != getattr(other, f.name)
+        }
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone features -> linear projection -> unit vector.
+
+    ``forward`` maps images ``[B, 3, S, S]`` (ImageNet-normalised floats) to
+    embeddings ``[B, D]`` with L2 norm 1.
+    """
+
+    def __init__(self, config: ModelConfig, *, pretrained: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        weights = config.weights if pretrained and config.weights.lower() != "none" else None
+        self.backbone, n_features = _headless_backbone(config.arch, weights)
+        self.projection = nn.Linear(n_features, config.embedding_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        return nn.functional.normalize(self.projection(features).float(), dim=1)
+
+
+def _headless_backbone(arch: str, weights: str | None) -> tuple[nn.Module, int]:
+    """The torchvision backbone with its classifier replaced by identity, and its width.
+
+    ``weights=None`` initialises randomly (from torch's current RNG); a name loads
+    torchvision's pretrained weights, downloading them if they are not cached.
+    """
+    import torchvision
+
+    try:
+        backbone: nn.Module = torchvision.models.get_model(arch, weights=weights)
+    except Exception as err:  # download failures, unknown weight names: all user-fixable
+        raise CheckpointError(
+            f"cannot load torchvision weights {weights!r} for {arch}: {err}. "
+            "Put the weight file in $TORCH_HOME/hub/checkpoints on an offline machine, "
+            "or set embed.weights=none."
+        ) from err
+    head_name = BACKBONES[arch]
+    head = getattr(backbone, head_name)
+    linear = (
+        head
+        if isinstance(head, nn.Linear)
+        else next(m for m in head.modules() if isinstance(m, nn.Linear))
+    )
+    setattr(backbone, head_name, nn.Identity())
+    return backbone, int(linear.in_features)
+
+
+def build_model(config: ModelConfig, *, seed: int) -> EmbeddingModel:
+    """A fresh model; random parts are initialised from ``seed`` (no global RNG use)."""
+    devices: list[str] = []  # fork_rng only touches the CPU generator then
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = EmbeddingModel(config, pretrained=True)
+    return model.eval()
+
+
+def model_id(model: EmbeddingModel) -> str:
+    """16 hex digits identifying config + weights; equal ids mean equal embeddings."""
+    digest = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(model: EmbeddingModel, path: Path) -> str:
+    """Write ``model`` to ``path`` atomically (temp file + rename); returns its model id."""
+    mid = model_id(model)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": asdict(model.config),
+        "model_id": mid,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return mid
+
+
+def load_checkpoint(path: Path) -> tuple[EmbeddingModel, str]:
+    """Rebuild the model stored at ``path``; returns ``(model in eval mode, model id)``.
+
+    Loads with ``weights_only=True``, so a checkpoint carrying pickled code is
+    refused. Raises :class:`CheckpointError` naming the file when it is missing,
+    unreadable, of another format, or its weights don't fit its config.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a datapool checkpoint ({CHECKPOINT_FORMAT})")
+    try:
+        config = ModelConfig(**payload["config"])
+        model = EmbeddingModel(config)  # weights come from the checkpoint, not torchvision
+        model.load_state_dict(payload["state_dict"])
+    except (TypeError, KeyError, RuntimeError, InputError) as err:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: {err}") from err
+    model = model.eval()
+    if model_id(model) != payload["model_id"]:
+        raise CheckpointError(f"checkpoint {path} is damaged: its weights do not hash to its id")
+    return model, str(payload["model_id"])
+
+
+def model_for_pool(checkpoint: Path, *, wanted: ModelConfig, seed: int) -> EmbeddingModel:
+    """The model a pool's next batch must be embedded with.
+
+    The pool's own checkpoint when it exists (its config must agree with
+    ``wanted``, apart from ``weights``), else a new model built from ``wanted``.
+    Raises :class:`CheckpointError` naming each setting that differs, because a
+    pool's embeddings all come from one model.
+    """
+    if not checkpoint.exists():
+        return build_model(wanted, seed=seed)
+    model, _ = load_checkpoint(checkpoint)
+    changed = model.config.differences(wanted)
+    if changed:
+        was = ", ".join(f"{k}={v[0]!r}" for k, v in changed.items())
+        now = ", ".join(f"{k}={v[1]!r}" for k, v in changed.items())
+        raise CheckpointError(
+            f"the pool's checkpoint {checkpoint} has {was} but the embed params ask for {now}; "
+            "a pool keeps one model: set the params back, or start a new pool (datapool.name)"
+        )
+    return model

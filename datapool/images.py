@@ -1,0 +1,390 @@
+"""Finding image files in a folder tree, hashing them and decoding them to RGB.
+
+Three jobs, each kept independent of torch so that the embedding code and the
+corruptness check share one decoder:
+
+* :func:`discover_images` lists the image files under an input folder, fast
+  enough for millions of files (one ``os.scandir`` pass, no ``stat`` per file);
+* :func:`content_hash` gives a file's identity for duplicate detection and
+  batch ids;
+* :func:`load_rgb` decodes one file to a fully loaded RGB image, or raises
+  :class:`CorruptImageError` with a short reason meant for the corrupt list.
+
+Nothing here changes Pillow's global settings (``Image.MAX_IMAGE_PIXELS``,
+``ImageFile.LOAD_TRUNCATED_IMAGES``) or the process's warning filters: the
+pixel limit is :data:`MAX_IMAGE_PIXELS`, checked explicitly per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from datapool.errors import InputError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "TRANSPARENT_BACKGROUND",
+    "CorruptImageError",
+    "ImageFile",
+    "check_image",
+    "content_hash",
+    "discover_images",
+    "load_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+#: File-name extensions (lowercase, with the dot) that :func:`discover_images` picks up.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+)
+
+#: Largest image, in pixels (width x height), that :func:`load_rgb` decodes.
+#: Pillow's default limit (about 0.25 GiB of 24-bit pixels); anything larger is
+#: reported as a decompression bomb rather than risking the worker's memory.
+MAX_IMAGE_PIXELS: int = 89_478_485
+
+#: RGB colour that transparent pixels are composited onto. White, because that is
+#: how browsers and most labelling tools show transparent images, so the model
+#: sees what the person labelling it sees.
+TRANSPARENT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+_HASH_CHUNK = 1 << 20  # 1 MiB: large enough to amortise syscalls, small enough for RAM
+
+# Exceptions Pillow's decoders raise on malformed input. Pillow is not consistent
+# (plugins use SyntaxError, struct.error, IndexError … for bad data), and one bad
+# file must never stop a run, so all of them mean "corrupt file".
+_DECODER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFile:
+    """One image file found by :func:`discover_images`.
+
+    Attributes:
+        path: absolute path of the file (symbolic links inside the tree are not resolved).
+        relpath: POSIX path relative to the discovery root, e.g. ``"cats/a.jpg"``.
+        label: the folder part of ``relpath`` (``"cats"``, ``"a/b"``); ``""`` at the root.
+    """
+
+    path: Path
+    relpath: str
+    label: str
+
+
+SkipCallback = Callable[[Path, str], None]
+
+
+def discover_images(root: Path, *, on_skip: SkipCallback | None = None) -> list[ImageFile]:
+    """List every image file under ``root``, recursively, sorted by ``relpath``.
+
+    A file is an image when its extension, lower-cased, is in :data:`IMAGE_EXTENSIONS`.
+    Names starting with ``"."`` (hidden files and folders, macOS ``._*`` files) are
+    ignored. Symbolic links are followed, to files and to folders; each folder is
+    entered at most once (tracked by device and inode), so link loops terminate and
+    a folder reachable by two paths is listed once, under the path met first by a
+    depth-first walk in name order.
+
+    Folders that cannot be read, broken links and names that are not valid UTF-8 are
+    skipped: each is logged as a warning and passed to ``on_skip(path, reason)``.
+
+    Raises:
+        InputError: ``root`` does not exist, is not a folder, or cannot be read.
+    """
+    root_path = Path(root).absolute()
+    if not root_path.exists():
+        raise InputError(f"input folder {root_path} does not exist")
+    if not root_path.is_dir():
+        raise InputError(f"input folder {root_path} is not a folder")
+    try:
+        with os.scandir(root_path):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot read input folder {root_path}: {exc.strerror}") from exc
+
+    def skip(path: str, reason: str) -> None:
+        logger.warning("skipping %s: %s", path, reason)
+        if on_skip is not None:
+            on_skip(Path(path), reason)
+
+    found: list[ImageFile] = []
+    visited: set[tuple[int, int]] = set()
+    # Depth-first with an explicit stack (deep trees must not hit the recursion limit).
+    stack: list[tuple[str, str]] = [(str(root_path), "")]
+    while stack:
+        dir_path, label = stack.pop()
+        if not _first_visit(dir_path, visited, skip):
+            continue
+        subdirs = _scan_dir(dir_path, label, found, skip)
+        # Reverse-sorted push = visiting in name order, so which path of a folder
+        # linked twice wins does not depend on the file system's listing order.
+        for name, sub_path in sorted(subdirs, reverse=True):
+            stack.append((sub_path, f"{label}/{name}" if label else name))
+    found.sort(key=lambda f: f.relpath)
+    return found
+
+
+def _scan_dir(
+    dir_path: str, label: str, found: list[ImageFile], skip: Callable[[str, str], None]
+) -> list[tuple[str, str]]:
+    """Append the images directly in ``dir_path`` to ``found``; return its sub-folders.
+
+    Uses ``DirEntry.is_file``/``is_dir``, which read the type from the directory
+    listing (``d_type``) and only ``stat`` symbolic links, so a million files cost a
+    million ``readdir`` records, not a million ``stat`` calls.
+    """
+    prefix = f"{label}/" if label else ""
+    subdirs: list[tuple[str, str]] = []
+    try:
+        with os.scandir(dir_path) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    subdirs.append((name, entry.path))
+                elif entry.is_file():
+                    if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:  # noqa: PTH122
+                        continue
+                    relpath = prefix + name
+                    if not _is_utf8(relpath):
+                        skip(entry.path, "file name is not valid UTF-8")
+                        continue
+                    found.append(ImageFile(Path(entry.path), relpath, label))
+                elif entry.is_symlink():
+                    skip(entry.path, "broken symbolic link")
+    except OSError as exc:
+        skip(dir_path, f"cannot read folder: {exc.strerror or exc}")
+    return subdirs
+
+
+def _first_visit(
+    path: str, visited: set[tuple[int, int]], skip: Callable[[str, str], None]
+) -> bool:
+    """Record the folder at ``path`` as visited; False if it was already (a link loop)."""
+    try:
+        st = os.stat(path)  # noqa: PTH116 - a str path from scandir; no Path object needed
+    except OSError as exc:
+        skip(path, f"cannot read folder: {exc.strerror or exc}")
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in visited:
+        skip(path, "folder already listed (symbolic link loop or second link to it)")
+        return False
+    visited.add(key)
+    return True
+
+
+def _is_utf8(text: str) -> bool:
+    """True if ``text`` encodes to UTF-8 (os.fsdecode turns undecodable bytes into surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of the file's bytes, as 64 lowercase hex digits.
+
+    Streams the file in 1 MiB chunks, so memory use does not grow with file size.
+
+    Raises:
+        OSError: the file cannot be opened or read.
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with Path(path).open("rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class CorruptImageError(Exception):
+    """A file that cannot be decoded to an image; ``reason`` is short and human-readable.
+
+    Deliberately not a :class:`~datapool.errors.DatapoolError`: it is caught per file,
+    the file goes on the corrupt list and the run continues.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def load_rgb(
+    path: Path, *, size_hint: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Decode the image at ``path`` into a fully loaded RGB image (first frame).
+
+    Args:
+        path: the image file.
+        size_hint: side length, in pixels, the caller will resize to. JPEGs are then
+            decoded at a reduced scale (``Image.draft``) whose short side is still at
+            least ``size_hint`` — several times faster for large photos. ``None``
+            decodes at full size.
+        max_pixels: largest width x height accepted, checked from the header before
+            any pixel is decoded.
+
+    The EXIF orientation is applied. Every mode becomes RGB: alpha is composited onto
+    :data:`TRANSPARENT_BACKGROUND`; 16-bit and 32-bit integer images are scaled to 8
+    bits (not clipped); see :func:`_to_rgb` for the exact rules.
+
+    Raises:
+        CorruptImageError: the file is empty, truncated, not an image, larger than
+            ``max_pixels``, unreadable, or fails to decode for any other reason.
+        ValueError: ``size_hint`` or ``max_pixels`` is not positive.
+    """
+    if size_hint is not None and size_hint <= 0:
+        raise ValueError(f"size_hint must be positive, got {size_hint}")
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    path = Path(path)
+    try:
+        if True:
+            fh = path.open("rb")
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise CorruptImageError(path, "empty file")
+            with Image.open(fh) as im:
+                return _decode(im, path, size_hint, max_pixels)
+    except CorruptImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise CorruptImageError(path, _bomb_reason(str(exc), max_pixels)) from exc
+    except Image.DecompressionBombWarning as exc:  # warnings promoted to errors (-W error)
+        raise CorruptImageError(path, _bomb_reason(str(exc), max_pixels)) from exc
+    except UnidentifiedImageError as exc:
+        raise CorruptImageError(path, "not a recognised image format") from exc
+    except PermissionError as exc:
+        raise CorruptImageError(path, "permission denied") from exc
+    except _DECODER_ERRORS as exc:
+        raise CorruptImageError(path, _error_reason(exc)) from exc
+
+
+def check_image(
+    path: Path, *, size_hint: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> str | None:
+    """Decode ``path`` as :func:`load_rgb` would; return the corrupt reason, or None if fine."""
+    try:
+        load_rgb(path, size_hint=size_hint, max_pixels=max_pixels)
+    except CorruptImageError as exc:
+        return exc.reason
+    return None
+
+
+def _decode(im: Image.Image, path: Path, size_hint: int | None, max_pixels: int) -> Image.Image:
+    """Check size, decode (reduced for JPEG), orient and convert an opened image."""
+    width, height = im.size
+    if width * height > max_pixels:
+        raise CorruptImageError(
+            path, f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
+        )
+    if size_hint is not None and im.format in ("JPEG", "MPO"):
+        # draft picks the largest DCT scale (1/2, 1/4, 1/8) that keeps both sides
+        # >= the requested box, so the short side stays >= size_hint.
+        im.draft("RGB", (size_hint, size_hint))
+    im.load()
+    return _to_rgb(_apply_exif_orientation(im))
+
+
+def _apply_exif_orientation(im: Image.Image) -> Image.Image:
+    """Rotate/flip ``im`` per its EXIF Orientation tag; unchanged if the EXIF is broken.
+
+    A malformed EXIF block does not make the pixels unusable, so it is not an error.
+    """
+    try:
+        oriented = ImageOps.exif_transpose(im)
+    except _DECODER_ERRORS as exc:
+        logger.debug("ignoring unreadable EXIF orientation: %s", exc)
+        return im
+    return oriented if oriented is not None else im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert a loaded image of any Pillow mode to a new RGB image.
+
+    * alpha (RGBA, LA, PA, RGBa, La, P or L/RGB with a transparency key): composited
+      onto :data:`TRANSPARENT_BACKGROUND`;
+    * ``I;16*``: 0-65535 scaled to 0-255; ``I`` (32-bit): the same when all values lie
+      in 0-65535 (16-bit files often open as ``I``), else min-max stretched;
+    * ``F``: values in 0-1 scaled by 255, values in 0-255 kept, else min-max stretched;
+    * everything else (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX): Pillow's own conversion.
+    """
+    if im.mode.startswith("I") or im.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(im), im.mode), mode="L").convert("RGB")
+    if im.has_transparency_data:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Map a 2-D array of 16/32-bit int or float samples to uint8 (see :func:`_to_rgb`)."""
+    data = values.astype(np.float64)
+    data[~np.isfinite(data)] = 0.0
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        scaled = data / 257.0  # 65535 / 255: the exact inverse of 8-to-16-bit scaling
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scaled = data * 255.0
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        scaled = data
+    elif hi > lo:
+        scaled = (data - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(data)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _bomb_reason(pillow_message: str, max_pixels: int) -> str:
+    """Reason for a bomb Pillow caught itself (its own limit), in our wording."""
+    match = _BOMB_PIXELS.search(pillow_message)
+    size = f"{match.group(1)} pixels" if match else "image size"
+    return f"decompression bomb: {size} exceeds limit {max_pixels}"
+
+
+def _error_reason(exc: BaseException) -> str:
+    """Short reason for a decoder failure: 'truncated image data' or the error's message."""
+    message = str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+    lowered = message.lower()
+    if "truncated" in lowered or "broken data stream" in lowered or isinstance(exc, EOFError):
+        return "truncated image data"
+    return message or type(exc).__name__

@@ -1,0 +1,179 @@
+"""One increment of the pool: choose among a batch's candidates, then fold the picks in.
+
+Both steps are idempotent per batch: rows of the pool that the current batch
+added earlier are ignored when choosing and replaced when merging, so re-running
+an increment (``dvc repro -f``, a changed stopping condition) redoes it rather
+than stacking a second copy on top.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from datapool.errors import InputError, PoolError
+from datapool.pool import EXTRA_COLUMNS, column_order, embedding_dim, embeddings_of
+from datapool.selection import k_center_greedy
+
+CANDIDATE_COLUMNS = ("content_hash", "batch_id", "model_id", "source")
+PICK_COLUMNS = ("filenames", "content_hash", "pick_rank", "pick_distance")
+
+
+@dataclass(frozen=True)
+class StoppingCondition:
+    """When to stop picking: after ``n_samples`` picks (0 = no limit) or once the
+    farthest remaining candidate is closer than ``min_distance`` (0 = no threshold;
+    Euclidean, on unit vectors so 0..2). At least one must be active."""
+
+    n_samples: int
+    min_distance: float
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 0:
+            raise InputError(f"stopping_condition.n_samples must be >= 0, got {self.n_samples}")
+        if math.isnan(self.min_distance) or self.min_distance < 0:
+            raise InputError(
+                f"stopping_condition.min_distance must be a number >= 0 (0 disables it), "
+                f"got {self.min_distance}"
+            )
+        if self.n_samples == 0 and self.min_distance == 0:
+            raise InputError(
+                "set stopping_condition.n_samples > 0 or stopping_condition.min_distance > 0; "
+                "with neither, selection would never stop"
+            )
+
+
+def batch_of(candidates: pd.DataFrame) -> str:
+    """The batch id shared by every candidate row; PoolError if rows disagree."""
+    ids = candidates["batch_id"].unique()
+    if len(ids) != 1:
+        raise PoolError(f"candidates must come from one batch, found batch ids {sorted(ids)}")
+    return str(ids[0])
+
+
+def prior_rows(pool: pd.DataFrame | None, batch_id: str) -> pd.DataFrame | None:
+    """The pool without the rows ``batch_id`` added earlier (None if there is no pool)."""
+    if pool is None:
+        return None
+    return pool[pool["batch_id"] != batch_id].reset_index(drop=True)
+
+
+def check_compatible(prior: pd.DataFrame | None, candidates: pd.DataFrame) -> None:
+    """Embeddings of the pool and the candidates must have one dimension and one model.
+
+    Raises :class:`PoolError` saying which differs; nothing is written.
+    """
+    if prior is None or prior.empty or candidates.empty:
+        return
+    pool_dim, cand_dim = embedding_dim(prior), embedding_dim(candidates)
+    if pool_dim != cand_dim:
+        raise PoolError(
+            f"the pool's embeddings have dimension {pool_dim} but this batch's have {cand_dim}; "
+            "a pool's dimension is fixed once created (start a new pool with another datapool.name)"
+        )
+    pool_models = set(prior["model_id"])
+    cand_models = set(candidates["model_id"])
+    if pool_models != cand_models:
+        raise PoolError(
+            f"the pool was embedded by model(s) {sorted(pool_models)} but this batch by "
+            f"{sorted(cand_models)}; embeddings of different models cannot be compared"
+        )
+
+
+def new_candidates(candidates: pd.DataFrame, pool: pd.DataFrame | None) -> pd.DataFrame:
+    """Candidates whose content is not in the pool's other batches (fresh index)."""
+    prior = prior_rows(pool, batch_of(candidates)) if not candidates.empty else None
+    if prior is None or prior.empty:
+        return candidates.reset_index(drop=True)
+    seen = set(prior["content_hash"])
+    return candidates[~candidates["content_hash"].isin(seen)].reset_index(drop=True)
+
+
+def read_picks(path: Path) -> pd.DataFrame:
+    """Read a ``picks.csv`` written by :func:`select_increment`; PoolError if malformed."""
+    try:
+        picks = pd.read_csv(
+            path, dtype={"filenames": str, "content_hash": str}, keep_default_na=False
+        )
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise PoolError(f"cannot read picks {path}: {err}") from err
+    missing = [c for c in PICK_COLUMNS if c not in picks.columns]
+    if missing:
+        raise PoolError(f"{path} lacks column(s) {', '.join(missing)}")
+    return picks
+
+
+def select_increment(
+    candidates: pd.DataFrame, pool: pd.DataFrame | None, stop: StoppingCondition
+) -> pd.DataFrame:
+    """Greedy k-center over ``candidates`` conditioned on the pool's other batches.
+
+    Candidates whose content is already in the pool are never picked. Returns
+    the picks in pick order with columns :data:`PICK_COLUMNS`; ``pick_distance``
+    is the Euclidean distance to the nearest pool row or earlier pick when the
+    candidate was picked (``inf`` for the first pick into an empty pool).
+    """
+    prior = prior_rows(pool, batch_of(candidates)) if not candidates.empty else None
+    check_compatible(prior, candidates)
+    fresh = new_candidates(candidates, pool)
+    pool_embeddings = None if prior is None or prior.empty else embeddings_of(prior)
+    if fresh.empty:
+        return pd.DataFrame({c: [] for c in PICK_COLUMNS})
+    chosen = k_center_greedy(
+        embeddings_of(fresh),
+        pool=pool_embeddings,
+        n_samples=stop.n_samples or None,
+        min_distance=stop.min_distance or None,
+    )
+    picks = fresh.iloc[chosen.indices][["filenames", "content_hash"]].reset_index(drop=True)
+    picks["pick_rank"] = np.arange(1, len(picks) + 1)
+    picks["pick_distance"] = chosen.min_distances
+    return picks
+
+
+def merge_increment(
+    pool: pd.DataFrame | None,
+    candidates: pd.DataFrame,
+    picks: pd.DataFrame,
+    *,
+    weak_labels: bool,
+) -> pd.DataFrame:
+    """``pool := (pool minus this batch's earlier rows) + picks``, in Lightly's column order.
+
+    ``picks`` name candidates by ``content_hash``. With ``weak_labels`` the
+    candidate's sub-folder name becomes its label, otherwise labels are empty.
+    Raises :class:`PoolError` if a pick is not among the candidates or the
+    embeddings don't fit the pool.
+    """
+    prior = prior_rows(pool, batch_of(candidates)) if not candidates.empty else pool
+    check_compatible(prior, candidates)
+    by_hash = candidates.set_index("content_hash", drop=False)
+    unknown = sorted(set(picks["content_hash"]) - set(by_hash.index))
+    if unknown:
+        raise PoolError(
+            f"picks name {len(unknown)} image(s) not among the candidates, e.g. {unknown[0]}"
+        )
+    added = by_hash.loc[list(picks["content_hash"])].reset_index(drop=True)
+    added["pick_rank"] = picks["pick_rank"].to_numpy()
+    added["pick_distance"] = picks["pick_distance"].to_numpy()
+    if not weak_labels:
+        added["labels"] = ""
+    dim = embedding_dim(candidates) if prior is None or prior.empty else embedding_dim(prior)
+    parts = [p for p in (prior, added) if p is not None and not p.empty]
+    merged = pd.concat(parts, ignore_index=True) if parts else added
+    return merged.reindex(columns=column_order(dim, EXTRA_COLUMNS))
+
+
+def describe_stop(picks: pd.DataFrame, *, n_fresh: int, stop: StoppingCondition) -> str:
+    """Why selection ended, in words: the count, the distance threshold, or no candidates left."""
+    if stop.n_samples and len(picks) >= stop.n_samples:
+        return f"reached n_samples={stop.n_samples}"
+    if len(picks) >= n_fresh:
+        return f"picked every one of the {n_fresh} new candidates"
+    if stop.min_distance:
+        return f"the next candidate was closer than min_distance={stop.min_distance:g}"
+    return "the remaining candidates duplicate earlier picks"

@@ -1,0 +1,193 @@
+"""The pool on disk: ``pools/NAME/datapool_latest.csv`` + ``checkpoint_latest.ckpt``.
+
+The CSV follows Lightly's embeddings convention -- ``filenames``,
+``embedding_0`` .. ``embedding_{D-1}``, ``labels`` -- followed by our own columns
+(:data:`EXTRA_COLUMNS`). The same layout serves for the candidates an ``embed``
+run produces, so one reader validates both. Writes go to a temp file in the same
+folder and are renamed over the old file, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from datapool.errors import PoolError
+
+POOL_CSV = "datapool_latest.csv"
+CHECKPOINT = "checkpoint_latest.ckpt"
+
+# Our columns after Lightly's: identity of the image, the batch that added it,
+# the model that embedded it, and where it stood in its batch's pick order.
+EXTRA_COLUMNS = ("content_hash", "batch_id", "model_id", "source", "pick_rank", "pick_distance")
+TEXT_COLUMNS = ("filenames", "labels", "content_hash", "batch_id", "model_id", "source")
+_EMBEDDING = re.compile(r"embedding_(\d+)")
+# float32 needs 9 significant digits to survive a text round trip exactly.
+FLOAT_FORMAT = "%.9g"
+
+
+def embedding_columns(dim: int) -> list[str]:
+    """``["embedding_0", ..., "embedding_{dim-1}"]``."""
+    return [f"embedding_{i}" for i in range(dim)]
+
+
+def column_order(dim: int, extra: Sequence[str] = EXTRA_COLUMNS) -> list[str]:
+    """Lightly's columns first (filenames, embeddings, labels), then ours."""
+    return ["filenames", *embedding_columns(dim), "labels", *extra]
+
+
+def embedding_dim(table: pd.DataFrame) -> int:
+    """Number D of ``embedding_*`` columns of a validated table."""
+    return sum(1 for c in table.columns if _EMBEDDING.fullmatch(str(c)))
+
+
+def embeddings_of(table: pd.DataFrame) -> np.ndarray:
+    """The embeddings of a validated table as float32 ``[rows, D]``."""
+    cols = embedding_columns(embedding_dim(table))
+    return table[cols].to_numpy(dtype=np.float32, copy=True).reshape(len(table), len(cols))
+
+
+def read_table(path: Path, *, required: Sequence[str] = EXTRA_COLUMNS) -> pd.DataFrame:
+    """Read and validate an embeddings CSV (a pool or a batch of candidates).
+
+    Checks that ``filenames``, ``labels``, ``required`` and a contiguous run of
+    ``embedding_0..D-1`` columns exist, and that every embedding is a finite
+    number. Raises :class:`PoolError` naming the file, and the row (1-based, as
+    a spreadsheet counts data rows) and column at fault.
+    """
+    if not path.is_file():
+        raise PoolError(f"{path} does not exist")
+    try:
+        table = pd.read_csv(
+            path,
+            dtype={c: str for c in TEXT_COLUMNS},
+            keep_default_na=False,
+            na_values={c: [] for c in TEXT_COLUMNS},
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PoolError(f"{path} is not a readable CSV: {err}") from err
+    _check_columns(table, path, required)
+    _check_embeddings(table, path)
+    return table
+
+
+def _check_columns(table: pd.DataFrame, path: Path, required: Sequence[str]) -> None:
+    missing = [c for c in ("filenames", "labels", *required) if c not in table.columns]
+    if missing:
+        raise PoolError(f"{path} lacks column(s) {', '.join(missing)}")
+    numbers = sorted(int(m.group(1)) for c in table.columns if (m := _EMBEDDING.fullmatch(str(c))))
+    if not numbers:
+        raise PoolError(f"{path} has no embedding_* columns")
+    if numbers != list(range(len(numbers))):
+        gap = next(i for i, n in enumerate(numbers) if n != i)
+        raise PoolError(
+            f"{path}: embedding columns are not embedding_0..embedding_{len(numbers) - 1} "
+            f"(embedding_{gap} is missing)"
+        )
+
+
+def _check_embeddings(table: pd.DataFrame, path: Path) -> None:
+    for column in embedding_columns(embedding_dim(table)):
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            row = int(bad[0])
+            raise PoolError(
+                f"{path}: row {row + 1} (filenames={table['filenames'].iloc[row]!r}), column "
+                f"{column}: {table[column].iloc[row]!r} is not a finite number"
+            )
+        table[column] = values.astype(np.float32)
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Write ``table`` as CSV to ``path`` atomically: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            table.to_csv(handle, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_pool(pool_dir: Path) -> pd.DataFrame | None:
+    """The pool's rows, validated, or None when the pool has not been created yet.
+
+    Also checks that content hashes are unique. Raises :class:`PoolError`.
+    """
+    path = pool_dir / POOL_CSV
+    if not path.exists():
+        return None
+    table = read_table(path)
+    repeated = table["content_hash"].duplicated()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated.to_numpy())[0])
+        raise PoolError(
+            f"{path}: row {row + 1} (filenames={table['filenames'].iloc[row]!r}) repeats the "
+            f"content_hash of an earlier row; each image may appear once"
+        )
+    return table
+
+
+def ensure_pool_present(pool_dir: Path, *, lock_file: Path) -> None:
+    """Refuse to go on when DVC recorded a non-empty pool that is not in the workspace.
+
+    This is the fresh-clone trap: without ``dvc pull`` the pool folder is absent,
+    and running on would rebuild the pool from the newest batch alone.
+    Raises :class:`PoolError` with the command to run.
+    """
+    if (pool_dir / POOL_CSV).exists() or not lock_file.is_file():
+        return
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    wanted = pool_dir.as_posix().rstrip("/")
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if str(out.get("path", "")).rstrip("/") == wanted and int(out.get("nfiles", 0)) > 0:
+                raise PoolError(
+                    f"{lock_file} records pool {wanted} ({out.get('nfiles')} files, "
+                    f"{out.get('md5') or out.get('hash')}) but it is missing from the workspace. "
+                    "Fetch it with `dvc pull` (or `dvc repro --pull`), or `dvc checkout` if it is "
+                    "in the local cache; refusing to rebuild the pool from this batch alone."
+                )
+
+
+def known_embeddings(pool: pd.DataFrame | None, *, model_id: str) -> dict[str, np.ndarray]:
+    """``{content_hash: embedding [D] float32}`` of pool rows embedded by ``model_id``."""
+    if pool is None:
+        return {}
+    same = pool[pool["model_id"] == model_id]
+    return dict(zip(same["content_hash"], embeddings_of(same), strict=True))
+
+
+def save_pool(pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path) -> None:
+    """Write a new version of the pool: the checkpoint first, then the CSV, each atomically.
+
+    Every row carries the id of the model that embedded it, so a reader can
+    tell if a crash fell between the two renames; the CSV, renamed last, is
+    the commit point.
+    """
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    target = pool_dir / CHECKPOINT
+    if not target.exists() or target.read_bytes() != checkpoint.read_bytes():
+        fd, tmp = tempfile.mkstemp(dir=pool_dir, prefix=f".{CHECKPOINT}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(checkpoint.read_bytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            Path(tmp).replace(target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    write_table(table, pool_dir / POOL_CSV)

@@ -1,0 +1,51 @@
+"""DVC stage `merge`: fold the picks into the pool, replacing this batch's earlier rows.
+
+pool := (pool minus rows of this batch) + picks, then checkpoint and CSV are
+written atomically into the pool folder (a `persist: true` DVC output).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from datapool.console import user_errors
+from datapool.increment import CANDIDATE_COLUMNS, merge_increment, read_picks
+from datapool.pool import ensure_pool_present, read_pool, read_table, save_pool
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    candidates: Annotated[Path, typer.Option(help="candidates.csv written by embed")],
+    picks: Annotated[Path, typer.Option(help="picks.csv written by sample")],
+    checkpoint: Annotated[Path, typer.Option(help="model.ckpt written by embed")],
+    pool_dir: Annotated[Path, typer.Option(help="the pool folder, pools/NAME")],
+    lock_file: Annotated[Path, typer.Option(help="dvc.lock, to detect a pool not yet pulled")],
+    append_weak_labels: Annotated[
+        Literal["true", "false"],
+        typer.Option(case_sensitive=False, help="label each row with its sub-folder name"),
+    ] = "true",
+) -> None:
+    """Append --picks to the pool in --pool-dir."""
+    with user_errors("merge"):
+        ensure_pool_present(pool_dir, lock_file=lock_file)
+        pool = read_pool(pool_dir)
+        table = read_table(candidates, required=CANDIDATE_COLUMNS)
+        chosen = read_picks(picks)
+        merged = merge_increment(
+            pool, table, chosen, weak_labels=append_weak_labels.lower() == "true"
+        )
+        save_pool(pool_dir, merged, checkpoint=checkpoint)
+    before = 0 if pool is None else len(pool)
+    print(
+        f"merge: pool {pool_dir} now has {len(merged)} rows "
+        f"(was {before}; {len(chosen)} from this batch)"
+    )
+
+
+if __name__ == "__main__":
+    app()

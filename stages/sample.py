@@ -1,0 +1,55 @@
+"""DVC stage `sample`: greedy k-center over the new candidates, conditioned on the pool.
+
+Writes picks.csv -- filenames, content_hash, pick_rank, pick_distance -- in
+pick order, so the cut-off can be moved later without re-running selection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from datapool.console import user_errors
+from datapool.increment import (
+    CANDIDATE_COLUMNS,
+    StoppingCondition,
+    describe_stop,
+    new_candidates,
+    select_increment,
+)
+from datapool.pool import ensure_pool_present, read_pool, read_table, write_table
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    candidates: Annotated[Path, typer.Option(help="candidates.csv written by embed")],
+    pool_dir: Annotated[Path, typer.Option(help="the pool folder, pools/NAME")],
+    out: Annotated[Path, typer.Option(help="where picks.csv goes")],
+    lock_file: Annotated[Path, typer.Option(help="dvc.lock, to detect a pool not yet pulled")],
+    n_samples: Annotated[int, typer.Option(help="stop after this many picks; 0 = no limit")] = 0,
+    min_distance: Annotated[
+        float, typer.Option(help="stop when the farthest candidate is closer; 0 = off")
+    ] = 0.0,
+) -> None:
+    """Pick the most diverse of --candidates into --out."""
+    with user_errors("sample"):
+        stop = StoppingCondition(n_samples=n_samples, min_distance=min_distance)
+        ensure_pool_present(pool_dir, lock_file=lock_file)
+        pool = read_pool(pool_dir)
+        table = read_table(candidates, required=CANDIDATE_COLUMNS)
+        picks = select_increment(table, pool, stop)
+        write_table(picks, out)
+        n_fresh = len(new_candidates(table, pool))
+    print(
+        f"sample: picked {len(picks)} of {n_fresh} new candidates "
+        f"({len(table) - n_fresh} already in the pool): "
+        f"{describe_stop(picks, n_fresh=n_fresh, stop=stop)}"
+    )
+
+
+if __name__ == "__main__":
+    app()

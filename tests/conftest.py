@@ -1,0 +1,46 @@
+"""Shared fixtures: real images (bundled digits or drawn with PIL), small pools."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "datapool" / "examples" / "digits"
+
+
+@pytest.fixture(scope="session")
+def digits() -> Path:
+    """The bundled example: ``batch_1`` and ``batch_2`` of real 32x32 handwritten digits."""
+    assert (EXAMPLES / "batch_1").is_dir(), "bundled example missing"
+    return EXAMPLES
+
+
+def draw_image(path: Path, *, seed: int, size: int = 24) -> Path:
+    """A small RGB PNG of random coloured shapes; the same seed gives the same bytes."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+        x1, y1 = x0 + int(rng.integers(4, size // 2)), y0 + int(rng.integers(4, size // 2))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def make_images(tmp_path: Path) -> Callable[..., Path]:
+    """``make_images(name, {relpath: seed})`` -> a folder of drawn PNGs under tmp_path."""
+
+    def make(name: str, files: dict[str, int]) -> Path:
+        root = tmp_path / name
+        for relpath, seed in files.items():
+            draw_image(root / relpath, seed=seed)
+        return root
+
+    return make

@@ -1,0 +1,85 @@
+"""Embedding a folder: duplicates once, corrupt files listed, pool embeddings reused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datapool.embedding.inference import embed_folder, resolve_device
+from datapool.embedding.model import ModelConfig, build_model
+from datapool.errors import InputError
+
+MODEL = build_model(ModelConfig(arch="resnet18", embedding_dim=8, image_size=32), seed=0)
+CPU = torch.device("cpu")
+
+
+def embed(folder: Path, *, known: dict[str, np.ndarray] | None = None, workers: int = 0):  # type: ignore[no-untyped-def]
+    return embed_folder(
+        input_dir=folder,
+        model=MODEL,
+        known=known or {},
+        batch_size=4,
+        num_workers=workers,
+        device=CPU,
+    )
+
+
+def test_folder_with_duplicates_and_corrupt_files(make_images: Callable[..., Path]) -> None:
+    root = make_images(
+        "inbox", {"cats/a.png": 1, "cats/b.png": 2, "dogs/c.png": 3, "dogs/copy_of_a.png": 1}
+    )
+    (root / "dogs" / "broken.png").write_bytes((root / "cats" / "b.png").read_bytes()[:40])
+    batch = embed(root)
+    assert [f.relpath for f in batch.files] == ["cats/a.png", "cats/b.png", "dogs/c.png"]
+    assert [f.label for f in batch.files] == ["cats", "cats", "dogs"]
+    assert batch.duplicates == {"dogs/copy_of_a.png": "cats/a.png"}
+    assert list(batch.corrupt) == ["dogs/broken.png"]
+    assert batch.embeddings.shape == (3, 8) and batch.embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch.embeddings, axis=1), 1.0, rtol=1e-5)
+    table = batch.to_table(model_id="m", source="inbox")
+    assert list(table.columns[:2]) == ["filenames", "embedding_0"]
+    assert table["content_hash"].is_unique
+
+
+def test_known_embeddings_are_reused(make_images: Callable[..., Path]) -> None:
+    root = make_images("inbox", {"a.png": 1, "b.png": 2})
+    first = embed(root)
+    marker = np.full(8, 0.5, np.float32)
+    again = embed(root, known={first.hashes[0]: marker})
+    assert again.reused == 1
+    np.testing.assert_array_equal(again.embeddings[0], marker)
+    # Batch composition changes CPU kernels, hence rounding: equal to ~1e-6, not bitwise.
+    np.testing.assert_allclose(again.embeddings[1], first.embeddings[1], atol=1e-5)
+
+
+def test_batch_id_follows_content_not_names(make_images: Callable[..., Path]) -> None:
+    one = embed(make_images("one", {"a.png": 1, "b.png": 2}))
+    renamed = embed(make_images("two", {"x/y.png": 2, "z.png": 1}))
+    other = embed(make_images("three", {"a.png": 1, "b.png": 3}))
+    assert one.batch_id == renamed.batch_id != other.batch_id
+
+
+def test_worker_processes_give_the_same_embeddings(make_images: Callable[..., Path]) -> None:
+    root = make_images("inbox", {f"{i}.png": i for i in range(6)})
+    np.testing.assert_allclose(embed(root).embeddings, embed(root, workers=2).embeddings, atol=1e-6)
+
+
+def test_empty_or_missing_folder_is_an_input_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError, match="no images found"):
+        embed(tmp_path / "empty")
+    with pytest.raises(InputError, match="does not exist"):
+        embed(tmp_path / "missing")
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type in {"cpu", "cuda"}
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA"):
+            resolve_device("cuda")

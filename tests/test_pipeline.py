@@ -1,0 +1,143 @@
+"""The whole pipeline through real DVC in real git repositories.
+
+A module-scoped workspace grows a pool from the bundled digits in two
+increments; the tests then probe it. Each `dvc repro` really runs the stages
+(three Python processes importing torch), so the workspace is built once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dvc.repo import Repo
+
+from datapool.pool import POOL_CSV, read_pool
+from datapool.workspace import create_workspace, run_increment, run_tool, set_params, tool_env
+
+POOL = Path("pools/my_datapool")
+FAST = {"embed.image_size": 32, "embed.num_workers": 0, "stopping_condition.n_samples": 12}
+
+
+def reproduce(workspace: Path, **kwargs: object) -> list[str]:
+    """Names of the stages `dvc repro` actually ran."""
+    # DVC resolves targets and stage paths from the cwd, as its CLI would.
+    with contextlib.chdir(workspace), Repo(".") as repo:
+        ran = repo.reproduce(**kwargs)
+    return sorted(stage.name for stage in ran)
+
+
+def rev(workspace: Path, ref: str = "HEAD") -> str:
+    return run_tool(["git", "rev-parse", ref], cwd=workspace, quiet=True).strip()
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Iterator[dict[str, object]]:
+    """A workspace after two increments: batch_1 then batch_2 of the digits."""
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("PATH", tool_env()["PATH"])  # stages run `python` from this venv
+    monkey.setenv("DVC_NO_ANALYTICS", "1")
+    ws = tmp_path_factory.mktemp("grown") / "ws"
+    create_workspace(ws)
+    set_params(ws / "params.yaml", {**FAST, "input_dir": str(digits / "batch_1")})
+    run_increment(ws, name="my_datapool", input_dir="batch_1")
+    first = {"rev": rev(ws), "csv": (ws / POOL / POOL_CSV).read_bytes()}
+    set_params(ws / "params.yaml", {"input_dir": str(digits / "batch_2")})
+    run_increment(ws, name="my_datapool", input_dir="batch_2")
+    yield {"ws": ws, "first": first}
+    monkey.undo()
+
+
+def test_two_increments_hold_rows_of_both_batches(grown: dict[str, object]) -> None:
+    ws = grown["ws"]
+    assert isinstance(ws, Path)
+    pool = read_pool(ws / POOL)
+    assert pool is not None and len(pool) == 24
+    assert pool["source"].str.endswith("batch_1").sum() == 12
+    assert pool["source"].str.endswith("batch_2").sum() == 12
+    assert pool["content_hash"].is_unique
+    assert set(pool["labels"]) <= {str(d) for d in range(10)}
+    assert (ws / POOL / "checkpoint_latest.ckpt").is_file()
+    log = run_tool(["git", "log", "--format=%s"], cwd=ws, quiet=True).splitlines()
+    assert log[:2] == [
+        "pool my_datapool: 24 rows (+12) after adding from batch_2",
+        "pool my_datapool: 12 rows (+12) after adding from batch_1",
+    ]
+
+
+def test_second_increment_is_conditioned_on_the_first(grown: dict[str, object]) -> None:
+    ws = grown["ws"]
+    assert isinstance(ws, Path)
+    pool = read_pool(ws / POOL)
+    assert pool is not None
+    second = pool[pool["source"].str.endswith("batch_2")]
+    # Against a non-empty pool no pick is infinitely far: distances were measured to batch_1 rows.
+    assert second["pick_distance"].max() < float("inf")
+    assert second["pick_distance"].is_monotonic_decreasing
+
+
+def test_noop_repro_runs_nothing(grown: dict[str, object]) -> None:
+    ws = grown["ws"]
+    assert isinstance(ws, Path)
+    assert reproduce(ws) == []
+
+
+def test_checkout_restores_first_pool_byte_for_byte(
+    grown: dict[str, object], tmp_path: Path
+) -> None:
+    ws, first = grown["ws"], grown["first"]
+    assert isinstance(ws, Path) and isinstance(first, dict)
+    clone = tmp_path / "copy"
+    shutil.copytree(ws, clone, symlinks=True)  # keep the shared workspace untouched
+    run_tool(["git", "checkout", "-q", first["rev"]], cwd=clone, quiet=True)
+    run_tool(["dvc", "checkout", "--force"], cwd=clone, quiet=True)
+    assert (clone / POOL / POOL_CSV).read_bytes() == first["csv"]
+
+
+def test_changed_stopping_condition_reruns_sample_and_merge_only(
+    grown: dict[str, object], tmp_path: Path
+) -> None:
+    ws = grown["ws"]
+    assert isinstance(ws, Path)
+    clone = tmp_path / "copy"
+    shutil.copytree(ws, clone, symlinks=True)
+    set_params(clone / "params.yaml", {"stopping_condition.n_samples": 5})
+    assert reproduce(clone) == ["merge", "sample"]
+    pool = read_pool(clone / POOL)
+    assert pool is not None
+    # The increment was redone, not stacked: batch_1's 12 rows plus batch_2's new 5.
+    assert pool["source"].str.endswith("batch_2").sum() == 5
+    assert len(pool) == 17
+
+
+def test_forced_repro_redoes_the_increment_without_stacking(
+    grown: dict[str, object], tmp_path: Path
+) -> None:
+    ws = grown["ws"]
+    assert isinstance(ws, Path)
+    clone = tmp_path / "copy"
+    shutil.copytree(ws, clone, symlinks=True)
+    before = pd.read_csv(clone / POOL / POOL_CSV)
+    assert reproduce(clone, force=True) == ["embed", "merge", "sample"]
+    after = pd.read_csv(clone / POOL / POOL_CSV)
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_fresh_clone_without_pull_refuses(grown: dict[str, object], tmp_path: Path) -> None:
+    ws = grown["ws"]
+    assert isinstance(ws, Path)
+    clone = tmp_path / "clone"
+    run_tool(["git", "clone", "-q", str(ws), str(clone)], cwd=tmp_path, quiet=True)
+    assert not (clone / POOL).exists()
+    result = subprocess.run(
+        ["dvc", "repro"], cwd=clone, env=tool_env(), capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "missing from the workspace" in output and "dvc pull" in output
+    assert not (clone / POOL / POOL_CSV).exists()

@@ -1,0 +1,85 @@
+"""The project's wiring: dvc.yaml, params.yaml and the stages agree with each other."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import typer.main
+import yaml
+from typer.core import TyperOption
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _lookup(dotted: str) -> object:
+    node: object = PARAMS
+    for key in dotted.split("."):
+        assert isinstance(node, dict) and key in node, f"{dotted} is not in params.yaml"
+        node = node[key]
+    return node
+
+
+def test_every_interpolated_key_exists_in_params() -> None:
+    text = (ROOT / "dvc.yaml").read_text()
+    keys = set(re.findall(r"\$\{([^}]+)\}", text))
+    assert keys, "dvc.yaml interpolates nothing?"
+    for key in keys:
+        _lookup(key)
+
+
+def test_declared_params_exist() -> None:
+    for stage in PIPELINE["stages"].values():
+        for entry in stage.get("params", []):
+            _lookup(entry)
+
+
+def test_every_flag_is_an_option_of_its_stage() -> None:
+    for name, stage in PIPELINE["stages"].items():
+        module = importlib.import_module(f"stages.{name}")
+        command = typer.main.get_command(module.app)
+        options = {opt for p in command.params if isinstance(p, TyperOption) for opt in p.opts}
+        flags = re.findall(r"(--[a-z][a-z0-9-]*)", stage["cmd"])
+        assert flags, name
+        unknown = sorted(set(flags) - options)
+        assert not unknown, f"stage {name} passes unknown options {unknown}"
+        required = {p.opts[0] for p in command.params if isinstance(p, TyperOption) and p.required}
+        assert required <= set(flags), f"stage {name} lacks required {required - set(flags)}"
+
+
+def test_every_stage_option_is_passed_explicitly() -> None:
+    # One source of truth: a stage default must never silently stand in for params.yaml.
+    for name, stage in PIPELINE["stages"].items():
+        command = typer.main.get_command(importlib.import_module(f"stages.{name}").app)
+        options = {p.opts[0] for p in command.params if isinstance(p, TyperOption)} - {"--help"}
+        missing = sorted(options - set(re.findall(r"(--[a-z][a-z0-9-]*)", stage["cmd"])))
+        assert not missing, f"dvc.yaml does not pass {missing} to stage {name}"
+
+
+def test_library_imports_without_typer_or_dvc() -> None:
+    code = (
+        "import sys, datapool, datapool.pool, datapool.increment, datapool.selection, "
+        "datapool.images, datapool.embedding.model, datapool.embedding.inference, "
+        "datapool.workspace; "
+        "bad = [m for m in ('typer', 'dvc', 'click') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_torch_and_torchvision_import_together() -> None:
+    # The pinned pair must load torchvision's compiled ops on a CPU-only machine.
+    import torch
+    import torchvision
+
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    kept = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5)
+    assert kept.tolist() == [0]
