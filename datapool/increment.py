@@ -177,3 +177,13 @@ def describe_stop(picks: pd.DataFrame, *, n_fresh: int, stop: StoppingCondition)
     if stop.min_distance:
         return f"the next candidate was closer than min_distance={stop.min_distance:g}"
     return "the remaining candidates duplicate earlier picks"
+
+
+def image_sources(candidates: pd.DataFrame) -> dict[str, Path]:
+    """``{content_hash: original file}`` of each candidate (``source / filenames``)."""
+    return {
+        str(digest): Path(source) / name
+        for digest, source, name in zip(
+            candidates["content_hash"], candidates["source"], candidates["filenames"], strict=True
+        )
+    }

@@ -9,20 +9,21 @@ folder and are renamed over the old file, so a reader never sees half a file.
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from datapool.atomic import atomic_open
 from datapool.errors import PoolError
 
 POOL_CSV = "datapool_latest.csv"
 CHECKPOINT = "checkpoint_latest.ckpt"
+IMAGES_DIR = "images"  # the pool's own copies of its images, named by content hash
 
 # Our columns after Lightly's: identity of the image, the batch that added it,
 # the model that embedded it, and where it stood in its batch's pick order.
@@ -108,17 +109,8 @@ def _check_embeddings(table: pd.DataFrame, path: Path) -> None:
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
     """Write ``table`` as CSV to ``path`` atomically: temp file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            table.to_csv(handle, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as handle:
+        table.to_csv(handle, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
 
 
 def read_pool(pool_dir: Path) -> pd.DataFrame | None:
@@ -170,24 +162,60 @@ def known_embeddings(pool: pd.DataFrame | None, *, model_id: str) -> dict[str, n
     return dict(zip(same["content_hash"], embeddings_of(same), strict=True))
 
 
-def save_pool(pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path) -> None:
-    """Write a new version of the pool: the checkpoint first, then the CSV, each atomically.
+def save_pool(
+    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path, sources: Mapping[str, Path]
+) -> None:
+    """Write a new version of the pool: images, then checkpoint, then the CSV.
 
-    Every row carries the id of the model that embedded it, so a reader can
-    tell if a crash fell between the two renames; the CSV, renamed last, is
-    the commit point.
+    ``sources`` maps content hash -> original file for rows whose image the pool
+    does not hold yet; each is copied to :func:`stored_image` and must still
+    have that hash (else :class:`PoolError`: the file changed since ``embed``).
+    Every write is atomic and the CSV, renamed last, is the commit point;
+    images no row references any more are removed after it.
     """
-    pool_dir.mkdir(parents=True, exist_ok=True)
+    for digest, name in zip(table["content_hash"], table["filenames"], strict=True):
+        target = stored_image(pool_dir, content_hash=str(digest), filename=str(name))
+        if not target.exists():
+            _copy_verified(sources[str(digest)], target, content_hash=str(digest))
     target = pool_dir / CHECKPOINT
     if not target.exists() or target.read_bytes() != checkpoint.read_bytes():
-        fd, tmp = tempfile.mkstemp(dir=pool_dir, prefix=f".{CHECKPOINT}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(checkpoint.read_bytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-            Path(tmp).replace(target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(target, "wb") as handle:
+            handle.write(checkpoint.read_bytes())
     write_table(table, pool_dir / POOL_CSV)
+    keep = {
+        stored_image(pool_dir, content_hash=str(h), filename=str(f)).name
+        for h, f in zip(table["content_hash"], table["filenames"], strict=True)
+    }
+    images = pool_dir / IMAGES_DIR
+    for stale in images.iterdir() if images.is_dir() else []:
+        if stale.name not in keep:
+            stale.unlink()
+
+
+def _copy_verified(source: Path, target: Path, *, content_hash: str) -> None:
+    """Copy ``source`` to ``target`` atomically, checking its sha256 on the way."""
+    digest = hashlib.sha256()
+    try:
+        with source.open("rb") as reader, atomic_open(target, "wb") as writer:
+            while chunk := reader.read(1 << 20):
+                digest.update(chunk)
+                writer.write(chunk)
+            if digest.hexdigest() != content_hash:
+                raise PoolError(
+                    f"{source} changed since it was embedded (content hash differs); "
+                    "run the pipeline again (dvc repro -f) to re-embed it"
+                )
+    except OSError as err:
+        raise PoolError(f"cannot copy {source} into the pool: {err}") from err
+
+
+def stored_image(pool_dir: Path, *, content_hash: str, filename: str) -> Path:
+    """Where the pool keeps its own copy of an image: ``images/<content_hash><suffix>``.
+
+    Named by content, so the copy is safe whatever the original name held
+    (``..``, absolute paths, odd characters) and equal images share one file.
+    """
+    suffix = Path(filename).suffix.lower()
+    if not suffix[1:].isalnum():
+        suffix = ""
+    return pool_dir / IMAGES_DIR / f"{content_hash}{suffix}"

@@ -1,7 +1,8 @@
 """DVC stage `merge`: fold the picks into the pool, replacing this batch's earlier rows.
 
-pool := (pool minus rows of this batch) + picks, then checkpoint and CSV are
-written atomically into the pool folder (a `persist: true` DVC output).
+pool := (pool minus rows of this batch) + picks. The picked images are copied
+into the pool folder (a `persist: true` DVC output) so DVC versions them; then
+checkpoint and CSV are written, each atomically.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated, Literal
 import typer
 
 from datapool.console import user_errors
-from datapool.increment import CANDIDATE_COLUMNS, merge_increment, read_picks
+from datapool.increment import CANDIDATE_COLUMNS, image_sources, merge_increment, read_picks
 from datapool.pool import ensure_pool_present, read_pool, read_table, save_pool
 
 app = typer.Typer(add_completion=False)
@@ -39,7 +40,7 @@ def main(
         merged = merge_increment(
             pool, table, chosen, weak_labels=append_weak_labels.lower() == "true"
         )
-        save_pool(pool_dir, merged, checkpoint=checkpoint)
+        save_pool(pool_dir, merged, checkpoint=checkpoint, sources=image_sources(table))
     before = 0 if pool is None else len(pool)
     print(
         f"merge: pool {pool_dir} now has {len(merged)} rows "

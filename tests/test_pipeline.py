@@ -63,6 +63,9 @@ def test_two_increments_hold_rows_of_both_batches(grown: dict[str, object]) -> N
     assert pool["content_hash"].is_unique
     assert set(pool["labels"]) <= {str(d) for d in range(10)}
     assert (ws / POOL / "checkpoint_latest.ckpt").is_file()
+    # The pool holds its own copy of every pooled image, named by content.
+    stored = sorted(p.name for p in (ws / POOL / "images").iterdir())
+    assert stored == sorted(f"{h}.png" for h in pool["content_hash"])
     log = run_tool(["git", "log", "--format=%s"], cwd=ws, quiet=True).splitlines()
     assert log[:2] == [
         "pool my_datapool: 24 rows (+12) after adding from batch_2",

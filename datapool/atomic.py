@@ -1,0 +1,37 @@
+"""Atomic file replacement: a reader sees the old file or the new one, never half of one.
+
+Write to a temporary file in the destination's folder (same filesystem, so the
+rename is atomic), flush and fsync it, then rename it over the destination. If
+anything fails, or the process is interrupted by an exception, the temporary
+file is removed and the destination is untouched. (After SIGKILL a stray
+``.NAME.*.tmp`` may remain; it is never read as data.)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Literal
+
+
+@contextmanager
+def atomic_open(path: Path, mode: Literal["w", "wb"] = "w") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path`` for writing; on clean exit it replaces ``path``.
+
+    Text mode writes UTF-8 with ``\\n`` newlines. Parent folders are created.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+        with os.fdopen(fd, mode, **text) as handle:  # type: ignore[call-overload]
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
