@@ -78,8 +78,8 @@ def _check_finite(x: torch.Tensor, name: str, rows: int) -> None:
     """Raise InputError if ``x`` holds NaN or inf (checked ``rows`` at a time)."""
     for s in range(0, x.shape[0], rows):
         block = x[s : s + rows]
-        if math.isfinite(float(block.sum(dtype=torch.float64))):
-            continue  # a NaN or inf anywhere makes the sum non-finite
+        if math.isfinite(float(block.sum())):
+            continue  # a NaN or inf anywhere makes the sum non-finite (overflow: re-check)
         bad = (~torch.isfinite(block)).any(dim=1).nonzero()
         if bad.numel():
             raise InputError(f"{name} row {s + int(bad[0, 0])} contains NaN or infinite values")
@@ -326,7 +326,7 @@ def _select(
         st.centres.add(x[0].to(dev, torch.float32))
     t_cap = max(64, budget // 4 // (4 * d))
     while len(out) < limit:
-        found = st.top(min(t_cap, max(256, 2 * (limit - len(out)))))
+        found = st.top(min(t_cap, max(256, 2 * (limit - len(out)), n // 50)))
         if found is None:
             break
         top, bound = found
@@ -345,6 +345,7 @@ def k_center_greedy(
     min_distance: float | None = None,
     device: str | None = None,
     memory_budget: int | None = None,
+    threads: int | None = 1,
 ) -> Selection:
     """Pick candidates greedily, each the farthest from the pool and earlier picks.
 
@@ -361,7 +362,11 @@ def k_center_greedy(
         device: where to compute (``"cpu"``, ``"cuda"``...); default: the
             candidates' device. Data is streamed there in blocks.
         memory_budget: bytes for working blocks; default a tenth of the
-            candidates' size (at least 8 MiB).
+            candidates' size (at least 16 MiB).
+        threads: torch CPU threads during the call (restored afterwards);
+            default 1: the many small vector operations stall badly with
+            more threads on a busy machine and the products gain little.
+            None leaves torch's setting alone.
 
     Returns:
         :class:`Selection`. With an empty pool the first pick is index 0
@@ -386,8 +391,14 @@ def k_center_greedy(
     dev = torch.device(device) if device is not None else x.device
     limit = x.shape[0] if n_samples is None else min(n_samples, x.shape[0])
     pool_t = p if p is not None and p.shape[0] > 0 else None
-    with torch.no_grad():
-        out = _select(x, pool_t, dev, limit, min_distance, budget)
+    saved = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            out = _select(x, pool_t, dev, limit, min_distance, budget)
+    finally:
+        torch.set_num_threads(saved)
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
     return Selection(idx, dist)

@@ -1,0 +1,228 @@
+"""Tests of datapool.selection against a straightforward textbook reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datapool.errors import InputError
+from datapool.selection import Selection, k_center_greedy
+
+
+def reference(
+    x: np.ndarray,
+    pool: np.ndarray | None = None,
+    n_samples: int | None = None,
+    min_distance: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Textbook greedy k-center: one float32 pass per pick, first pick index 0."""
+    x = np.asarray(x, dtype=np.float32)
+    d2 = np.full(len(x), np.inf, dtype=np.float32)
+    for row in [] if pool is None else np.asarray(pool, dtype=np.float32):
+        np.minimum(d2, ((x - row) ** 2).sum(axis=1), out=d2)
+    limit = len(x) if n_samples is None else min(n_samples, len(x))
+    picks: list[int] = []
+    dists: list[float] = []
+    while len(picks) < limit:
+        i = int(np.argmax(d2))
+        dist = math.sqrt(float(d2[i]))
+        if dist == 0.0 or (min_distance is not None and dist < min_distance):
+            break
+        picks.append(i)
+        dists.append(dist)
+        np.minimum(d2, ((x - x[i]) ** 2).sum(axis=1), out=d2)
+    return np.array(picks, dtype=np.int64), np.array(dists)
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    out: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def clustered(rng: np.random.Generator, n: int, d: int, k: int = 20) -> np.ndarray:
+    centres = unit(rng, k, d)
+    x = centres[rng.integers(0, k, n)] + 0.05 * rng.standard_normal((n, d)).astype(np.float32)
+    out: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def assert_same(sel: Selection, ref: tuple[np.ndarray, np.ndarray]) -> None:
+    assert sel.indices.dtype == np.int64 and sel.min_distances.dtype == np.float64
+    np.testing.assert_array_equal(sel.indices, ref[0])
+    np.testing.assert_allclose(sel.min_distances, ref[1], rtol=1e-6)
+
+
+DATA = {"random": unit, "clustered": clustered}
+
+
+@pytest.mark.parametrize("kind", sorted(DATA))
+@pytest.mark.parametrize("with_pool", [False, True])
+@pytest.mark.parametrize(
+    "rule", [{"n_samples": 150}, {"min_distance": 0.25}, {"n_samples": 60, "min_distance": 0.2}]
+)
+def test_matches_reference(kind: str, with_pool: bool, rule: dict[str, float]) -> None:
+    rng = np.random.default_rng(7)
+    x = DATA[kind](rng, 1500, 16)
+    pool = x[:100] if with_pool else None
+    cand = x[100:] if with_pool else x
+    sel = k_center_greedy(cand, pool=pool, **rule)  # type: ignore[arg-type]
+    ref = reference(cand, pool, **rule)  # type: ignore[arg-type]
+    assert len(ref[0]) > 5
+    assert_same(sel, ref)
+
+
+def test_small_blocks_many_chunks_and_large_pool() -> None:
+    """Tiny memory budget: many row blocks, pool spans several centre chunks."""
+    rng = np.random.default_rng(3)
+    x = clustered(rng, 2600, 8, k=40)
+    sel = k_center_greedy(x[1200:], pool=x[:1200], n_samples=200, memory_budget=1)
+    assert_same(sel, reference(x[1200:], x[:1200], n_samples=200))
+
+
+def test_picks_every_distinct_row_and_skips_duplicates() -> None:
+    rng = np.random.default_rng(5)
+    base = unit(rng, 50, 6)
+    x = np.concatenate([base, base[::2], base[:5]])  # 30 duplicates
+    rng.shuffle(x)
+    sel = k_center_greedy(x, n_samples=500)
+    assert_same(sel, reference(x, n_samples=500))
+    assert len(sel.indices) == 50
+    assert len({tuple(r) for r in x[sel.indices]}) == 50
+    assert np.all(sel.min_distances > 0)
+
+
+def test_pool_duplicates_never_picked_even_with_zero_min_distance() -> None:
+    rng = np.random.default_rng(2)
+    pool = unit(rng, 20, 5)
+    cand = np.concatenate([pool[:10], unit(rng, 3, 5)])
+    sel = k_center_greedy(cand, pool=pool, n_samples=13, min_distance=0.0)
+    assert sorted(sel.indices.tolist()) == [10, 11, 12]
+
+
+def test_exact_ties_go_to_lowest_index() -> None:
+    # integer grid: every distance exact in float32, many exact ties
+    g = np.stack(np.meshgrid(np.arange(6), np.arange(6), np.arange(3)), -1).reshape(-1, 3)
+    x = np.random.default_rng(0).permutation(g).astype(np.float32)
+    sel = k_center_greedy(x, n_samples=len(x))
+    assert_same(sel, reference(x, n_samples=len(x)))
+    pool = x[:7]
+    sel = k_center_greedy(x, pool=pool, min_distance=1.5)
+    assert_same(sel, reference(x, pool, min_distance=1.5))
+
+
+def test_first_pick_is_row_zero_with_infinite_distance() -> None:
+    x = unit(np.random.default_rng(1), 30, 4)
+    sel = k_center_greedy(x, n_samples=3, min_distance=100.0)
+    assert sel.indices.tolist() == [0] and sel.min_distances.tolist() == [math.inf]
+    sel = k_center_greedy(x, pool=np.empty((0, 4), np.float32), n_samples=1)
+    assert sel.indices.tolist() == [0]
+
+
+def test_min_distance_stops_before_the_first_closer_pick() -> None:
+    x = np.array([[0.0], [10.0], [3.0], [7.0], [5.0]], dtype=np.float32)
+    # picks 0 (inf), 1 (10), 4 (5), then 2 and 3 tie at 2: lowest index first
+    sel = k_center_greedy(x, min_distance=2.0)
+    assert sel.indices.tolist() == [0, 1, 4, 2, 3]
+    assert sel.min_distances.tolist() == [math.inf, 10, 5, 2, 2]
+    assert k_center_greedy(x, min_distance=2.5).indices.tolist() == [0, 1, 4]
+    assert k_center_greedy(x, n_samples=4, min_distance=0.0).indices.tolist() == [0, 1, 4, 2]
+
+
+def test_empty_inputs() -> None:
+    empty = k_center_greedy(np.empty((0, 8), np.float32), n_samples=5)
+    assert empty.indices.shape == (0,) and empty.min_distances.shape == (0,)
+    x = unit(np.random.default_rng(0), 10, 8)
+    assert len(k_center_greedy(x, n_samples=0).indices) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_and_half_precision_input(dtype: torch.dtype) -> None:
+    x = torch.from_numpy(clustered(np.random.default_rng(4), 900, 12)).to(dtype)
+    pool = x[:50]
+    sel = k_center_greedy(x[50:], pool=pool, n_samples=80, device="cpu")
+    as32 = x.float().numpy()
+    assert_same(sel, reference(as32[50:], as32[:50], n_samples=80))
+
+
+def test_numpy_float16_and_float64_input() -> None:
+    x = clustered(np.random.default_rng(6), 700, 10)
+    for dtype in (np.float16, np.float64):
+        xc = x.astype(dtype)
+        sel = k_center_greedy(xc, n_samples=50)
+        assert_same(sel, reference(xc.astype(np.float32), n_samples=50))
+
+
+def test_deterministic() -> None:
+    x = clustered(np.random.default_rng(8), 2000, 16)
+    a = k_center_greedy(x, n_samples=100)
+    b = k_center_greedy(x, n_samples=100)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.min_distances, b.min_distances)
+
+
+ERRORS = [
+    ({}, "n_samples or min_distance"),
+    ({"n_samples": -1}, "n_samples"),
+    ({"min_distance": -0.5}, "min_distance"),
+    ({"min_distance": float("nan")}, "min_distance"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), ERRORS)
+def test_bad_limits(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        k_center_greedy(np.zeros((3, 2), np.float32), **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_arrays() -> None:
+    good = np.ones((4, 3), np.float32)
+    cases = [
+        (dict(candidates=np.ones(4, np.float32)), "2-D"),
+        (dict(candidates=np.ones((2, 2, 2), np.float32)), "2-D"),
+        (dict(candidates=np.ones((4, 3), np.int64)), "floating"),
+        (dict(candidates=good, pool=np.ones((2, 4), np.float32)), "dimension"),
+        (dict(candidates=np.where(np.eye(4, 3) > 0, np.nan, 1.0)), "row 0"),
+        (dict(candidates=good, pool=np.array([[1, 2, np.inf]])), "pool row 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            k_center_greedy(n_samples=2, **kwargs)  # type: ignore[arg-type]
+
+
+grid = st.integers(min_value=0, max_value=3).map(float)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.lists(grid, min_size=3, max_size=3), min_size=1, max_size=30),
+    n_pool=st.integers(min_value=0, max_value=5),
+    n_samples=st.one_of(st.none(), st.integers(min_value=0, max_value=40)),
+    min_distance=st.one_of(st.none(), st.floats(min_value=0.0, max_value=3.0)),
+)
+def test_properties(
+    rows: list[list[float]], n_pool: int, n_samples: int | None, min_distance: float | None
+) -> None:
+    if n_samples is None and min_distance is None:
+        n_samples = 10
+    x = np.array(rows, dtype=np.float32)
+    pool, cand = x[:n_pool], x[n_pool:]
+    sel = k_center_greedy(cand, pool=pool, n_samples=n_samples, min_distance=min_distance)
+    idx, dist = sel.indices, sel.min_distances
+    assert_same(sel, reference(cand, pool, n_samples, min_distance))  # exact integer data
+    assert len(set(idx.tolist())) == len(idx)
+    assert np.all(np.diff(dist) <= 0)
+    assert np.all(dist > 0)
+    if min_distance is not None:
+        assert np.all(dist >= min_distance)
+    if n_samples is not None:
+        assert len(idx) <= n_samples
+    seen = {tuple(r) for r in pool}
+    for i in idx:  # duplicates of the pool or of earlier picks are never picked
+        assert tuple(cand[i]) not in seen
+        seen.add(tuple(cand[i]))
