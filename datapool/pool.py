@@ -9,9 +9,8 @@ folder and are renamed over the old file, so a reader never sees half a file.
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,53 +159,6 @@ def known_embeddings(pool: pd.DataFrame | None, *, model_id: str) -> dict[str, n
         return {}
     same = pool[pool["model_id"] == model_id]
     return dict(zip(same["content_hash"], embeddings_of(same), strict=True))
-
-
-def save_pool(
-    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path, sources: Mapping[str, Path]
-) -> None:
-    """Write a new version of the pool: images, then checkpoint, then the CSV.
-
-    ``sources`` maps content hash -> original file for rows whose image the pool
-    does not hold yet; each is copied to :func:`stored_image` and must still
-    have that hash (else :class:`PoolError`: the file changed since ``embed``).
-    Every write is atomic and the CSV, renamed last, is the commit point;
-    images no row references any more are removed after it.
-    """
-    for digest, name in zip(table["content_hash"], table["filenames"], strict=True):
-        target = stored_image(pool_dir, content_hash=str(digest), filename=str(name))
-        if not target.exists():
-            _copy_verified(sources[str(digest)], target, content_hash=str(digest))
-    target = pool_dir / CHECKPOINT
-    if not target.exists() or target.read_bytes() != checkpoint.read_bytes():
-        with atomic_open(target, "wb") as handle:
-            handle.write(checkpoint.read_bytes())
-    write_table(table, pool_dir / POOL_CSV)
-    keep = {
-        stored_image(pool_dir, content_hash=str(h), filename=str(f)).name
-        for h, f in zip(table["content_hash"], table["filenames"], strict=True)
-    }
-    images = pool_dir / IMAGES_DIR
-    for stale in images.iterdir() if images.is_dir() else []:
-        if stale.name not in keep:
-            stale.unlink()
-
-
-def _copy_verified(source: Path, target: Path, *, content_hash: str) -> None:
-    """Copy ``source`` to ``target`` atomically, checking its sha256 on the way."""
-    digest = hashlib.sha256()
-    try:
-        with source.open("rb") as reader, atomic_open(target, "wb") as writer:
-            while chunk := reader.read(1 << 20):
-                digest.update(chunk)
-                writer.write(chunk)
-            if digest.hexdigest() != content_hash:
-                raise PoolError(
-                    f"{source} changed since it was embedded (content hash differs); "
-                    "run the pipeline again (dvc repro -f) to re-embed it"
-                )
-    except OSError as err:
-        raise PoolError(f"cannot copy {source} into the pool: {err}") from err
 
 
 def stored_image(pool_dir: Path, *, content_hash: str, filename: str) -> Path:

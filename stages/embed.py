@@ -16,7 +16,8 @@ import typer
 from datapool.console import user_errors
 from datapool.embedding.inference import embed_folder, resolve_device
 from datapool.embedding.model import ModelConfig, model_for_pool, save_checkpoint
-from datapool.pool import CHECKPOINT, ensure_pool_present, known_embeddings, read_pool, write_table
+from datapool.pool import CHECKPOINT, known_embeddings, write_table
+from datapool.transaction import open_pool
 
 app = typer.Typer(add_completion=False)
 
@@ -38,8 +39,7 @@ def main(
 ) -> None:
     """Embed --input-dir into --out-dir."""
     with user_errors("embed"):
-        ensure_pool_present(pool_dir, lock_file=lock_file)
-        pool = read_pool(pool_dir)
+        pool = open_pool(pool_dir, lock_file=lock_file)
         wanted = ModelConfig(
             arch=model, embedding_dim=embedding_dim, image_size=image_size, weights=weights
         )

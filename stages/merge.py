@@ -14,7 +14,8 @@ import typer
 
 from datapool.console import user_errors
 from datapool.increment import CANDIDATE_COLUMNS, image_sources, merge_increment, read_picks
-from datapool.pool import ensure_pool_present, read_pool, read_table, save_pool
+from datapool.pool import read_table
+from datapool.transaction import open_pool, save_pool
 
 app = typer.Typer(add_completion=False)
 
@@ -33,8 +34,7 @@ def main(
 ) -> None:
     """Append --picks to the pool in --pool-dir."""
     with user_errors("merge"):
-        ensure_pool_present(pool_dir, lock_file=lock_file)
-        pool = read_pool(pool_dir)
+        pool = open_pool(pool_dir, lock_file=lock_file)
         table = read_table(candidates, required=CANDIDATE_COLUMNS)
         chosen = read_picks(picks)
         merged = merge_increment(

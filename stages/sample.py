@@ -19,7 +19,8 @@ from datapool.increment import (
     new_candidates,
     select_increment,
 )
-from datapool.pool import ensure_pool_present, read_pool, read_table, write_table
+from datapool.pool import read_table, write_table
+from datapool.transaction import open_pool
 
 app = typer.Typer(add_completion=False)
 
@@ -38,8 +39,7 @@ def main(
     """Pick the most diverse of --candidates into --out."""
     with user_errors("sample"):
         stop = StoppingCondition(n_samples=n_samples, min_distance=min_distance)
-        ensure_pool_present(pool_dir, lock_file=lock_file)
-        pool = read_pool(pool_dir)
+        pool = open_pool(pool_dir, lock_file=lock_file)
         table = read_table(candidates, required=CANDIDATE_COLUMNS)
         picks = select_increment(table, pool, stop)
         write_table(picks, out)

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from datapool.errors import PoolError
 from datapool.pool import (
-    CHECKPOINT,
     IMAGES_DIR,
     POOL_CSV,
     column_order,
@@ -21,7 +20,6 @@ from datapool.pool import (
     ensure_pool_present,
     read_pool,
     read_table,
-    save_pool,
     stored_image,
     write_table,
 )
@@ -162,47 +160,6 @@ def test_guard_allows_new_pool_and_present_pool(
     ensure_pool_present(Path("pools/p"), lock_file=_lock(tmp_path, 0))
     write_table(pool_table(), tmp_path / "pools/p" / POOL_CSV)
     ensure_pool_present(Path("pools/p"), lock_file=_lock(tmp_path, 2))
-
-
-def _pool_with_images(tmp_path: Path, n: int) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """A pool table whose rows point at real files (content hashes match)."""
-    import hashlib
-
-    table = pool_table(n)
-    sources: dict[str, Path] = {}
-    for i in range(n):
-        src = tmp_path / "inbox" / f"img_{i}.png"
-        src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(f"image {i}".encode())
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()
-        table.loc[i, "content_hash"] = digest
-        sources[digest] = src
-    return table, sources
-
-
-def test_save_pool_copies_images_by_content(tmp_path: Path) -> None:
-    table, sources = _pool_with_images(tmp_path, 3)
-    ckpt = tmp_path / "model.ckpt"
-    ckpt.write_bytes(b"weights")
-    save_pool(tmp_path / "pool", table, checkpoint=ckpt, sources=sources)
-    stored = sorted(p.name for p in (tmp_path / "pool" / IMAGES_DIR).iterdir())
-    assert stored == sorted(f"{h}.png" for h in table["content_hash"])
-    for digest, src in sources.items():
-        assert (tmp_path / "pool" / IMAGES_DIR / f"{digest}.png").read_bytes() == src.read_bytes()
-    assert (tmp_path / "pool" / CHECKPOINT).read_bytes() == b"weights"
-    # A smaller next version drops the images its rows no longer reference.
-    save_pool(tmp_path / "pool", table.iloc[:1], checkpoint=ckpt, sources={})
-    assert len(list((tmp_path / "pool" / IMAGES_DIR).iterdir())) == 1
-
-
-def test_save_pool_refuses_a_source_changed_since_embedding(tmp_path: Path) -> None:
-    table, sources = _pool_with_images(tmp_path, 2)
-    next(iter(sources.values())).write_bytes(b"edited after embed")
-    ckpt = tmp_path / "model.ckpt"
-    ckpt.write_bytes(b"weights")
-    with pytest.raises(PoolError, match="changed since it was embedded"):
-        save_pool(tmp_path / "pool", table, checkpoint=ckpt, sources=sources)
-    assert not (tmp_path / "pool" / POOL_CSV).exists()
 
 
 def test_stored_image_cannot_escape_the_pool(tmp_path: Path) -> None:

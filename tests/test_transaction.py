@@ -1,0 +1,114 @@
+"""A pool version is one transaction: after a crash at any point, recovery gives a whole version."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from datapool.errors import PoolError
+from datapool.pool import CHECKPOINT, IMAGES_DIR, POOL_CSV
+from datapool.transaction import COMPLETE, INCOMING, open_pool, recover, save_pool
+
+from .test_pool import pool_table
+
+
+def _pool_with_images(tmp_path: Path, n: int) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """A pool table whose rows point at real files (content hashes match)."""
+
+    table = pool_table(n)
+    sources: dict[str, Path] = {}
+    for i in range(n):
+        src = tmp_path / "inbox" / f"img_{i}.png"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(f"image {i}".encode())
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        table.loc[i, "content_hash"] = digest
+        sources[digest] = src
+    return table, sources
+
+
+def test_save_pool_copies_images_by_content(tmp_path: Path) -> None:
+    table, sources = _pool_with_images(tmp_path, 3)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"weights")
+    save_pool(tmp_path / "pool", table, checkpoint=ckpt, sources=sources)
+    stored = sorted(p.name for p in (tmp_path / "pool" / IMAGES_DIR).iterdir())
+    assert stored == sorted(f"{h}.png" for h in table["content_hash"])
+    for digest, src in sources.items():
+        assert (tmp_path / "pool" / IMAGES_DIR / f"{digest}.png").read_bytes() == src.read_bytes()
+    assert (tmp_path / "pool" / CHECKPOINT).read_bytes() == b"weights"
+    # A smaller next version drops the images its rows no longer reference.
+    save_pool(tmp_path / "pool", table.iloc[:1], checkpoint=ckpt, sources={})
+    assert len(list((tmp_path / "pool" / IMAGES_DIR).iterdir())) == 1
+
+
+def test_save_pool_refuses_a_source_changed_since_embedding(tmp_path: Path) -> None:
+    table, sources = _pool_with_images(tmp_path, 2)
+    next(iter(sources.values())).write_bytes(b"edited after embed")
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"weights")
+    with pytest.raises(PoolError, match="changed since it was embedded"):
+        save_pool(tmp_path / "pool", table, checkpoint=ckpt, sources=sources)
+    assert not (tmp_path / "pool" / POOL_CSV).exists()
+
+
+def _snapshot(pool: Path) -> dict[str, bytes]:
+    """Every file of a pool folder, by relative path."""
+    return {
+        str(p.relative_to(pool)): p.read_bytes() for p in sorted(pool.rglob("*")) if p.is_file()
+    }
+
+
+def _two_versions(tmp_path: Path) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
+    """A pool at version 1, and snapshots of version 1 and of version 2 (built in a copy)."""
+    table, sources = _pool_with_images(tmp_path, 4)
+    (tmp_path / "v1.ckpt").write_bytes(b"model one")
+    (tmp_path / "v2.ckpt").write_bytes(b"model two")
+    pool = tmp_path / "pool"
+    save_pool(pool, table.iloc[:2], checkpoint=tmp_path / "v1.ckpt", sources=sources)
+    old = _snapshot(pool)
+    shutil.copytree(pool, tmp_path / "v2")
+    save_pool(tmp_path / "v2", table.iloc[1:], checkpoint=tmp_path / "v2.ckpt", sources=sources)
+    return pool, old, _snapshot(tmp_path / "v2")
+
+
+def _stage_v2(tmp_path: Path, pool: Path, new: dict[str, bytes], *, complete: bool) -> None:
+    """Leave ``pool`` as a crash would: v2's images copied and its files staged."""
+    for name, data in new.items():
+        target = pool / INCOMING / name if name in (POOL_CSV, CHECKPOINT) else pool / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    if complete:
+        (pool / INCOMING / COMPLETE).write_text("done")
+
+
+def test_crash_before_the_mark_rolls_back(tmp_path: Path) -> None:
+    pool, old, new = _two_versions(tmp_path)
+    _stage_v2(tmp_path, pool, new, complete=False)
+    recover(pool)
+    assert _snapshot(pool) == old
+
+
+def test_crash_after_the_mark_rolls_forward(tmp_path: Path) -> None:
+    pool, old, new = _two_versions(tmp_path)
+    _stage_v2(tmp_path, pool, new, complete=True)
+    # Killed between the two renames: the checkpoint is in place, the CSV still staged.
+    (pool / INCOMING / CHECKPOINT).replace(pool / CHECKPOINT)
+    assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is not None
+    assert _snapshot(pool) == new
+    assert old != new
+
+
+def test_crash_during_the_first_version_leaves_no_pool(tmp_path: Path) -> None:
+    table, sources = _pool_with_images(tmp_path, 2)
+    (tmp_path / "m.ckpt").write_bytes(b"m")
+    scratch = tmp_path / "scratch"
+    save_pool(scratch, table, checkpoint=tmp_path / "m.ckpt", sources=sources)
+    pool = tmp_path / "pool"
+    _stage_v2(tmp_path, pool, _snapshot(scratch), complete=False)
+    assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is None
+    assert _snapshot(pool) == {}
