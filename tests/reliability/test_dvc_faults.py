@@ -1,0 +1,75 @@
+"""Faults around DVC itself: a killed `dvc repro`, and two runs started at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from datapool.pool import read_pool
+from datapool.workspace import create_workspace, set_params, tool_env
+
+POOL = Path("pools/my_datapool")
+FAST = {"embed.image_size": 32, "embed.num_workers": 0, "stopping_condition.n_samples": 12}
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, digits: Path) -> Path:
+    ws = tmp_path / "ws"
+    create_workspace(ws)
+    set_params(ws / "params.yaml", {**FAST, "input_dir": str(digits / "batch_1")})
+    return ws
+
+
+def _repro(ws: Path) -> subprocess.Popen[str]:
+    # A session of its own, so the kill reaches DVC's stage processes too.
+    return subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=ws,
+        env=tool_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _check_pool(ws: Path) -> None:
+    pool = read_pool(ws / POOL)
+    assert pool is not None and len(pool) == 12
+    assert pool["content_hash"].is_unique
+    assert len(list((ws / POOL / "images").iterdir())) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [4.0, 9.0, 14.0])
+def test_killed_repro_then_new_repro_completes(workspace: Path, kill_after: float) -> None:
+    proc = _repro(workspace)
+    time.sleep(kill_after)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    again = _repro(workspace)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+    _check_pool(workspace)
+    quiet = _repro(workspace)
+    output, _ = quiet.communicate(timeout=120)
+    assert quiet.returncode == 0 and "Data and pipelines are up to date" in output, output
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_one_fails_cleanly(workspace: Path) -> None:
+    first, second = _repro(workspace), _repro(workspace)
+    out_first, _ = first.communicate(timeout=300)
+    out_second, _ = second.communicate(timeout=300)
+    codes = sorted([first.returncode, second.returncode])
+    assert codes[0] == 0, out_first + out_second
+    if codes[1] != 0:  # DVC's repository lock turned the loser away with a message
+        loser = out_second if second.returncode else out_first
+        assert "lock" in loser.lower(), loser
+    _check_pool(workspace)

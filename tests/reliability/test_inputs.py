@@ -1,0 +1,277 @@
+"""Bad input never loses the pool: each case is refused with a clear message, or handled and said.
+
+The stages are driven through their real command-line entry points (Typer's
+runner, in-process) on a real pool folder whose bytes are compared before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner, Result
+
+from datapool.pool import CHECKPOINT, POOL_CSV, column_order, write_table
+from datapool.transaction import save_pool
+from stages.embed import app as embed_app
+from stages.merge import app as merge_app
+from stages.sample import app as sample_app
+
+RUNNER = CliRunner()
+DIM = 4
+
+
+def _snapshot(pool: Path) -> dict[str, bytes]:
+    files = sorted(p for p in pool.rglob("*") if p.is_file())
+    return {str(p.relative_to(pool)): p.read_bytes() for p in files}
+
+
+def _rows(inbox: Path, n: int, *, seed: int, batch: str) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """``n`` candidate rows with real files in ``inbox`` and unit embeddings."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    table = pd.DataFrame(vectors, columns=[f"embedding_{i}" for i in range(DIM)])
+    names, hashes = [f"{batch}_{i}.png" for i in range(n)], []
+    inbox.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        data = rng.bytes(64)
+        (inbox / name).write_bytes(data)
+        hashes.append(hashlib.sha256(data).hexdigest())
+    table.insert(0, "filenames", names)
+    table["labels"] = "x"
+    table["content_hash"] = hashes
+    table["batch_id"] = batch
+    table["model_id"] = "m"
+    table["source"] = str(inbox)
+    return table, dict(zip(hashes, [inbox / n for n in names], strict=True))
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    """A pool of 5 rows (batch b1) with its images and a checkpoint file."""
+    rows, sources = _rows(tmp_path / "old_inbox", 5, seed=0, batch="b1")
+    (tmp_path / "model.ckpt").write_bytes(b"model")
+    folder = tmp_path / "pools" / "p"
+    save_pool(
+        folder,
+        rows.assign(pick_rank=1, pick_distance=1.0)[column_order(DIM)],
+        checkpoint=tmp_path / "model.ckpt",
+        sources=sources,
+    )
+    return folder
+
+
+def _sample(tmp_path: Path, pool: Path, candidates: pd.DataFrame, *extra: str) -> Result:
+    write_table(candidates, tmp_path / "candidates.csv")
+    return RUNNER.invoke(
+        sample_app,
+        [
+            "--candidates",
+            str(tmp_path / "candidates.csv"),
+            "--pool-dir",
+            str(pool),
+            "--out",
+            str(tmp_path / "picks.csv"),
+            "--lock-file",
+            str(tmp_path / "dvc.lock"),
+            *extra,
+        ],
+    )
+
+
+def _merge(tmp_path: Path, pool: Path) -> Result:
+    return RUNNER.invoke(
+        merge_app,
+        [
+            "--candidates",
+            str(tmp_path / "candidates.csv"),
+            "--picks",
+            str(tmp_path / "picks.csv"),
+            "--checkpoint",
+            str(tmp_path / "model.ckpt"),
+            "--pool-dir",
+            str(pool),
+            "--lock-file",
+            str(tmp_path / "dvc.lock"),
+            "--append-weak-labels",
+            "true",
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("-0.1", "must be a number >= 0"), ("nan", "must be a number >= 0")]
+)
+def test_bad_min_distance_is_refused(tmp_path: Path, pool: Path, value: str, message: str) -> None:
+    before = _snapshot(pool)
+    candidates, _ = _rows(tmp_path / "inbox", 3, seed=1, batch="b2")
+    result = _sample(tmp_path, pool, candidates, "--n-samples", "2", "--min-distance", value)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert _snapshot(pool) == before
+
+
+def test_no_stopping_condition_is_refused(tmp_path: Path, pool: Path) -> None:
+    candidates, _ = _rows(tmp_path / "inbox", 3, seed=1, batch="b2")
+    result = _sample(tmp_path, pool, candidates, "--n-samples", "0", "--min-distance", "0")
+    assert result.exit_code == 1 and "never stop" in result.output
+
+
+def test_every_candidate_already_in_pool(tmp_path: Path, pool: Path) -> None:
+    before = _snapshot(pool)
+    rows, _ = _rows(tmp_path / "old_inbox", 5, seed=0, batch="b1")  # the same five images again
+    result = _sample(tmp_path, pool, rows.assign(batch_id="b2"), "--n-samples", "3")
+    assert result.exit_code == 0, result.output
+    assert "picked 0 of 0 new candidates (5 already in the pool)" in result.output
+    merged = _merge(tmp_path, pool)
+    assert merged.exit_code == 0, merged.output
+    assert _snapshot(pool) == before
+
+
+def test_more_samples_than_candidates_picks_all_and_says_so(tmp_path: Path, pool: Path) -> None:
+    candidates, _ = _rows(tmp_path / "inbox", 4, seed=1, batch="b2")
+    result = _sample(tmp_path, pool, candidates, "--n-samples", "100")
+    assert result.exit_code == 0, result.output
+    assert "picked 4 of 4" in result.output and "every one" in result.output
+    assert _merge(tmp_path, pool).exit_code == 0
+    assert len(pd.read_csv(pool / POOL_CSV)) == 9
+
+
+BREAKAGES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], str]] = {
+    "missing column": (lambda t: t.drop(columns=["labels"]), "lacks column(s) labels"),
+    "wrong dimension": (
+        lambda t: t.drop(columns=["embedding_3"]).assign(embedding_4=0.5),
+        "embedding_3 is missing",
+    ),
+    "nan embedding": (
+        lambda t: t.assign(embedding_1=[0.1, np.nan, 0.2, 0.3, 0.4]),
+        "row 2 (filenames='b1_1.png'), column embedding_1",
+    ),
+    "inf embedding": (
+        lambda t: t.assign(embedding_0=[0.1, 0.1, 0.1, np.inf, 0.1]),
+        "row 4 (filenames='b1_3.png'), column embedding_0",
+    ),
+    "duplicate row": (
+        lambda t: pd.concat([t, t.iloc[[2]]], ignore_index=True),
+        "row 6 (filenames='b1_2.png') repeats the content_hash",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BREAKAGES))
+def test_hand_broken_pool_is_refused_and_untouched(tmp_path: Path, pool: Path, case: str) -> None:
+    breakage, message = BREAKAGES[case]
+    broken = breakage(pd.read_csv(pool / POOL_CSV, keep_default_na=False))
+    broken.to_csv(pool / POOL_CSV, index=False)
+    before = _snapshot(pool)
+    candidates, _ = _rows(tmp_path / "inbox", 3, seed=1, batch="b2")
+    result = _sample(tmp_path, pool, candidates, "--n-samples", "2")
+    assert result.exit_code == 1
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert _snapshot(pool) == before
+
+
+def _embed(tmp_path: Path, input_dir: Path, pool: Path) -> Result:
+    return RUNNER.invoke(
+        embed_app,
+        [
+            "--input-dir",
+            str(input_dir),
+            "--pool-dir",
+            str(pool),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--lock-file",
+            str(tmp_path / "dvc.lock"),
+            "--embedding-dim",
+            "8",
+            "--image-size",
+            "32",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
+
+
+def test_empty_or_missing_input_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for folder, message in (
+        (tmp_path / "empty", "no images found"),
+        (tmp_path / "nowhere", "does not exist"),
+    ):
+        result = _embed(tmp_path, folder, tmp_path / "pools" / "new")
+        assert result.exit_code == 1, result.output
+        assert message in result.output
+    assert not (tmp_path / "pools").exists()
+
+
+def test_foreign_checkpoint_in_pool_is_refused(tmp_path: Path, pool: Path) -> None:
+    # The fixture's checkpoint is not a torch file at all: embedding with it must stop clearly.
+    (tmp_path / "inbox").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "inbox" / "a.png")
+    before = _snapshot(pool)
+    result = _embed(tmp_path, tmp_path / "inbox", pool)
+    assert result.exit_code == 1
+    assert f"checkpoint {pool / CHECKPOINT}" in result.output
+    assert _snapshot(pool) == before
+
+
+def _bad_inbox(root: Path) -> dict[str, str]:
+    """A folder with one good image and every kind of bad file; returns {relpath: reason part}."""
+    from PIL import Image
+
+    root.mkdir()
+    Image.new("RGB", (40, 30), "blue").save(root / "good.png")
+    Image.new("RGB", (40, 30), "green").save(root / "whole.jpg", quality=95)
+    (root / "truncated.jpg").write_bytes((root / "whole.jpg").read_bytes()[:300])
+    (root / "whole.jpg").unlink()
+    (root / "empty.png").write_bytes(b"")
+    (root / "random.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    (root / "text.png").write_text("not an image")
+    bomb = Image.new("1", (12_000, 8_000))  # 96 Mpx: over the 89 Mpx limit, 12 MB as bits
+    bomb.save(root / "bomb.png")
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(root / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(root / "deep.png")
+    palette = Image.new("P", (20, 20), 3)
+    palette.info["transparency"] = 3
+    palette.save(root / "palette.png")
+    frames = [Image.new("RGB", (20, 20), c) for c in ("red", "yellow")]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    return {
+        "truncated.jpg": "truncated",
+        "empty.png": "empty file",
+        "random.jpg": "not a recognised image format",
+        "text.png": "not a recognised image format",
+        "bomb.png": "decompression bomb",
+    }
+
+
+def test_every_bad_image_is_listed_and_the_run_goes_on(tmp_path: Path) -> None:
+    expected = _bad_inbox(tmp_path / "inbox")
+    result = _embed(tmp_path, tmp_path / "inbox", tmp_path / "pools" / "new")
+    assert result.exit_code == 0, result.output
+    import json
+
+    corrupt = json.loads((tmp_path / "out" / "corrupt.json").read_text())
+    assert set(corrupt) == set(expected)
+    for name, reason in expected.items():
+        assert reason in corrupt[name], (name, corrupt[name])
+    embedded = pd.read_csv(tmp_path / "out" / "candidates.csv")
+    assert sorted(embedded["filenames"]) == [
+        "anim.gif",
+        "cmyk.jpg",
+        "deep.png",
+        "good.png",
+        "palette.png",
+    ]

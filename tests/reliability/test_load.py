@@ -1,0 +1,114 @@
+"""Load: a 100k-row pool and 100k candidates through `sample` and `merge`, memory bounded.
+
+Each stage runs as its own process; its peak resident memory is read from
+``getrusage`` when it exits and printed (run with ``-s`` to see it). The bound
+asserted is generous: what matters is that nothing scales with pool x candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from datapool.pool import column_order, read_pool, write_table
+from datapool.transaction import save_pool
+
+ROOT = Path(__file__).resolve().parents[2]
+N = 100_000
+DIM = 64
+PEAK_LIMIT_MB = 3000  # a 100k x 100k float32 matrix alone would be 40 000 MB
+
+# Runs a stage script and prints its peak RSS (Linux reports ru_maxrss in KiB) on exit.
+WRAPPER = (
+    "import atexit, resource, runpy, sys\n"
+    "atexit.register(lambda: print('PEAK_RSS_MB', "
+    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr))\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def _rows(inbox: Path, *, seed: int, batch: str) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(N, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    table = pd.DataFrame(vectors, columns=[f"embedding_{i}" for i in range(DIM)])
+    inbox.mkdir(parents=True)
+    names = [f"{i:06d}.png" for i in range(N)]
+    hashes = []
+    for i, name in enumerate(names):
+        data = f"{batch} image {i}".encode()
+        (inbox / name).write_bytes(data)
+        hashes.append(hashlib.sha256(data).hexdigest())
+    table.insert(0, "filenames", names)
+    table["labels"] = ""
+    table["content_hash"] = hashes
+    table["batch_id"] = batch
+    table["model_id"] = "m"
+    table["source"] = str(inbox)
+    return table
+
+
+def _stage(name: str, *args: str) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", WRAPPER, str(ROOT / "stages" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(result.stdout.strip())
+    peak = int(result.stderr.split("PEAK_RSS_MB")[-1].split()[0])
+    print(f"{name}: peak RSS {peak} MB")
+    return peak
+
+
+@pytest.mark.slow
+def test_100k_pool_and_100k_candidates(tmp_path: Path) -> None:
+    old = _rows(tmp_path / "old", seed=0, batch="b1")
+    (tmp_path / "model.ckpt").write_bytes(b"model")
+    pool = tmp_path / "pool"
+    sources = dict(
+        zip(old["content_hash"], [tmp_path / "old" / f for f in old["filenames"]], strict=True)
+    )
+    save_pool(
+        pool,
+        old.assign(pick_rank=1, pick_distance=1.0)[column_order(DIM)],
+        checkpoint=tmp_path / "model.ckpt",
+        sources=sources,
+    )
+    write_table(_rows(tmp_path / "new", seed=1, batch="b2"), tmp_path / "candidates.csv")
+    common = ["--pool-dir", str(pool), "--lock-file", str(tmp_path / "dvc.lock")]
+    peaks = [
+        _stage(
+            "sample",
+            "--candidates",
+            str(tmp_path / "candidates.csv"),
+            "--out",
+            str(tmp_path / "picks.csv"),
+            "--n-samples",
+            "1000",
+            *common,
+        ),
+        _stage(
+            "merge",
+            "--candidates",
+            str(tmp_path / "candidates.csv"),
+            "--picks",
+            str(tmp_path / "picks.csv"),
+            "--checkpoint",
+            str(tmp_path / "model.ckpt"),
+            "--append-weak-labels",
+            "false",
+            *common,
+        ),
+    ]
+    grown = read_pool(pool)
+    assert grown is not None and len(grown) == N + 1000
+    assert max(peaks) < PEAK_LIMIT_MB, peaks
