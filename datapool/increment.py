@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from datapool.errors import InputError, PoolError
-from datapool.pool import EXTRA_COLUMNS, column_order, embedding_dim, embeddings_of
+from datapool.pool import EXTRA_COLUMNS, column_order, embedding_dim, embeddings_of, read_table
 from datapool.selection import k_center_greedy
 
 CANDIDATE_COLUMNS = ("content_hash", "batch_id", "model_id", "source")
@@ -187,3 +187,12 @@ def image_sources(candidates: pd.DataFrame) -> dict[str, Path]:
             candidates["content_hash"], candidates["source"], candidates["filenames"], strict=True
         )
     }
+
+
+def effective_pool(pool: pd.DataFrame | None, reembedded: Path) -> pd.DataFrame | None:
+    """The pool as this run must see it: re-embedded by ``embed`` if it wrote that file.
+
+    ``embed`` writes ``reembedded`` only when this run's model differs from the
+    one that embedded the pool; then those rows replace the pool's own.
+    """
+    return read_table(reembedded) if reembedded.exists() else pool

@@ -1,8 +1,11 @@
 """DVC stage `embed`: embed every image of the input folder with the pool's model.
 
 Uses the pool's checkpoint when the pool exists, else builds the configured
-model. Writes to --out-dir: candidates.csv (Lightly's embeddings layout plus our
-columns), model.ckpt, corrupt.json and duplicates.json.
+model (bootstrapped by a short self-supervised run when it has random weights);
+trains it further when embed.train_epochs > 0. If the model is not the one that
+embedded the pool, the pool's stored images are embedded again. Writes to
+--out-dir: candidates.csv (Lightly's layout plus our columns), model.ckpt,
+corrupt.json, duplicates.json and, when the model changed, pool_reembedded.csv.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import typer
 
 from datapool.console import user_errors
 from datapool.embedding.inference import embed_folder, resolve_device
-from datapool.embedding.model import ModelConfig, model_for_pool, save_checkpoint
-from datapool.pool import CHECKPOINT, known_embeddings, write_table
+from datapool.embedding.model import ModelConfig, save_checkpoint
+from datapool.embedding.pool_model import Training, choose_model, reembed_pool
+from datapool.pool import known_embeddings, write_table
 from datapool.transaction import open_pool
 
 app = typer.Typer(add_completion=False)
@@ -32,40 +36,69 @@ def main(
     weights: Annotated[str, typer.Option(help="torchvision weights name, or none")] = "none",
     embedding_dim: Annotated[int, typer.Option(help="embedding length D")] = 64,
     image_size: Annotated[int, typer.Option(help="square crop side in pixels")] = 224,
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass / training step")] = 64,
     num_workers: Annotated[int, typer.Option(help="decoding processes, 0 = in-process")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    seed: Annotated[int, typer.Option(help="seed of a new model's random initialisation")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of initialisation and training")] = 0,
+    train_epochs: Annotated[int, typer.Option(help="SimCLR epochs every run; 0 = off")] = 0,
+    bootstrap_epochs: Annotated[
+        int, typer.Option(help="SimCLR epochs on a new pool's first batch; 0 = off")
+    ] = 0,
+    learning_rate: Annotated[float, typer.Option(help="peak learning rate of training")] = 1e-3,
 ) -> None:
     """Embed --input-dir into --out-dir."""
     with user_errors("embed"):
         pool = open_pool(pool_dir, lock_file=lock_file)
+        torch_device = resolve_device(device)
         wanted = ModelConfig(
             arch=model, embedding_dim=embedding_dim, image_size=image_size, weights=weights
         )
-        net = model_for_pool(pool_dir / CHECKPOINT, wanted=wanted, seed=seed)
+        training = Training(train_epochs, bootstrap_epochs, learning_rate, batch_size)
+        net = choose_model(
+            pool_dir=pool_dir,
+            pool=pool,
+            wanted=wanted,
+            seed=seed,
+            training=training,
+            input_dir=input_dir,
+            device=torch_device,
+        )
         model_id = save_checkpoint(net, out_dir / "model.ckpt")
+        refreshed = None
+        if pool is not None:
+            refreshed = reembed_pool(
+                pool_dir=pool_dir,
+                pool=pool,
+                model=net,
+                model_id=model_id,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=torch_device,
+            )
+        if refreshed is not None:
+            write_table(refreshed, out_dir / "pool_reembedded.csv")
+        known = known_embeddings(refreshed if refreshed is not None else pool, model_id=model_id)
         batch = embed_folder(
             input_dir=input_dir,
             model=net,
-            known=known_embeddings(pool, model_id=model_id),
+            known=known,
             batch_size=batch_size,
             num_workers=num_workers,
-            device=resolve_device(device),
+            device=torch_device,
         )
-        write_table(
-            batch.to_table(model_id=model_id, source=str(input_dir)), out_dir / "candidates.csv"
-        )
+        table = batch.to_table(model_id=model_id, source=str(input_dir))
+        write_table(table, out_dir / "candidates.csv")
         for name, listing in (
             ("corrupt.json", batch.corrupt),
             ("duplicates.json", batch.duplicates),
         ):
             text = json.dumps(listing, indent=2, ensure_ascii=False) + "\n"
             (out_dir / name).write_text(text, encoding="utf-8")
+    reembedded = "" if refreshed is None else f"; pool re-embedded ({len(refreshed)} rows)"
     print(
         f"embed: {len(batch.files)} images from {input_dir} (batch {batch.batch_id}, "
         f"model {model_id}): {batch.reused} reused from the pool, "
-        f"{len(batch.duplicates)} duplicates, {len(batch.corrupt)} corrupt"
+        f"{len(batch.duplicates)} duplicates, {len(batch.corrupt)} corrupt{reembedded}"
     )
 
 

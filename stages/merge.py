@@ -13,7 +13,13 @@ from typing import Annotated, Literal
 import typer
 
 from datapool.console import user_errors
-from datapool.increment import CANDIDATE_COLUMNS, image_sources, merge_increment, read_picks
+from datapool.increment import (
+    CANDIDATE_COLUMNS,
+    effective_pool,
+    image_sources,
+    merge_increment,
+    read_picks,
+)
 from datapool.pool import read_table
 from datapool.transaction import open_pool, save_pool
 
@@ -27,6 +33,9 @@ def main(
     checkpoint: Annotated[Path, typer.Option(help="model.ckpt written by embed")],
     pool_dir: Annotated[Path, typer.Option(help="the pool folder, pools/NAME")],
     lock_file: Annotated[Path, typer.Option(help="dvc.lock, to detect a pool not yet pulled")],
+    reembedded_pool: Annotated[
+        Path, typer.Option(help="the pool re-embedded by embed; used instead when it exists")
+    ],
     append_weak_labels: Annotated[
         Literal["true", "false"],
         typer.Option(case_sensitive=False, help="label each row with its sub-folder name"),
@@ -34,7 +43,7 @@ def main(
 ) -> None:
     """Append --picks to the pool in --pool-dir."""
     with user_errors("merge"):
-        pool = open_pool(pool_dir, lock_file=lock_file)
+        pool = effective_pool(open_pool(pool_dir, lock_file=lock_file), reembedded_pool)
         table = read_table(candidates, required=CANDIDATE_COLUMNS)
         chosen = read_picks(picks)
         merged = merge_increment(

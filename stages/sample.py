@@ -16,6 +16,7 @@ from datapool.increment import (
     CANDIDATE_COLUMNS,
     StoppingCondition,
     describe_stop,
+    effective_pool,
     new_candidates,
     select_increment,
 )
@@ -31,6 +32,9 @@ def main(
     pool_dir: Annotated[Path, typer.Option(help="the pool folder, pools/NAME")],
     out: Annotated[Path, typer.Option(help="where picks.csv goes")],
     lock_file: Annotated[Path, typer.Option(help="dvc.lock, to detect a pool not yet pulled")],
+    reembedded_pool: Annotated[
+        Path, typer.Option(help="the pool re-embedded by embed; used instead when it exists")
+    ],
     n_samples: Annotated[int, typer.Option(help="stop after this many picks; 0 = no limit")] = 0,
     min_distance: Annotated[
         float, typer.Option(help="stop when the farthest candidate is closer; 0 = off")
@@ -39,7 +43,7 @@ def main(
     """Pick the most diverse of --candidates into --out."""
     with user_errors("sample"):
         stop = StoppingCondition(n_samples=n_samples, min_distance=min_distance)
-        pool = open_pool(pool_dir, lock_file=lock_file)
+        pool = effective_pool(open_pool(pool_dir, lock_file=lock_file), reembedded_pool)
         table = read_table(candidates, required=CANDIDATE_COLUMNS)
         picks = select_increment(table, pool, stop)
         write_table(picks, out)

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from dvc.repo import Repo
 
+from datapool.embedding.model import load_checkpoint
 from datapool.pool import POOL_CSV, read_pool
 from datapool.workspace import create_workspace, run_increment, run_tool, set_params, tool_env
 
@@ -144,3 +145,26 @@ def test_fresh_clone_without_pull_refuses(grown: dict[str, object], tmp_path: Pa
     output = result.stdout + result.stderr
     assert "missing from the workspace" in output and "dvc pull" in output
     assert not (clone / POOL / POOL_CSV).exists()
+
+
+@pytest.mark.slow
+def test_training_replaces_the_model_and_reembeds_the_whole_pool(
+    grown: dict[str, object], tmp_path: Path
+) -> None:
+    ws = grown["ws"]
+    assert isinstance(ws, Path)
+    clone = tmp_path / "copy"
+    shutil.copytree(ws, clone, symlinks=True)
+    before = read_pool(clone / POOL)
+    assert before is not None
+    set_params(clone / "params.yaml", {"embed.train_epochs": 1})
+    assert reproduce(clone) == ["embed", "merge", "sample"]
+    after = read_pool(clone / POOL)
+    assert after is not None and len(after) == 24
+    _, checkpoint_id = load_checkpoint(clone / POOL / "checkpoint_latest.ckpt")
+    # One model for every row: batch_1's rows were re-embedded, not left from the old model.
+    assert set(after["model_id"]) == {checkpoint_id} != set(before["model_id"])
+    old_rows = after["source"].str.endswith("batch_1")
+    assert set(after.loc[old_rows, "content_hash"]) == set(
+        before.loc[before["source"].str.endswith("batch_1"), "content_hash"]
+    )

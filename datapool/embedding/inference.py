@@ -174,7 +174,7 @@ def embed_folder(
             first_with[digest] = item
     unique = list(first_with.values())
     todo = [item for item, digest in zip(unique, first_with, strict=True) if digest not in known]
-    computed, failed = _run_model(
+    computed, failed = embed_files(
         todo, model=model, batch_size=batch_size, num_workers=num_workers, device=device
     )
     corrupt.update(failed)
@@ -195,7 +195,7 @@ def embed_folder(
     )
 
 
-def _run_model(
+def embed_files(
     files: Sequence[ImageFile],
     *,
     model: EmbeddingModel,

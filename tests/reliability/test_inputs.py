@@ -79,6 +79,8 @@ def _sample(tmp_path: Path, pool: Path, candidates: pd.DataFrame, *extra: str) -
             str(tmp_path / "picks.csv"),
             "--lock-file",
             str(tmp_path / "dvc.lock"),
+            "--reembedded-pool",
+            str(tmp_path / "no_reembedding.csv"),
             *extra,
         ],
     )
@@ -98,6 +100,8 @@ def _merge(tmp_path: Path, pool: Path) -> Result:
             str(pool),
             "--lock-file",
             str(tmp_path / "dvc.lock"),
+            "--reembedded-pool",
+            str(tmp_path / "no_reembedding.csv"),
             "--append-weak-labels",
             "true",
         ],

@@ -85,6 +85,8 @@ def test_killed_merge_leaves_old_or_new_pool(tmp_path: Path) -> None:
         "POOL",
         "--lock-file",
         str(tmp_path / "dvc.lock"),
+        "--reembedded-pool",
+        str(tmp_path / "no_reembedding.csv"),
         "--append-weak-labels",
         "true",
     ]

@@ -84,7 +84,14 @@ def test_100k_pool_and_100k_candidates(tmp_path: Path) -> None:
         sources=sources,
     )
     write_table(_rows(tmp_path / "new", seed=1, batch="b2"), tmp_path / "candidates.csv")
-    common = ["--pool-dir", str(pool), "--lock-file", str(tmp_path / "dvc.lock")]
+    common = [
+        "--pool-dir",
+        str(pool),
+        "--lock-file",
+        str(tmp_path / "dvc.lock"),
+        "--reembedded-pool",
+        str(tmp_path / "no_reembedding.csv"),
+    ]
     peaks = [
         _stage(
             "sample",

@@ -1,0 +1,133 @@
+"""The model a pool is embedded with: pick it, train it, and keep the pool consistent with it.
+
+A pool's rows all carry the id of one model. When this run's model differs
+from the one that embedded the pool (after training, or a first bootstrap),
+the pool's own stored images are embedded again, so old and new embeddings are
+never compared with each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from datapool.embedding.inference import embed_files
+from datapool.embedding.model import EmbeddingModel, ModelConfig, model_for_pool
+from datapool.embedding.training import train_contrastive
+from datapool.errors import PoolError
+from datapool.images import ImageFile, discover_images
+from datapool.pool import CHECKPOINT, embedding_columns, stored_image
+
+
+@dataclass(frozen=True)
+class Training:
+    """Self-supervised training settings (SimCLR, see :mod:`datapool.embedding.training`).
+
+    Attributes:
+        epochs: epochs on the pool's images plus the new batch on every run; 0 = off.
+        bootstrap_epochs: epochs on the first batch when a pool starts with a
+            randomly initialised model (``weights=none``), so its embeddings carry
+            meaning on an offline machine; 0 = keep the random model.
+        learning_rate: peak AdamW learning rate.
+        batch_size: images per training step.
+    """
+
+    epochs: int = 0
+    bootstrap_epochs: int = 0
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+
+
+def pool_images(pool_dir: Path, pool: pd.DataFrame) -> list[Path]:
+    """The pool's stored copies of its images, in row order; PoolError if any is missing."""
+    paths = [
+        stored_image(pool_dir, content_hash=str(h), filename=str(f))
+        for h, f in zip(pool["content_hash"], pool["filenames"], strict=True)
+    ]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise PoolError(
+            f"{len(missing)} of the pool's {len(paths)} images are not in {pool_dir / 'images'} "
+            f"(e.g. {missing[0].name}); they are needed to re-embed the pool with a new model. "
+            "Run `dvc pull` or `dvc checkout`, or keep training off (embed.train_epochs=0)"
+        )
+    return paths
+
+
+def choose_model(
+    *,
+    pool_dir: Path,
+    pool: pd.DataFrame | None,
+    wanted: ModelConfig,
+    seed: int,
+    training: Training,
+    input_dir: Path,
+    device: torch.device,
+) -> EmbeddingModel:
+    """This run's model: the pool's (or a new one), trained if the settings say so.
+
+    A new pool with random weights is bootstrapped on the images of
+    ``input_dir``; with ``training.epochs`` every run trains on the pool's
+    images plus those.
+    """
+    has_model = (pool_dir / CHECKPOINT).exists()
+    model = model_for_pool(pool_dir / CHECKPOINT, wanted=wanted, seed=seed)
+    if training.epochs:
+        images = [*(pool_images(pool_dir, pool) if pool is not None else []), *_batch(input_dir)]
+        epochs = training.epochs
+    elif not has_model and wanted.weights.lower() == "none" and training.bootstrap_epochs:
+        images, epochs = _batch(input_dir), training.bootstrap_epochs
+    else:
+        return model
+    return train_contrastive(
+        model,
+        images,
+        epochs=epochs,
+        batch_size=training.batch_size,
+        learning_rate=training.learning_rate,
+        seed=seed,
+        device=device,
+    )
+
+
+def _batch(input_dir: Path) -> list[Path]:
+    return [item.path for item in discover_images(input_dir)]
+
+
+def reembed_pool(
+    *,
+    pool_dir: Path,
+    pool: pd.DataFrame,
+    model: EmbeddingModel,
+    model_id: str,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> pd.DataFrame | None:
+    """The pool's rows embedded by ``model``; None if they already are.
+
+    Uses the pool's stored images. Raises :class:`PoolError` if one is missing
+    or can no longer be decoded.
+    """
+    if pool.empty or set(pool["model_id"]) == {model_id}:
+        return None
+    paths = pool_images(pool_dir, pool)
+    files = [ImageFile(path=p, relpath=p.name, label="") for p in paths]
+    vectors, failed = embed_files(
+        files, model=model, batch_size=batch_size, num_workers=num_workers, device=device
+    )
+    if failed:
+        name, reason = next(iter(failed.items()))
+        raise PoolError(
+            f"the pool's image {pool_dir / 'images' / name} cannot be decoded: {reason}"
+        )
+    table = pool.copy()
+    table[embedding_columns(model.config.embedding_dim)] = np.stack(
+        [vectors[f.relpath] for f in files]
+    )
+    table["model_id"] = model_id
+    return table
