@@ -1,0 +1,159 @@
+"""SimCLR training: it learns, it is reproducible, it survives bad files, it leaves no trace."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from datapool.embedding.model import EmbeddingModel, ModelConfig, build_model, model_id
+from datapool.embedding.training import (
+    Augmentation,
+    _PairDataset,
+    augment,
+    nt_xent_loss,
+    train_contrastive,
+)
+from datapool.errors import InputError
+
+TINY = ModelConfig(arch="resnet18", embedding_dim=8, image_size=32)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def sixteen(make_images: Callable[..., Path]) -> list[Path]:
+    root = make_images("train", {f"img_{i:02d}.png": i for i in range(16)})
+    return sorted(root.glob("*.png"))
+
+
+def train(images: list[Path], **overrides: Any) -> EmbeddingModel:
+    """Train a fresh TINY model: 1 epoch, batch 8, lr 1e-3, seed 0 unless overridden."""
+    settings: dict[str, Any] = {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "seed": 0}
+    return train_contrastive(build_model(TINY, seed=0), images, device=CPU, **settings | overrides)
+
+
+def fixed_pair_loss(model: EmbeddingModel, images: list[Path]) -> float:
+    """NT-Xent of ``model`` on one fixed pair of views per image, as training computes it.
+
+    BatchNorm uses batch statistics (train mode, on a copy), as in training: a few
+    steps are too few for the running averages that eval mode would use.
+    """
+    dataset = _PairDataset(images, TINY.image_size, Augmentation())
+    pairs = [dataset[(i, 1000 + i)] for i in range(len(images))]
+    views = torch.cat([torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])])
+    with torch.inference_mode():
+        out = copy.deepcopy(model).train()(views)
+    return float(nt_xent_loss(*out.chunk(2), temperature=0.1))
+
+
+def test_one_epoch_changes_weights_and_model_id(sixteen: list[Path]) -> None:
+    before = build_model(TINY, seed=0)
+    trained = train(sixteen)
+    assert model_id(trained) != model_id(before)
+    assert not trained.training  # handed back ready for inference
+    changed = [
+        name
+        for name, value in trained.state_dict().items()
+        if value.is_floating_point() and not torch.equal(value, before.state_dict()[name])
+    ]
+    assert any(n.startswith("projection") for n in changed)
+    assert any(n.startswith("backbone") for n in changed)
+
+
+def test_same_seed_same_model_other_seed_other_model(sixteen: list[Path]) -> None:
+    first = model_id(train(sixteen, seed=3))
+    assert model_id(train(sixteen, seed=3)) == first
+    assert model_id(train(sixteen, seed=4)) != first
+
+
+def test_worker_processes_do_not_change_the_result(sixteen: list[Path]) -> None:
+    # Augmentation seeds travel with the sampler's items, not with the worker.
+    assert model_id(train(sixteen, num_workers=2)) == model_id(train(sixteen, num_workers=0))
+
+
+def test_corrupt_image_is_skipped_with_a_warning(
+    sixteen: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with caplog.at_level(logging.WARNING, logger="datapool.embedding.training"):
+        trained = train([*sixteen, bad])
+    assert model_id(trained) != model_id(build_model(TINY, seed=0))
+    assert any("bad.png" in record.getMessage() for record in caplog.records)
+
+
+def test_too_few_readable_images_is_an_input_error(sixteen: list[Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    with pytest.raises(InputError, match="at least 2 readable"):
+        train([sixteen[0], bad])
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("epochs", 0), ("batch_size", 1), ("learning_rate", 0.0), ("temperature", -1.0)],
+)
+def test_bad_settings_are_refused(sixteen: list[Path], setting: str, value: float) -> None:
+    overrides: dict[str, Any] = {setting: value}
+    with pytest.raises(InputError, match=setting):
+        train(sixteen, **overrides)
+
+
+def test_training_lowers_the_loss_on_fixed_views(sixteen: list[Path]) -> None:
+    start = fixed_pair_loss(build_model(TINY, seed=0), sixteen)
+    trained = train(sixteen, epochs=6, batch_size=16)
+    assert fixed_pair_loss(trained, sixteen) < start - 0.2
+
+
+def test_embeddings_stay_unit_vectors(sixteen: list[Path]) -> None:
+    trained = train(sixteen)
+    with torch.inference_mode():
+        out = trained(torch.randn(4, 3, 32, 32))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+
+
+def test_training_does_not_touch_global_rng(sixteen: list[Path]) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    train(sixteen)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_augment_is_a_function_of_the_generator() -> None:
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+
+    def view(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return augment(image, size=24, generator=generator, recipe=Augmentation())
+
+    assert view(0).shape == (3, 24, 24)
+    assert view(0).dtype == torch.float32
+    assert torch.equal(view(0), view(0))
+    assert not torch.equal(view(0), view(1))
+
+
+def test_nt_xent_matches_a_direct_computation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(5, 4, generator=generator), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(5, 4, generator=generator), dim=1)
+    z, t = torch.cat([a, b]), 0.5
+    expected = 0.0
+    for i in range(10):
+        partner = (i + 5) % 10
+        others = [j for j in range(10) if j != i]
+        denominator = sum(torch.exp(z[i] @ z[j] / t) for j in others)
+        expected += float(-torch.log(torch.exp(z[i] @ z[partner] / t) / denominator))
+    assert float(nt_xent_loss(a, b, temperature=t)) == pytest.approx(expected / 10, rel=1e-5)
+
+
+def test_nt_xent_prefers_aligned_pairs() -> None:
+    eye = torch.eye(4)
+    aligned = nt_xent_loss(eye, eye, temperature=0.1)
+    shuffled = nt_xent_loss(eye, eye.roll(1, dims=0), temperature=0.1)
+    assert float(aligned) < 0.01 < float(shuffled)
