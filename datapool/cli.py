@@ -1,36 +1,36 @@
-"""The ``datapool`` command: make a workspace, run increments, try the bundled example.
+"""The ``datapool`` command: workspaces, increments, history, restore, combine, export/import.
 
-This module is the only part of the package that imports typer; ``import
-datapool`` does not load it.
+Every pool version is a git revision of a workspace (a git + DVC repository);
+see ``datapool COMMAND --help``. This module is the only part of the package
+that imports typer; ``import datapool`` does not load it.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from ruamel.yaml import YAML
 
 from datapool.console import user_errors
 from datapool.errors import InputError
-from datapool.workspace import create_workspace, run_increment, set_params
+from datapool.increment import StoppingCondition
+from datapool.revisions import Revision, check_new_name, history, park, restore
+from datapool.tools import git_commit, head
+from datapool.workspace import (
+    create_workspace,
+    current_settings,
+    parse_overrides,
+    pool_size,
+    run_increment,
+    set_params,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 EXAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "digits"
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """``["a.b=0.1", "c=true"]`` -> ``{"a.b": 0.1, "c": True}`` (values parsed as YAML scalars)."""
-    parsed: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"expected KEY=VALUE, got {pair!r}")
-        parsed[key.strip()] = YAML(typ="safe").load(text) if text.strip() else ""
-    return parsed
+Workspace = Annotated[Path, typer.Option(help="the workspace folder")]
 
 
 @app.command()
@@ -38,32 +38,162 @@ def init(workspace: Annotated[Path, typer.Argument(help="new folder for the work
     """Create a workspace: git + DVC, the pipeline (dvc.yaml, stages/) and params.yaml."""
     with user_errors("init"):
         create_workspace(workspace)
-    print(f"init: workspace ready in {workspace}; set input_dir in params.yaml, then `dvc repro`")
+    print(f"init: workspace ready in {workspace}; next: datapool run --input-dir FOLDER")
 
 
 @app.command()
 def run(
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="settings as KEY=VALUE, e.g. datapool.name=cats")
+        list[str] | None,
+        typer.Argument(help="settings as KEY=VALUE, e.g. stopping_condition.min_distance=0.1"),
     ] = None,
     input_dir: Annotated[Path | None, typer.Option(help="folder of new images")] = None,
-    workspace: Annotated[Path, typer.Option(help="the workspace folder")] = Path(),
+    workspace: Workspace = Path(),
 ) -> None:
-    """Write settings to params.yaml, run the pipeline, and commit the pool as a revision."""
+    """Write settings to params.yaml, run the pipeline, and commit the pool as a revision.
+
+    With datapool.keep_history=false nothing is committed and the pool's earlier
+    versions are dropped from the DVC cache.
+    """
     with user_errors("run"):
         settings = parse_overrides(overrides or [])
         if input_dir is not None:
             settings["input_dir"] = str(input_dir.resolve())
         set_params(workspace / "params.yaml", settings)
-        name, source = _current(workspace)
-        step = run_increment(workspace, name=name, input_dir=source)
-    print(f"run: {step.message(source)}")
+        name, source, keep = current_settings(workspace)
+        step = run_increment(workspace, name=name, input_dir=source, keep_history=keep)
+    note = "" if keep else " (keep_history=false: not committed, earlier versions dropped)"
+    print(f"run: {step.message(source)}{note}")
 
 
-def _current(workspace: Path) -> tuple[str, str]:
-    """(datapool.name, input_dir) as params.yaml has them now."""
-    params = YAML(typ="safe").load((workspace / "params.yaml").read_text(encoding="utf-8"))
-    return str(params["datapool"]["name"]), str(params["input_dir"])
+def _changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()) or "-"
+
+
+def _count(value: int | None, sign: str = "") -> str:
+    return "?" if value is None else f"{sign}{value}"
+
+
+def format_history(revisions: list[Revision]) -> list[str]:
+    """One line per revision: revision, date, rows, added, removed, changed parameters."""
+    lines = [f"{'revision':<9} {'date':<25} {'rows':>5} {'added':>6} {'removed':>7}  changed"]
+    for r in revisions:
+        lines.append(
+            f"{r.rev[:7]:<9} {r.date:<25} {_count(r.rows):>5} {_count(r.added, '+'):>6} "
+            f"{_count(r.removed, '-'):>7}  {_changes(r.changed)}"
+        )
+    if any(r.rows is None for r in revisions):
+        lines.append("? = that version is not in the local DVC cache (dvc pull, or dropped)")
+    return lines
+
+
+@app.command(name="history")
+def history_command(
+    name: Annotated[str, typer.Argument(help="the pool (datapool.name)")],
+    workspace: Workspace = Path(),
+) -> None:
+    """List every revision of a pool: revision, date, rows, added, parameters that changed."""
+    with user_errors("history"):
+        revisions = history(workspace, name)
+        if not revisions:
+            raise InputError(f"pool {name} has no revisions in {workspace}")
+    print("\n".join(format_history(revisions)))
+
+
+@app.command(name="restore")
+def restore_command(
+    name: Annotated[str, typer.Argument(help="the pool (datapool.name)")],
+    rev: Annotated[str, typer.Argument(help="the revision to bring back (see history)")],
+    workspace: Workspace = Path(),
+) -> None:
+    """Bring a pool's version at REV back, recorded as a new revision (nothing is lost)."""
+    with user_errors("restore"):
+        restore(workspace, name, rev)
+        rows = pool_size(workspace, name)
+        git_commit(workspace, f"pool {name}: {rows} rows, restored from {rev}")
+        now = head(workspace)
+    print(f"restore: pool {name} is back at its {rev} version ({rows} rows), revision {now[:7]}")
+
+
+@app.command()
+def combine(
+    first: Annotated[str, typer.Argument(help="the first pool; its model is kept")],
+    second: Annotated[str, typer.Argument(help="the second pool")],
+    into: Annotated[str, typer.Option(help="name of the new, combined pool")],
+    reembed: Annotated[
+        bool, typer.Option(help="re-embed the second pool's images if its model differs")
+    ] = False,
+    n_samples: Annotated[int, typer.Option(help="thin to this many rows; 0 = no limit")] = 0,
+    min_distance: Annotated[
+        float, typer.Option(help="thin until the farthest row is closer than this; 0 = off")
+    ] = 0.0,
+    device: Annotated[str, typer.Option(help="device for re-embedding")] = "auto",
+    workspace: Workspace = Path(),
+) -> None:
+    """Combine two pools into a new one: duplicate images dropped, optionally thinned."""
+    from datapool.combine import combine_pools, images_of, write_new_pool
+
+    with user_errors("combine"):
+        check_new_name(workspace, into)
+        pools = workspace / "pools"
+        stop = (
+            StoppingCondition(n_samples=n_samples, min_distance=min_distance)
+            if n_samples or min_distance
+            else None
+        )
+        done = combine_pools(
+            pools / first, pools / second, reembed_second=reembed, stop=stop, device=device
+        )
+        files = images_of([pools / first, pools / second], done.table)
+        write_new_pool(pools / into, done.table, images=files, checkpoint=done.checkpoint)
+        park(workspace, into)
+        summary = (
+            f"pool {into}: {len(done.table)} rows combined from {first} and {second} "
+            f"({done.duplicates} duplicates dropped, {done.reembedded} re-embedded, "
+            f"{done.thinned} thinned out)"
+        )
+        git_commit(workspace, summary)
+    print(f"combine: {summary}")
+
+
+@app.command(name="export")
+def export_command(
+    name: Annotated[str, typer.Argument(help="the pool to export")],
+    out: Annotated[Path, typer.Option(help="folder to write into")],
+    workspace: Workspace = Path(),
+) -> None:
+    """Write a pool as Lightly's embeddings CSV, a file list and a folder of its images."""
+    from datapool.exchange import export_pool
+
+    with user_errors("export"):
+        done = export_pool(workspace / "pools" / name, out)
+    print(f"export: {done.rows} rows of pool {name} -> {done.csv}, {done.file_list}, {done.images}")
+
+
+@app.command(name="import")
+def import_command(
+    csv: Annotated[Path, typer.Argument(help="a Lightly embeddings CSV")],
+    name: Annotated[str, typer.Option(help="name of the new pool")],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder the CSV's filenames are relative to [default: images/ "
+            "beside the CSV if it exists, else the CSV's folder]"
+        ),
+    ] = None,
+    workspace: Workspace = Path(),
+) -> None:
+    """Create a pool from a Lightly embeddings CSV and its images."""
+    from datapool.exchange import IMAGES, import_pool
+
+    with user_errors("import"):
+        check_new_name(workspace, name)
+        folder = images or (csv.parent / IMAGES if (csv.parent / IMAGES).is_dir() else csv.parent)
+        rows, duplicates = import_pool(csv, folder, workspace / "pools" / name)
+        park(workspace, name)
+        summary = f"pool {name}: {rows} rows imported from {csv.name} ({duplicates} duplicates)"
+        git_commit(workspace, summary)
+    print(f"import: {summary}")
 
 
 @app.command()
@@ -85,6 +215,10 @@ def demo(
             step = run_increment(where, name="my_datapool", input_dir=source)
             print(f"demo: {step.message(batch)}")
     print(
-        f"demo: done. The workspace is {where}: see `git log`, `dvc params diff HEAD~1`, "
-        f"and {where / 'pools' / 'my_datapool' / 'datapool_latest.csv'}"
+        f"demo: done. The workspace is {where}: see `datapool history my_datapool`, "
+        f"`dvc params diff HEAD~1`, and {where / 'pools' / 'my_datapool' / 'datapool_latest.csv'}"
     )
+
+
+if __name__ == "__main__":
+    app()

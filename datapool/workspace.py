@@ -7,10 +7,7 @@ so what happens here is exactly what ``git log`` and ``dvc`` show afterwards.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +15,20 @@ from typing import Any
 
 from datapool.errors import InputError
 from datapool.pool import read_pool
+from datapool.revisions import adopt, forget_history
+from datapool.tools import git_commit, run_tool, tool_env
+
+__all__ = [
+    "Increment",
+    "create_workspace",
+    "current_settings",
+    "git_commit",
+    "parse_overrides",
+    "run_increment",
+    "run_tool",
+    "set_params",
+    "tool_env",
+]
 
 # What a workspace is made of; copied from the source tree that holds this package.
 TEMPLATE_FILES = (
@@ -43,45 +54,6 @@ def template_dir() -> Path:
             "install datapool from its source checkout (pip install -e .)"
         )
     return root
-
-
-def tool_env() -> dict[str, str]:
-    """Environment for git/DVC children: this interpreter's bin first, analytics off."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env
-
-
-def run_tool(args: Sequence[str], *, cwd: Path, quiet: bool = False) -> str:
-    """Run git or dvc in ``cwd``; returns stdout. Raises InputError with its output on failure."""
-    if args[0] == "dvc":
-        args = [sys.executable, "-m", "dvc", *args[1:]]
-    result = subprocess.run(
-        list(args), cwd=cwd, env=tool_env(), text=True, capture_output=quiet, check=False
-    )
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout or "").strip() if quiet else "see the output above"
-        raise InputError(f"`{' '.join(args)}` failed in {cwd} ({detail})")
-    return result.stdout or ""
-
-
-def git_commit(workspace: Path, message: str) -> bool:
-    """Commit everything in the workspace; False if there was nothing to commit.
-
-    Supplies an identity when git has none configured (fresh machines, CI).
-    """
-    run_tool(["git", "add", "-A"], cwd=workspace, quiet=True)
-    if not run_tool(["git", "status", "--porcelain"], cwd=workspace, quiet=True).strip():
-        return False
-    ident: list[str] = []
-    probe = subprocess.run(
-        ["git", "config", "user.email"], cwd=workspace, capture_output=True, text=True, check=False
-    )
-    if not probe.stdout.strip():
-        ident = ["-c", "user.name=datapool", "-c", "user.email=datapool@localhost"]
-    run_tool(["git", *ident, "commit", "-q", "-m", message], cwd=workspace, quiet=True)
-    return True
 
 
 def create_workspace(dest: Path) -> None:
@@ -127,6 +99,34 @@ def set_params(params_file: Path, overrides: Mapping[str, Any]) -> None:
         yaml.dump(data, handle)
 
 
+def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
+    """``["a.b=0.1", "c=true"]`` -> ``{"a.b": 0.1, "c": True}`` (values parsed as YAML scalars).
+
+    Raises :class:`InputError` for an item without ``=`` or without a key.
+    """
+    from ruamel.yaml import YAML
+
+    parsed: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"expected KEY=VALUE, got {pair!r}")
+        parsed[key.strip()] = YAML(typ="safe").load(text) if text.strip() else ""
+    return parsed
+
+
+def current_settings(workspace: Path) -> tuple[str, str, bool]:
+    """``(datapool.name, input_dir, datapool.keep_history)`` as params.yaml has them now."""
+    import yaml
+
+    params = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8")) or {}
+    pool = params.get("datapool") or {}
+    keep = pool.get("keep_history", True)
+    if isinstance(keep, str):
+        keep = keep.strip().lower() not in ("false", "no", "off", "0")
+    return str(pool.get("name")), str(params.get("input_dir")), bool(keep)
+
+
 def dotted_keys(data: Any, prefix: str = "") -> list[str]:
     """All leaf keys of a nested mapping, dotted: ``["datapool.name", ...]``."""
     keys: list[str] = []
@@ -160,10 +160,22 @@ def pool_size(workspace: Path, name: str) -> int:
     return 0 if table is None else len(table)
 
 
-def run_increment(workspace: Path, *, name: str, input_dir: str) -> Increment:
-    """``dvc repro`` in the workspace, then commit the new pool version as a revision."""
+def run_increment(
+    workspace: Path, *, name: str, input_dir: str, keep_history: bool = True
+) -> Increment:
+    """``dvc repro`` for pool ``name`` (params.yaml must already name it), then record it.
+
+    The pool becomes the pipeline's (another pool dvc.lock recorded is parked
+    first, see :mod:`datapool.revisions`). With ``keep_history`` the new version
+    is committed as a revision; without, nothing is committed and the pool's
+    earlier versions are deleted from the DVC cache (:func:`forget_history`).
+    """
+    adopt(workspace, name)
     before = pool_size(workspace, name)
     run_tool(["dvc", "repro"], cwd=workspace)
     step = Increment(pool=name, before=before, after=pool_size(workspace, name))
-    git_commit(workspace, step.message(input_dir))
+    if keep_history:
+        git_commit(workspace, step.message(input_dir))
+    else:
+        forget_history(workspace, name)
     return step

@@ -1,0 +1,152 @@
+"""The container's entrypoint: one increment with the Lightly Docker's invocation.
+
+``docker run --gpus all --rm -v IN:/home/input_dir:ro -v SHARED:/home/shared_dir
+-v OUT:/home/output_dir IMAGE datapool.name=my_datapool stopping_condition.min_distance=0.1``
+
+* ``/home/input_dir`` (read-only): this increment's images.
+* ``/home/shared_dir``: the workspace (git + DVC), made on first use; it holds
+  every pool and its history, so the next run continues from it.
+* ``/home/output_dir``: this run's lists and report (see :func:`write_outputs`).
+
+The three folders can be moved with ``DATAPOOL_INPUT_DIR``, ``DATAPOOL_SHARED_DIR``
+and ``DATAPOOL_OUTPUT_DIR`` (the tests run this module on plain folders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from datapool.console import user_errors
+from datapool.errors import InputError
+from datapool.increment import read_picks
+from datapool.pool import POOL_CSV, read_table
+from datapool.revisions import flat_params
+from datapool.tools import head
+from datapool.workspace import (
+    Increment,
+    create_workspace,
+    current_settings,
+    parse_overrides,
+    run_increment,
+    set_params,
+)
+
+DEFAULT_DIRS = {
+    "input": ("DATAPOOL_INPUT_DIR", "/home/input_dir"),
+    "shared": ("DATAPOOL_SHARED_DIR", "/home/shared_dir"),
+    "output": ("DATAPOOL_OUTPUT_DIR", "/home/output_dir"),
+}
+
+
+def folder(role: str) -> Path:
+    """The input, shared or output folder: its environment variable, else the mount point."""
+    variable, default = DEFAULT_DIRS[role]
+    return Path(os.environ.get(variable, default))
+
+
+def ensure_workspace(shared_dir: Path) -> None:
+    """Make ``shared_dir`` a workspace unless it is one. InputError if it holds other files."""
+    if (shared_dir / ".dvc").is_dir() and (shared_dir / "dvc.yaml").is_file():
+        return
+    if shared_dir.exists() and any(shared_dir.iterdir()):
+        raise InputError(
+            f"{shared_dir} is neither empty nor a datapool workspace; mount an empty folder "
+            "(it becomes the workspace) or one a previous run used"
+        )
+    create_workspace(shared_dir)
+
+
+def run_container(
+    overrides: Sequence[str], *, input_dir: Path, shared_dir: Path, output_dir: Path
+) -> Increment:
+    """Run one increment of ``input_dir`` in the workspace ``shared_dir``; fill ``output_dir``.
+
+    ``overrides`` are ``KEY=VALUE`` settings (``datapool.name=my_datapool``).
+    Raises :class:`InputError` for a missing input folder or bad settings.
+    """
+    if not input_dir.is_dir():
+        raise InputError(
+            f"input folder {input_dir} does not exist; mount one with -v IN:{input_dir}:ro"
+        )
+    ensure_workspace(shared_dir)
+    settings = parse_overrides(overrides)
+    settings["input_dir"] = str(input_dir.resolve())
+    set_params(shared_dir / "params.yaml", settings)
+    name, source, keep = current_settings(shared_dir)
+    step = run_increment(shared_dir, name=name, input_dir=source, keep_history=keep)
+    write_outputs(shared_dir, step, output_dir, revision=head(shared_dir) if keep else None)
+    return step
+
+
+def write_outputs(
+    workspace: Path, step: Increment, output_dir: Path, *, revision: str | None
+) -> None:
+    """This run's results, in the Lightly Docker's spirit, into ``output_dir``:
+
+    ``sampled_filenames.txt`` (picks in pick order, relative to the input folder),
+    ``removed_filenames.txt`` (candidates not picked), ``corrupt.json``,
+    ``duplicates.json``, ``datapool_latest.csv`` (the whole pool after the run)
+    and ``report.json`` (pool, rows before/after, revision, settings).
+    """
+    work = workspace / "work" / step.pool
+    output_dir.mkdir(parents=True, exist_ok=True)
+    picks = read_picks(work / "sample" / "picks.csv")
+    candidates = read_table(work / "embed" / "candidates.csv", required=())
+    picked = [str(f) for f in picks["filenames"]]
+    removed = sorted(set(map(str, candidates["filenames"])) - set(picked))
+    for name, lines in (("sampled_filenames.txt", picked), ("removed_filenames.txt", removed)):
+        (output_dir / name).write_text("".join(f"{n}\n" for n in lines), encoding="utf-8")
+    for name in ("corrupt.json", "duplicates.json"):
+        shutil.copyfile(work / "embed" / name, output_dir / name)
+    shutil.copyfile(workspace / "pools" / step.pool / POOL_CSV, output_dir / POOL_CSV)
+    report = {
+        "pool": step.pool,
+        "rows_before": step.before,
+        "rows_after": step.after,
+        "sampled": len(picked),
+        "revision": revision,
+        "params": flat_params((workspace / "params.yaml").read_text(encoding="utf-8")),
+    }
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    (output_dir / "report.json").write_text(text, encoding="utf-8")
+
+
+def container_env(environ: dict[str, str]) -> dict[str, str]:
+    """The environment git and DVC need inside the container, given the one we were started with.
+
+    Analytics off; a writable DVC site cache; git told that the shared folder,
+    usually owned by the host's user rather than ours, is safe; and a writable
+    HOME when the image runs under an arbitrary uid (``docker run --user``).
+    """
+    env = dict(environ)
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("DVC_SITE_CACHE_DIR", "/tmp/dvc-site-cache")
+    env.update(
+        {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*"}
+    )
+    home = env.get("HOME", "")
+    if not home or not os.access(home, os.W_OK):
+        env["HOME"] = "/tmp"
+    return env
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ``python -m datapool.container KEY=VALUE ...``; exits 1 on a user error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Children (git, dvc, the stages) inherit os.environ, so set it before any of them runs.
+    os.environ.update(container_env(dict(os.environ)))
+    with user_errors("datapool"):
+        dirs = {role: folder(role) for role in DEFAULT_DIRS}
+        step = run_container(
+            args, input_dir=dirs["input"], shared_dir=dirs["shared"], output_dir=dirs["output"]
+        )
+    print(f"datapool: pool {step.pool} has {step.after} rows (+{step.after - step.before})")
+
+
+if __name__ == "__main__":
+    main()

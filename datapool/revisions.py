@@ -1,0 +1,386 @@
+"""Pool versions as git revisions: where a pool is recorded, its history, restore, forgetting.
+
+A version of pool NAME is DVC's hash of the folder ``pools/NAME`` (``<md5>.dir``)
+as a commit records it, in one of two places:
+
+* ``dvc.lock`` -- the ``merge`` stage's output -- while NAME is the pipeline's
+  pool (``datapool.name`` in params.yaml);
+* ``pools/NAME.dvc`` while the pool is *parked*: every other pool of the
+  workspace (made by combine or import, or left behind when the pipeline
+  switched to another name). Parking keeps every pool tracked, so git never
+  sees pool files, ``dvc push``/``dvc pull`` carry all of them and
+  ``dvc gc -w`` keeps their current versions.
+
+History and restore read git (``git log``, ``git show REV:dvc.lock``) and the
+DVC cache directly (a ``.dir`` object is a JSON list of ``{md5, relpath}``);
+restoring goes through ``git checkout REV -- FILE`` and ``dvc checkout``. Nothing
+here imports dvc.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from datapool.errors import InputError, PoolError
+from datapool.pool import POOL_CSV, read_table
+from datapool.tools import git_output, run_tool
+
+LOCK = "dvc.lock"
+PARAMS = "params.yaml"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One recorded version of a pool.
+
+    Attributes:
+        digest: DVC's md5 of the pool folder, ``<32 hex>.dir``.
+        parked: True when recorded by ``pools/NAME.dvc``, False when by dvc.lock.
+    """
+
+    digest: str
+    parked: bool
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One row of a pool's history.
+
+    Attributes:
+        rev: full commit hash; ``date``: its author date (ISO 8601); ``subject``: its message.
+        rows, added, removed: the pool's row count and the content hashes gained and lost
+            since the previous revision; None when the version is not in the local cache.
+        changed: ``{dotted param: (before, after)}`` in params.yaml since the previous revision.
+    """
+
+    rev: str
+    date: str
+    subject: str
+    rows: int | None
+    added: int | None
+    removed: int | None
+    changed: dict[str, tuple[Any, Any]]
+
+
+def parked_file(workspace: Path, name: str) -> Path:
+    """``pools/NAME.dvc``: the record of a pool that is not the pipeline's."""
+    return workspace / "pools" / f"{name}.dvc"
+
+
+def lock_pool(lock_text: str | None) -> tuple[str, str] | None:
+    """``(name, digest)`` of the pool a dvc.lock text records as merge's output, if any."""
+    data = yaml.safe_load(lock_text) if lock_text else None
+    stage = ((data or {}).get("stages") or {}).get("merge") or {}
+    for out in stage.get("outs") or []:
+        path = str(out.get("path", "")).rstrip("/")
+        if path.startswith("pools/") and out.get("md5"):
+            return path.removeprefix("pools/"), str(out["md5"])
+    return None
+
+
+def _record(lock_text: str | None, dvc_text: str | None, name: str) -> Record | None:
+    locked = lock_pool(lock_text)
+    if locked is not None and locked[0] == name:
+        return Record(locked[1], parked=False)
+    data = yaml.safe_load(dvc_text) if dvc_text else None
+    outs = (data or {}).get("outs") or []
+    if outs and outs[0].get("md5"):
+        return Record(str(outs[0]["md5"]), parked=True)
+    return None
+
+
+def record_at(workspace: Path, rev: str, name: str) -> Record | None:
+    """How commit ``rev`` records pool ``name``; None if it does not."""
+    return _record(
+        git_output(workspace, "show", f"{rev}:{LOCK}"),
+        git_output(workspace, "show", f"{rev}:pools/{name}.dvc"),
+        name,
+    )
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def current_record(workspace: Path, name: str) -> Record | None:
+    """How the working tree records pool ``name`` now; None if it does not."""
+    return _record(_read(workspace / LOCK), _read(parked_file(workspace, name)), name)
+
+
+def pipeline_pool(workspace: Path) -> str:
+    """``datapool.name`` as params.yaml has it now."""
+    params = yaml.safe_load((workspace / PARAMS).read_text(encoding="utf-8")) or {}
+    return str(params["datapool"]["name"])
+
+
+# --- the DVC cache ----------------------------------------------------------------------------
+
+
+def cache_dir(workspace: Path) -> Path:
+    """The workspace's DVC cache folder (``dvc cache dir``)."""
+    path = Path(run_tool(["dvc", "cache", "dir"], cwd=workspace, quiet=True).strip())
+    return path if path.is_absolute() else workspace / path
+
+
+def cache_file(cache: Path, md5: str) -> Path:
+    """Where DVC 3 keeps the object ``md5`` (a file, or a ``.dir`` manifest)."""
+    return cache / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def manifest(cache: Path, digest: str) -> dict[str, str] | None:
+    """``{relpath: md5}`` of a cached folder version; None if ``digest`` is not a folder's
+    (``.dir``) or its manifest is not cached."""
+    path = cache_file(cache, digest)
+    if not digest.endswith(".dir") or not path.is_file():
+        return None
+    return {str(e["relpath"]): str(e["md5"]) for e in json.loads(path.read_text(encoding="utf-8"))}
+
+
+def objects_of(cache: Path, digest: str) -> set[str]:
+    """The cache objects one output needs: its own hash and, for a folder, its files'."""
+    return {digest, *(manifest(cache, digest) or {}).values()}
+
+
+def missing_objects(cache: Path, digest: str) -> list[str]:
+    """Objects of ``digest`` absent from the cache (the manifest itself first)."""
+    if not digest.endswith(".dir"):
+        return [] if cache_file(cache, digest).is_file() else [digest]
+    if manifest(cache, digest) is None:
+        return [digest]
+    return sorted(md5 for md5 in objects_of(cache, digest) if not cache_file(cache, md5).is_file())
+
+
+def read_version(cache: Path, digest: str) -> pd.DataFrame | None:
+    """The pool table of a cached folder version, None when it is not in the cache."""
+    md5 = (manifest(cache, digest) or {}).get(POOL_CSV)
+    if md5 is None or not cache_file(cache, md5).is_file():
+        return None
+    return read_table(cache_file(cache, md5))
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def _commits(workspace: Path, *paths: str) -> list[tuple[str, str, str]]:
+    """``(hash, ISO date, subject)`` of commits touching ``paths``, oldest first."""
+    text = git_output(workspace, "log", "--reverse", "--format=%H%x1f%aI%x1f%s", "--", *paths)
+    rows = [line.split("\x1f") for line in (text or "").splitlines() if line]
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def flat_params(text: str | None) -> dict[str, Any]:
+    """A params.yaml text as ``{dotted key: value}``."""
+
+    def walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    data = yaml.safe_load(text) if text else None
+    return dict(walk(data, "")) if isinstance(data, dict) else {}
+
+
+def param_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` for keys whose value differs (None where absent)."""
+    keys = sorted(set(before) | set(after))
+    return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
+
+
+def history(workspace: Path, name: str) -> list[Revision]:
+    """Every revision that changed pool ``name``, oldest first.
+
+    A revision is a commit whose record of the pool (dvc.lock or pools/NAME.dvc)
+    differs from the commit before it; parking a pool unchanged is not one.
+    Row counts come from the DVC cache, so they are the pool's real content.
+    """
+    cache = cache_dir(workspace)
+    out: list[Revision] = []
+    digest: str | None = None
+    hashes: set[str] = set()
+    params: dict[str, Any] | None = None
+    for rev, date, subject in _commits(workspace, LOCK, f"pools/{name}.dvc"):
+        record = record_at(workspace, rev, name)
+        if record is None or record.digest == digest:
+            continue
+        digest = record.digest
+        if params is None:
+            params = flat_params(git_output(workspace, "show", f"{rev}^:{PARAMS}"))
+        now = flat_params(git_output(workspace, "show", f"{rev}:{PARAMS}"))
+        table = read_version(cache, digest)
+        found = None if table is None else set(table["content_hash"])
+        out.append(
+            Revision(
+                rev=rev,
+                date=date,
+                subject=subject,
+                rows=None if found is None else len(found),
+                added=None if found is None else len(found - hashes),
+                removed=None if found is None else len(hashes - found),
+                changed=param_changes(params, now),
+            )
+        )
+        hashes, params = (found if found is not None else hashes), now
+    return out
+
+
+# --- switching, restoring, forgetting ---------------------------------------------------------
+
+
+def park(workspace: Path, name: str) -> None:
+    """Track ``pools/NAME`` by ``pools/NAME.dvc`` (``dvc add``), so it stays versioned
+    while the pipeline works on another pool. Raises :class:`PoolError` if it is absent."""
+    if not (workspace / "pools" / name / POOL_CSV).is_file():
+        raise PoolError(
+            f"pool {name} is recorded in {workspace / LOCK} but missing from "
+            f"{workspace / 'pools' / name}; run `dvc pull` (or `dvc checkout`) before "
+            "switching to another pool, or its latest version would no longer be tracked"
+        )
+    run_tool(["dvc", "add", f"pools/{name}"], cwd=workspace, quiet=True)
+
+
+def adopt(workspace: Path, name: str) -> None:
+    """Make ``pools/NAME`` the pipeline's pool; params.yaml must already name it.
+
+    Parks the pool dvc.lock records if it is another one, and drops NAME's own
+    ``.dvc`` record (its folder stays; the merge stage's output takes over).
+    Raises :class:`PoolError` when a parked NAME is not in the workspace (fresh
+    clone without ``dvc pull``): running on would start it from scratch.
+    """
+    record = parked_file(workspace, name)
+    if record.is_file():
+        if not (workspace / "pools" / name / POOL_CSV).is_file():
+            raise PoolError(
+                f"{record} records pool {name} but {workspace / 'pools' / name} is missing; "
+                f"run `dvc pull {record.relative_to(workspace)}` first"
+            )
+        record.unlink()  # first: dvc.yaml already declares pools/NAME, DVC refuses overlaps
+    current = lock_pool(_read(workspace / LOCK))
+    if current is not None and current[0] != name:
+        park(workspace, current[0])
+
+
+def check_new_name(workspace: Path, name: str) -> None:
+    """Refuse a pool name that is taken: an existing folder, a parked record, or the
+    pipeline's pool (which dvc.yaml already declares as merge's output)."""
+    if not name or "/" in name or name.startswith("."):
+        raise InputError(f"{name!r} is not a usable pool name (a plain folder name)")
+    taken = (workspace / "pools" / name).exists() or parked_file(workspace, name).exists()
+    if taken or pipeline_pool(workspace) == name:
+        raise InputError(
+            f"pool name {name!r} is taken in {workspace} (an existing pool, or the pipeline's "
+            "datapool.name); choose a new name"
+        )
+
+
+def resolve(workspace: Path, rev: str) -> str:
+    """Full commit hash of ``rev``; :class:`InputError` if the workspace has no such commit."""
+    full = git_output(workspace, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if not full:
+        raise InputError(
+            f"{workspace} has no revision {rev!r}; see `git log` or `datapool history NAME`"
+        )
+    return full.strip()
+
+
+def restore(workspace: Path, name: str, rev: str) -> Record:
+    """Bring pool ``name`` back to its version at ``rev`` (through ``dvc checkout``).
+
+    For a version the pipeline made, params.yaml and dvc.lock of ``rev`` come back
+    too, so ``dvc status`` is clean and the next run grows the restored pool; a
+    parked version comes back through its ``pools/NAME.dvc``. The caller commits
+    the result as a new revision, so nothing after ``rev`` is lost.
+    Raises :class:`InputError` for an unknown rev, :class:`PoolError` when ``rev``
+    has no version of the pool or its data is not in the cache.
+    """
+    full = resolve(workspace, rev)
+    record = record_at(workspace, full, name)
+    if record is None:
+        raise PoolError(
+            f"revision {rev} has no version of pool {name}; `datapool history {name}` lists them"
+        )
+    cache = cache_dir(workspace)
+    if missing_objects(cache, record.digest):
+        raise PoolError(
+            f"pool {name} at {rev} ({record.digest}) is not in the DVC cache {cache}: fetch it "
+            "with `dvc pull` from a remote; versions dropped by datapool.keep_history=false "
+            "cannot come back"
+        )
+    if record.parked:
+        _restore_parked(workspace, name, full)
+    else:
+        run_tool(["git", "checkout", full, "--", PARAMS], cwd=workspace, quiet=True)
+        adopt(workspace, name)
+        run_tool(["git", "checkout", full, "--", LOCK], cwd=workspace, quiet=True)
+        run_tool(["dvc", "checkout", "--force", "-q"], cwd=workspace, quiet=True)
+    return record
+
+
+def _restore_parked(workspace: Path, name: str, full: str) -> None:
+    if pipeline_pool(workspace) == name:
+        raise PoolError(
+            f"pool {name} at {full[:7]} was made by combine/import, and {name} is now the "
+            "pipeline's pool (datapool.name); restore one of its later revisions instead"
+        )
+    target = f"pools/{name}.dvc"
+    run_tool(["git", "checkout", full, "--", target], cwd=workspace, quiet=True)
+    run_tool(["dvc", "checkout", "--force", "-q", target], cwd=workspace, quiet=True)
+
+
+def _all_records(workspace: Path) -> Iterator[tuple[str, Record]]:
+    """``(pool name, record)`` for every pool every commit records (with repeats)."""
+    for rev, _, _ in _commits(workspace, LOCK, "pools"):
+        locked = lock_pool(git_output(workspace, "show", f"{rev}:{LOCK}"))
+        if locked is not None:
+            yield locked[0], Record(locked[1], parked=False)
+        listing = git_output(workspace, "ls-tree", "--name-only", f"{rev}:pools") or ""
+        for entry in listing.split():
+            if entry.endswith(".dvc"):
+                found = record_at(workspace, rev, entry.removesuffix(".dvc"))
+                if found is not None:
+                    yield entry.removesuffix(".dvc"), found
+
+
+def _workspace_objects(workspace: Path, cache: Path) -> set[str]:
+    """Objects every output the working tree tracks now needs (dvc.lock + pools/*.dvc)."""
+    digests: set[str] = set()
+    lock = yaml.safe_load(_read(workspace / LOCK) or "") or {}
+    for stage in (lock.get("stages") or {}).values():
+        digests |= {str(o["md5"]) for o in stage.get("outs") or [] if o.get("md5")}
+    for record in (workspace / "pools").glob("*.dvc"):
+        found = _record(None, _read(record), record.stem)
+        digests |= {found.digest} if found else set()
+    return set().union(*(objects_of(cache, d) for d in digests)) if digests else set()
+
+
+def forget_history(workspace: Path, name: str) -> int:
+    """Delete earlier versions of pool ``name`` from the DVC cache; returns objects deleted.
+
+    This is ``datapool.keep_history=false``. Decision: the run still updates the
+    pool in the workspace (and dvc.lock), but makes no commit, and every cache
+    object only older versions of *this* pool need goes. Objects the working
+    tree still tracks (the new version, other pools, work/) or any other pool's
+    revision needs are kept -- so unlike ``dvc gc -w`` it never touches another
+    pool's history. Commits that recorded the dropped versions stay in git;
+    restoring them fails with a message saying the data is gone.
+    """
+    cache = cache_dir(workspace)
+    doomed: set[str] = set()
+    keep = _workspace_objects(workspace, cache)
+    for pool, record in _all_records(workspace):
+        if pool == name:
+            doomed |= objects_of(cache, record.digest)
+        else:
+            keep |= objects_of(cache, record.digest)
+    gone = sorted(doomed - keep)
+    for md5 in gone:
+        cache_file(cache, md5).unlink(missing_ok=True)
+    return len(gone)

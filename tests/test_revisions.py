@@ -1,0 +1,157 @@
+"""Pool versions in git and the DVC cache, on hand-made repositories (no `dvc repro`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from datapool.errors import InputError, PoolError
+from datapool.revisions import (
+    cache_file,
+    check_new_name,
+    current_record,
+    flat_params,
+    forget_history,
+    history,
+    lock_pool,
+    missing_objects,
+    param_changes,
+    read_version,
+    record_at,
+    resolve,
+    restore,
+)
+from datapool.tools import git_commit, run_tool
+
+LOCK = """schema: '2.0'
+stages:
+  merge:
+    cmd: python stages/merge.py
+    outs:
+    - path: pools/{name}
+      hash: md5
+      md5: {digest}
+"""
+CSV = "filenames,embedding_0,labels,content_hash,batch_id,model_id,source,pick_rank,pick_distance\n"
+
+
+def put(cache: Path, data: bytes) -> str:
+    md5 = hashlib.md5(data).hexdigest()
+    cache_file(cache, md5).parent.mkdir(parents=True, exist_ok=True)
+    cache_file(cache, md5).write_bytes(data)
+    return md5
+
+
+def cached_pool(cache: Path, hashes: list[str]) -> str:
+    """Store a pool folder version with one row per content hash; returns its .dir digest."""
+    rows = "".join(f"{h}.png,1.0,,{h},b,m,/in,1,0.5\n" for h in hashes)
+    csv = put(cache, (CSV + rows).encode())
+    entries = [{"md5": csv, "relpath": "datapool_latest.csv"}]
+    data = json.dumps(entries).encode()
+    md5 = hashlib.md5(data).hexdigest() + ".dir"
+    cache_file(cache, md5).parent.mkdir(parents=True, exist_ok=True)
+    cache_file(cache, md5).write_bytes(data)
+    return md5
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    run_tool(["git", "init", "-q"], cwd=ws, quiet=True)
+    run_tool(["dvc", "init", "-q"], cwd=ws, quiet=True)
+    (ws / "params.yaml").write_text("datapool:\n  name: A\nstopping_condition:\n  n_samples: 5\n")
+    git_commit(ws, "start")
+    return ws
+
+
+def commit_version(ws: Path, name: str, hashes: list[str], n_samples: int) -> str:
+    digest = cached_pool(ws / ".dvc" / "cache", hashes)
+    (ws / "dvc.lock").write_text(LOCK.format(name=name, digest=digest))
+    text = f"datapool:\n  name: {name}\nstopping_condition:\n  n_samples: {n_samples}\n"
+    (ws / "params.yaml").write_text(text)
+    git_commit(ws, f"pool {name}: {len(hashes)} rows")
+    return run_tool(["git", "rev-parse", "HEAD"], cwd=ws, quiet=True).strip()
+
+
+def test_lock_pool_reads_merges_output() -> None:
+    assert lock_pool(LOCK.format(name="cats", digest="ab.dir")) == ("cats", "ab.dir")
+    assert lock_pool("stages: {}") is None
+    assert lock_pool(None) is None
+
+
+def test_flat_params_and_changes() -> None:
+    before = flat_params("a:\n  b: 1\n  c: x\nd: true\n")
+    assert before == {"a.b": 1, "a.c": "x", "d": True}
+    after = {**before, "a.b": 2, "e": 0}
+    assert param_changes(before, after) == {"a.b": (1, 2), "e": (None, 0)}
+
+
+def test_cache_reading(tmp_path: Path) -> None:
+    digest = cached_pool(tmp_path, ["h1", "h2"])
+    table = read_version(tmp_path, digest)
+    assert table is not None and list(table["content_hash"]) == ["h1", "h2"]
+    assert missing_objects(tmp_path, digest) == []
+    assert missing_objects(tmp_path, "0" * 32 + ".dir") == ["0" * 32 + ".dir"]
+    assert read_version(tmp_path, "0" * 32 + ".dir") is None
+
+
+def test_history_counts_rows_added_removed_and_params(repo: Path) -> None:
+    v1 = commit_version(repo, "A", ["h1", "h2"], 5)
+    v2 = commit_version(repo, "A", ["h1", "h2", "h3"], 7)
+    v3 = commit_version(repo, "A", ["h1", "h4"], 7)
+    revisions = history(repo, "A")
+    assert [r.rev for r in revisions] == [v1, v2, v3]
+    assert [(r.rows, r.added, r.removed) for r in revisions] == [(2, 2, 0), (3, 1, 0), (2, 1, 2)]
+    assert revisions[1].changed == {"stopping_condition.n_samples": (5, 7)}
+    assert revisions[2].changed == {}
+    assert history(repo, "B") == []
+
+
+def test_record_and_resolve(repo: Path) -> None:
+    v1 = commit_version(repo, "A", ["h1"], 5)
+    record = record_at(repo, v1, "A")
+    assert record is not None and not record.parked
+    assert current_record(repo, "A") == record
+    assert record_at(repo, v1, "B") is None
+    with pytest.raises(InputError, match="no revision 'nope'"):
+        resolve(repo, "nope")
+    with pytest.raises(PoolError, match="has no version of pool B"):
+        restore(repo, "B", v1)
+
+
+def test_forget_history_drops_only_this_pools_old_versions(repo: Path) -> None:
+    v1 = commit_version(repo, "A", ["h1"], 5)
+    vb = commit_version(repo, "B", ["h9"], 5)
+    v2 = commit_version(repo, "A", ["h1", "h2"], 5)
+    cache = repo / ".dvc" / "cache"
+    assert forget_history(repo, "A") == 2  # v1's manifest and CSV
+    records = [record_at(repo, rev, name) for rev, name in ((v1, "A"), (vb, "B"), (v2, "A"))]
+    assert all(r is not None for r in records)
+    present = [read_version(cache, r.digest) is not None for r in records if r is not None]
+    assert present == [False, True, True]
+
+
+def test_check_new_name(repo: Path) -> None:
+    (repo / "pools" / "taken").mkdir(parents=True)
+    check_new_name(repo, "fresh")
+    for name in ("taken", "A", "a/b", ".hidden"):
+        with pytest.raises(InputError):
+            check_new_name(repo, name)
+
+
+def test_new_modules_import_without_typer_or_dvc() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, datapool.revisions, datapool.combine, datapool.exchange, "
+        "datapool.container, datapool.tools, datapool.workspace; "
+        "bad = [m for m in ('typer', 'dvc', 'click') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
