@@ -42,16 +42,18 @@ GITIGNORE = "/work/\n"
 
 
 def template_dir() -> Path:
-    """The source tree whose dvc.yaml, params.yaml and stages/ a new workspace copies.
+    """The folder whose dvc.yaml, params.yaml and stages/ a new workspace copies.
 
-    Raises :class:`InputError` if this installation has no such tree beside it.
+    ``datapool/pipeline/`` holds symlinks to the repository's top-level files,
+    which a wheel build turns into copies, so installed and source trees agree.
+    Raises :class:`InputError` if the files are missing.
     """
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent / "pipeline"
     missing = [name for name in TEMPLATE_FILES if not (root / name).is_file()]
     if missing:
         raise InputError(
-            f"cannot find the pipeline files ({', '.join(missing)}) next to {root}; "
-            "install datapool from its source checkout (pip install -e .)"
+            f"cannot find the pipeline files ({', '.join(missing)}) in {root}; "
+            "reinstall datapool"
         )
     return root
 

@@ -65,7 +65,8 @@ def test_library_imports_without_typer_or_dvc() -> None:
     code = (
         "import sys, datapool, datapool.pool, datapool.increment, datapool.selection, "
         "datapool.images, datapool.embedding.model, datapool.embedding.inference, "
-        "datapool.workspace; "
+        "datapool.workspace, datapool.revisions, datapool.combine, datapool.exchange, "
+        "datapool.container, datapool.tools, datapool.transaction, datapool.embedding.pool_model; "
         "bad = [m for m in ('typer', 'dvc', 'click') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -83,3 +84,11 @@ def test_torch_and_torchvision_import_together() -> None:
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     kept = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5)
     assert kept.tolist() == [0]
+
+
+def test_packaged_pipeline_is_the_repository_pipeline() -> None:
+    # `datapool init` copies datapool/pipeline/: symlinks here, real files in a wheel.
+    from datapool.workspace import TEMPLATE_FILES, template_dir
+
+    for name in TEMPLATE_FILES:
+        assert (template_dir() / name).read_bytes() == (ROOT / name).read_bytes(), name
