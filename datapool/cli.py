@@ -17,7 +17,8 @@ from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import StoppingCondition
 from datapool.revisions import Revision, check_new_name, history, park, restore
-from datapool.tools import git_commit, head
+from datapool.sharing import fetch_all_versions, push_all_versions
+from datapool.tools import git_commit, head, run_tool
 from datapool.workspace import (
     create_workspace,
     current_settings,
@@ -31,6 +32,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 EXAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "digits"
 Workspace = Annotated[Path, typer.Option(help="the workspace folder")]
+Remote = Annotated[str | None, typer.Option(help="DVC remote (default: the default remote)")]
 
 
 @app.command()
@@ -194,6 +196,37 @@ def import_command(
         summary = f"pool {name}: {rows} rows imported from {csv.name} ({duplicates} duplicates)"
         git_commit(workspace, summary)
     print(f"import: {summary}")
+
+
+@app.command()
+def push(
+    remote: Annotated[
+        str | None, typer.Option(help="DVC remote (default: the default one)")
+    ] = None,
+    workspace: Workspace = Path(),
+) -> None:
+    """Upload every committed pool version to the DVC remote (not only the current one)."""
+    with user_errors("push"):
+        sent, failed = push_all_versions(workspace, remote=remote)
+    print(f"push: {sent} objects uploaded, {failed} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def pull(
+    remote: Annotated[
+        str | None, typer.Option(help="DVC remote (default: the default one)")
+    ] = None,
+    workspace: Workspace = Path(),
+) -> None:
+    """Download every committed pool version, then check out the current one."""
+    with user_errors("pull"):
+        received, failed = fetch_all_versions(workspace, remote=remote)
+        run_tool(["dvc", "checkout"], cwd=workspace)
+    print(f"pull: {received} objects downloaded, {failed} failed")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

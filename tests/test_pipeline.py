@@ -19,7 +19,15 @@ from dvc.repo import Repo
 
 from datapool.embedding.model import load_checkpoint
 from datapool.pool import POOL_CSV, read_pool
-from datapool.workspace import create_workspace, run_increment, run_tool, set_params, tool_env
+from datapool.sharing import fetch_all_versions, push_all_versions
+from datapool.workspace import (
+    create_workspace,
+    git_commit,
+    run_increment,
+    run_tool,
+    set_params,
+    tool_env,
+)
 
 POOL = Path("pools/my_datapool")
 FAST = {"embed.image_size": 32, "embed.num_workers": 0, "stopping_condition.n_samples": 12}
@@ -168,3 +176,24 @@ def test_training_replaces_the_model_and_reembeds_the_whole_pool(
     assert set(after.loc[old_rows, "content_hash"]) == set(
         before.loc[before["source"].str.endswith("batch_1"), "content_hash"]
     )
+
+
+@pytest.mark.slow
+def test_every_version_travels_through_a_remote(grown: dict[str, object], tmp_path: Path) -> None:
+    ws, first = grown["ws"], grown["first"]
+    assert isinstance(ws, Path) and isinstance(first, dict)
+    origin = tmp_path / "origin"
+    shutil.copytree(ws, origin, symlinks=True)
+    run_tool(
+        ["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], cwd=origin, quiet=True
+    )
+    git_commit(origin, "remote")
+    sent, failed = push_all_versions(origin)
+    assert sent > 0 and failed == 0
+    clone = tmp_path / "clone"
+    run_tool(["git", "clone", "-q", str(origin), str(clone)], cwd=tmp_path, quiet=True)
+    received, failed = fetch_all_versions(clone)
+    assert received == sent and failed == 0
+    run_tool(["git", "checkout", "-q", first["rev"]], cwd=clone, quiet=True)
+    run_tool(["dvc", "checkout"], cwd=clone, quiet=True)
+    assert (clone / POOL / POOL_CSV).read_bytes() == first["csv"]
