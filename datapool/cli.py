@@ -133,7 +133,8 @@ def combine(
     workspace: Workspace = Path(),
 ) -> None:
     """Combine two pools into a new one: duplicate images dropped, optionally thinned."""
-    from datapool.combine import combine_pools, images_of, write_new_pool
+    from datapool.combine import combine_pools, images_of
+    from datapool.transaction import create_pool
 
     with user_errors("combine"):
         check_new_name(workspace, into)
@@ -147,7 +148,7 @@ def combine(
             pools / first, pools / second, reembed_second=reembed, stop=stop, device=device
         )
         files = images_of([pools / first, pools / second], done.table)
-        write_new_pool(pools / into, done.table, images=files, checkpoint=done.checkpoint)
+        create_pool(pools / into, done.table, sources=files, checkpoint=done.checkpoint)
         park(workspace, into)
         summary = (
             f"pool {into}: {len(done.table)} rows combined from {first} and {second} "

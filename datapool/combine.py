@@ -9,7 +9,6 @@ combine is refused.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from datapool.pool import (
     embeddings_of,
     read_pool,
     stored_image,
-    write_table,
 )
 
 
@@ -192,48 +190,6 @@ def combine_pools(
         reembedded=reembedded,
         thinned=before - len(table),
     )
-
-
-def write_new_pool(
-    pool_dir: Path,
-    table: pd.DataFrame,
-    *,
-    images: dict[str, Path],
-    checkpoint: Path | None,
-) -> None:
-    """Create ``pool_dir`` holding ``table``, its images and (if given) the checkpoint.
-
-    ``images`` maps content hash -> image file; each is copied to
-    :func:`stored_image` and must hash to its key. Everything is built in a
-    temporary sibling folder renamed into place last, so a crash leaves no half
-    pool. Raises :class:`PoolError` if ``pool_dir`` exists or an image is
-    missing or changed.
-    """
-    if pool_dir.exists():
-        raise PoolError(f"{pool_dir} already exists; choose a new pool name")
-    pool_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=pool_dir.parent, prefix=f".{pool_dir.name}."))
-    try:
-        for digest, name in zip(table["content_hash"], table["filenames"], strict=True):
-            target = stored_image(staging, content_hash=str(digest), filename=str(name))
-            _copy_checked(images.get(str(digest)), target, content_hash=str(digest), name=name)
-        if checkpoint is not None:
-            shutil.copyfile(checkpoint, staging / CHECKPOINT)
-        write_table(table, staging / POOL_CSV)
-        staging.replace(pool_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _copy_checked(source: Path | None, target: Path, *, content_hash: str, name: str) -> None:
-    if source is None or not source.is_file():
-        raise PoolError(f"the image of {name!r} ({content_hash[:12]}) is missing: {source}")
-    data = source.read_bytes()
-    if hashlib.sha256(data).hexdigest() != content_hash:
-        raise PoolError(f"{source} does not match content hash {content_hash[:12]} of {name!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
 
 
 def images_of(pool_dirs: list[Path], table: pd.DataFrame) -> dict[str, Path]:

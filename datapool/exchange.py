@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from datapool.combine import image_of, load, write_new_pool
+from datapool.combine import image_of, load
 from datapool.errors import PoolError
 from datapool.images import content_hash
 from datapool.pool import (
@@ -32,6 +32,7 @@ from datapool.pool import (
     read_table,
     write_table,
 )
+from datapool.transaction import create_pool
 
 EMBEDDINGS_CSV = "embeddings.csv"
 FILE_LIST = "filenames.txt"
@@ -150,5 +151,5 @@ def import_table(csv: Path, images_dir: Path) -> tuple[pd.DataFrame, dict[str, P
 def import_pool(csv: Path, images_dir: Path, pool_dir: Path) -> tuple[int, int]:
     """Create ``pool_dir`` from a Lightly CSV; returns ``(rows, duplicates dropped)``."""
     table, files, duplicates = import_table(csv, images_dir)
-    write_new_pool(pool_dir, table, images=files, checkpoint=None)
+    create_pool(pool_dir, table, sources=files, checkpoint=None)
     return len(table), duplicates

@@ -35,31 +35,52 @@ COMPLETE = "COMPLETE"
 
 
 def save_pool(
-    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path, sources: Mapping[str, Path]
+    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Path]
 ) -> None:
     """Make ``table`` (with the model in ``checkpoint``) the pool's current version.
 
     ``sources`` maps content hash -> original file for rows whose image the pool
     does not hold yet; each is copied to :func:`~datapool.pool.stored_image` and
-    must still have that hash, else :class:`PoolError` (the file changed since
-    it was embedded) and the pool is left as it was.
+    must still have that hash, else :class:`PoolError` (missing, or changed since
+    it was embedded) and the pool is left as it was. ``checkpoint=None`` leaves
+    the pool without a model (an imported pool's embeddings have none).
     """
     recover(pool_dir)
     for digest, name in zip(table["content_hash"], table["filenames"], strict=True):
         target = stored_image(pool_dir, content_hash=str(digest), filename=str(name))
         if not target.exists():
+            if str(digest) not in sources:
+                raise PoolError(f"the image of {name!r} ({str(digest)[:12]}) is missing")
             _copy_verified(sources[str(digest)], target, content_hash=str(digest))
     staging = pool_dir / INCOMING
     shutil.rmtree(staging, ignore_errors=True)
     write_table(table, staging / POOL_CSV)
     current = pool_dir / CHECKPOINT
-    if not current.exists() or current.read_bytes() != checkpoint.read_bytes():
+    if checkpoint is not None and (
+        not current.exists() or current.read_bytes() != checkpoint.read_bytes()
+    ):
         with atomic_open(staging / CHECKPOINT, "wb") as handle:
             handle.write(checkpoint.read_bytes())
     fsync_dir(staging)
     with atomic_open(staging / COMPLETE, "w") as handle:
         handle.write("staged version complete; safe to apply\n")
     _apply(pool_dir)
+
+
+def create_pool(
+    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Path]
+) -> None:
+    """A new pool at ``pool_dir`` (see :func:`save_pool`); nothing is left behind on failure.
+
+    Raises :class:`PoolError` if the folder already exists or an image is missing/changed.
+    """
+    if pool_dir.exists():
+        raise PoolError(f"{pool_dir} already exists; choose a new pool name")
+    try:
+        save_pool(pool_dir, table, checkpoint=checkpoint, sources=sources)
+    except BaseException:
+        shutil.rmtree(pool_dir, ignore_errors=True)
+        raise
 
 
 def recover(pool_dir: Path) -> None:

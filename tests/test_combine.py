@@ -8,18 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datapool.combine import combine_pools, images_of, write_new_pool
+from datapool.combine import combine_pools, images_of
 from datapool.errors import PoolError
 from datapool.images import content_hash
 from datapool.increment import StoppingCondition
 from datapool.pool import POOL_CSV, column_order, read_pool, stored_image
+from datapool.transaction import create_pool
 from tests.conftest import draw_image
 
 
-def make_pool(
-    root: Path, name: str, seeds: list[int], *, model: str = "m1", dim: int = 4
-) -> Path:
-    """A pool of drawn images (one per seed) with random unit embeddings, via write_new_pool."""
+def make_pool(root: Path, name: str, seeds: list[int], *, model: str = "m1", dim: int = 4) -> Path:
+    """A pool of drawn images (one per seed) with random unit embeddings, via create_pool."""
     inbox = root / f"inbox_{name}"
     rng = np.random.default_rng(len(name) + sum(seeds))
     rows, files = [], {}
@@ -30,12 +29,20 @@ def make_pool(
         vector = rng.normal(size=dim)
         vector /= np.linalg.norm(vector)
         rows.append(
-            {"filenames": path.name, **{f"embedding_{i}": v for i, v in enumerate(vector)},
-             "labels": "x", "content_hash": digest, "batch_id": f"b_{name}", "model_id": model,
-             "source": str(inbox), "pick_rank": len(rows) + 1, "pick_distance": 0.5}
+            {
+                "filenames": path.name,
+                **{f"embedding_{i}": v for i, v in enumerate(vector)},
+                "labels": "x",
+                "content_hash": digest,
+                "batch_id": f"b_{name}",
+                "model_id": model,
+                "source": str(inbox),
+                "pick_rank": len(rows) + 1,
+                "pick_distance": 0.5,
+            }
         )
     table = pd.DataFrame(rows).reindex(columns=column_order(dim))
-    write_new_pool(root / "pools" / name, table, images=files, checkpoint=None)
+    create_pool(root / "pools" / name, table, sources=files, checkpoint=None)
     return root / "pools" / name
 
 
@@ -76,28 +83,30 @@ def test_thinning_keeps_the_most_diverse_rows_in_order(tmp_path: Path) -> None:
     assert positions == sorted(positions) and positions[0] == 0  # k-center starts at row 0
 
 
-def test_write_new_pool_copies_images_by_content_and_refuses_overwrite(tmp_path: Path) -> None:
+def test_create_pool_copies_images_by_content_and_refuses_overwrite(tmp_path: Path) -> None:
     a = make_pool(tmp_path, "a", [1, 2])
     b = make_pool(tmp_path, "b", [2, 3])
     done = combine_pools(a, b)
     files = images_of([a, b], done.table)
     target = tmp_path / "pools" / "c"
-    write_new_pool(target, done.table, images=files, checkpoint=None)
+    create_pool(target, done.table, sources=files, checkpoint=None)
     for _, row in done.table.iterrows():
         image = stored_image(target, content_hash=row["content_hash"], filename=row["filenames"])
         assert content_hash(image) == row["content_hash"]
     with pytest.raises(PoolError, match="already exists"):
-        write_new_pool(target, done.table, images=files, checkpoint=None)
+        create_pool(target, done.table, sources=files, checkpoint=None)
 
 
-def test_write_new_pool_rejects_a_changed_image_and_leaves_nothing(tmp_path: Path) -> None:
+def test_create_pool_rejects_a_changed_image_and_leaves_nothing(tmp_path: Path) -> None:
     a = make_pool(tmp_path, "a", [1])
     table = read_pool(a)
     assert table is not None
     wrong = draw_image(tmp_path / "other.png", seed=99)
-    with pytest.raises(PoolError, match="does not match content hash"):
-        write_new_pool(
-            tmp_path / "pools" / "c", table, images={table["content_hash"][0]: wrong},
+    with pytest.raises(PoolError, match="changed since it was embedded"):
+        create_pool(
+            tmp_path / "pools" / "c",
+            table,
+            sources={table["content_hash"][0]: wrong},
             checkpoint=None,
         )
     assert not (tmp_path / "pools" / "c").exists()
