@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datapool import selection
 from datapool.errors import InputError
 from datapool.selection import Selection, k_center_greedy
 
@@ -83,6 +84,31 @@ def test_small_blocks_many_chunks_and_large_pool() -> None:
     x = clustered(rng, 2600, 8, k=40)
     sel = k_center_greedy(x[1200:], pool=x[:1200], n_samples=200, memory_budget=1)
     assert_same(sel, reference(x[1200:], x[:1200], n_samples=200))
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_pool_pass_stops_rows_early_and_completes_them_on_demand(
+    budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows far below the estimated top level skip most of the pool; picks still exact."""
+    calls: list[int] = []
+    complete = selection._State.complete
+
+    def counted(self: selection._State, idx: torch.Tensor) -> None:
+        calls.append(idx.numel())
+        complete(self, idx)
+
+    monkeypatch.setattr(selection, "_CHUNK", 64)
+    monkeypatch.setattr(selection._State, "complete", counted)
+    rng = np.random.default_rng(11)
+    x = clustered(rng, 2600, 8, k=60)
+    pool, cand = x[:600], x[600:]
+    for rule in ({"n_samples": 250}, {"min_distance": 0.17}):
+        sel = k_center_greedy(cand, pool=pool, memory_budget=budget, **rule)  # type: ignore[arg-type]
+        ref = reference(cand, pool, **rule)  # type: ignore[arg-type]
+        assert len(ref[0]) > 20
+        assert_same(sel, ref)
+    assert calls  # some rows that stopped early were needed later
 
 
 def test_picks_every_distinct_row_and_skips_duplicates() -> None:

@@ -13,6 +13,7 @@ from datapool.errors import PoolError
 from datapool.pool import CHECKPOINT, IMAGES_DIR, POOL_CSV
 from datapool.transaction import COMPLETE, INCOMING, open_pool, recover, save_pool
 
+from .synthetic import snapshot
 from .test_pool import pool_table
 
 
@@ -56,13 +57,6 @@ def test_save_pool_refuses_a_source_changed_since_embedding(tmp_path: Path) -> N
     assert not (tmp_path / "pool" / POOL_CSV).exists()
 
 
-def _snapshot(pool: Path) -> dict[str, bytes]:
-    """Every file of a pool folder, by relative path."""
-    return {
-        str(p.relative_to(pool)): p.read_bytes() for p in sorted(pool.rglob("*")) if p.is_file()
-    }
-
-
 def _two_versions(tmp_path: Path) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
     """A pool at version 1, and snapshots of version 1 and of version 2 (built in a copy)."""
     table, sources = _pool_with_images(tmp_path, 4)
@@ -70,10 +64,10 @@ def _two_versions(tmp_path: Path) -> tuple[Path, dict[str, bytes], dict[str, byt
     (tmp_path / "v2.ckpt").write_bytes(b"model two")
     pool = tmp_path / "pool"
     save_pool(pool, table.iloc[:2], checkpoint=tmp_path / "v1.ckpt", sources=sources)
-    old = _snapshot(pool)
+    old = snapshot(pool)
     shutil.copytree(pool, tmp_path / "v2")
     save_pool(tmp_path / "v2", table.iloc[1:], checkpoint=tmp_path / "v2.ckpt", sources=sources)
-    return pool, old, _snapshot(tmp_path / "v2")
+    return pool, old, snapshot(tmp_path / "v2")
 
 
 def _stage_v2(tmp_path: Path, pool: Path, new: dict[str, bytes], *, complete: bool) -> None:
@@ -90,7 +84,7 @@ def test_crash_before_the_mark_rolls_back(tmp_path: Path) -> None:
     pool, old, new = _two_versions(tmp_path)
     _stage_v2(tmp_path, pool, new, complete=False)
     recover(pool)
-    assert _snapshot(pool) == old
+    assert snapshot(pool) == old
 
 
 def test_crash_after_the_mark_rolls_forward(tmp_path: Path) -> None:
@@ -99,7 +93,7 @@ def test_crash_after_the_mark_rolls_forward(tmp_path: Path) -> None:
     # Killed between the two renames: the checkpoint is in place, the CSV still staged.
     (pool / INCOMING / CHECKPOINT).replace(pool / CHECKPOINT)
     assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is not None
-    assert _snapshot(pool) == new
+    assert snapshot(pool) == new
     assert old != new
 
 
@@ -109,6 +103,6 @@ def test_crash_during_the_first_version_leaves_no_pool(tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
     save_pool(scratch, table, checkpoint=tmp_path / "m.ckpt", sources=sources)
     pool = tmp_path / "pool"
-    _stage_v2(tmp_path, pool, _snapshot(scratch), complete=False)
+    _stage_v2(tmp_path, pool, snapshot(scratch), complete=False)
     assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is None
-    assert _snapshot(pool) == {}
+    assert snapshot(pool) == {}

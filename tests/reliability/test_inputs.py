@@ -6,7 +6,6 @@ runner, in-process) on a real pool folder whose bytes are compared before and af
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,40 +20,18 @@ from stages.embed import app as embed_app
 from stages.merge import app as merge_app
 from stages.sample import app as sample_app
 
+from ..synthetic import candidate_rows, snapshot
+
 RUNNER = CliRunner()
 DIM = 4
-
-
-def _snapshot(pool: Path) -> dict[str, bytes]:
-    files = sorted(p for p in pool.rglob("*") if p.is_file())
-    return {str(p.relative_to(pool)): p.read_bytes() for p in files}
-
-
-def _rows(inbox: Path, n: int, *, seed: int, batch: str) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """``n`` candidate rows with real files in ``inbox`` and unit embeddings."""
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    table = pd.DataFrame(vectors, columns=[f"embedding_{i}" for i in range(DIM)])
-    names, hashes = [f"{batch}_{i}.png" for i in range(n)], []
-    inbox.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        data = rng.bytes(64)
-        (inbox / name).write_bytes(data)
-        hashes.append(hashlib.sha256(data).hexdigest())
-    table.insert(0, "filenames", names)
-    table["labels"] = "x"
-    table["content_hash"] = hashes
-    table["batch_id"] = batch
-    table["model_id"] = "m"
-    table["source"] = str(inbox)
-    return table, dict(zip(hashes, [inbox / n for n in names], strict=True))
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Path:
     """A pool of 5 rows (batch b1) with its images and a checkpoint file."""
-    rows, sources = _rows(tmp_path / "old_inbox", 5, seed=0, batch="b1")
+    rows, sources = candidate_rows(
+        tmp_path / "old_inbox", 5, dim=DIM, seed=0, batch="b1", label="x"
+    )
     (tmp_path / "model.ckpt").write_bytes(b"model")
     folder = tmp_path / "pools" / "p"
     save_pool(
@@ -112,33 +89,35 @@ def _merge(tmp_path: Path, pool: Path) -> Result:
     ("value", "message"), [("-0.1", "must be a number >= 0"), ("nan", "must be a number >= 0")]
 )
 def test_bad_min_distance_is_refused(tmp_path: Path, pool: Path, value: str, message: str) -> None:
-    before = _snapshot(pool)
-    candidates, _ = _rows(tmp_path / "inbox", 3, seed=1, batch="b2")
+    before = snapshot(pool)
+    candidates, _ = candidate_rows(tmp_path / "inbox", 3, dim=DIM, seed=1, batch="b2", label="x")
     result = _sample(tmp_path, pool, candidates, "--n-samples", "2", "--min-distance", value)
     assert result.exit_code == 1
     assert message in result.output
-    assert _snapshot(pool) == before
+    assert snapshot(pool) == before
 
 
 def test_no_stopping_condition_is_refused(tmp_path: Path, pool: Path) -> None:
-    candidates, _ = _rows(tmp_path / "inbox", 3, seed=1, batch="b2")
+    candidates, _ = candidate_rows(tmp_path / "inbox", 3, dim=DIM, seed=1, batch="b2", label="x")
     result = _sample(tmp_path, pool, candidates, "--n-samples", "0", "--min-distance", "0")
     assert result.exit_code == 1 and "never stop" in result.output
 
 
 def test_every_candidate_already_in_pool(tmp_path: Path, pool: Path) -> None:
-    before = _snapshot(pool)
-    rows, _ = _rows(tmp_path / "old_inbox", 5, seed=0, batch="b1")  # the same five images again
+    before = snapshot(pool)
+    rows, _ = candidate_rows(
+        tmp_path / "old_inbox", 5, dim=DIM, seed=0, batch="b1", label="x"
+    )  # the same five images again
     result = _sample(tmp_path, pool, rows.assign(batch_id="b2"), "--n-samples", "3")
     assert result.exit_code == 0, result.output
     assert "picked 0 of 0 new candidates (5 already in the pool)" in result.output
     merged = _merge(tmp_path, pool)
     assert merged.exit_code == 0, merged.output
-    assert _snapshot(pool) == before
+    assert snapshot(pool) == before
 
 
 def test_more_samples_than_candidates_picks_all_and_says_so(tmp_path: Path, pool: Path) -> None:
-    candidates, _ = _rows(tmp_path / "inbox", 4, seed=1, batch="b2")
+    candidates, _ = candidate_rows(tmp_path / "inbox", 4, dim=DIM, seed=1, batch="b2", label="x")
     result = _sample(tmp_path, pool, candidates, "--n-samples", "100")
     assert result.exit_code == 0, result.output
     assert "picked 4 of 4" in result.output and "every one" in result.output
@@ -172,13 +151,13 @@ def test_hand_broken_pool_is_refused_and_untouched(tmp_path: Path, pool: Path, c
     breakage, message = BREAKAGES[case]
     broken = breakage(pd.read_csv(pool / POOL_CSV, keep_default_na=False))
     broken.to_csv(pool / POOL_CSV, index=False)
-    before = _snapshot(pool)
-    candidates, _ = _rows(tmp_path / "inbox", 3, seed=1, batch="b2")
+    before = snapshot(pool)
+    candidates, _ = candidate_rows(tmp_path / "inbox", 3, dim=DIM, seed=1, batch="b2", label="x")
     result = _sample(tmp_path, pool, candidates, "--n-samples", "2")
     assert result.exit_code == 1
     assert message in result.output, result.output
     assert "Traceback" not in result.output
-    assert _snapshot(pool) == before
+    assert snapshot(pool) == before
 
 
 def _embed(tmp_path: Path, input_dir: Path, pool: Path) -> Result:
@@ -223,11 +202,11 @@ def test_foreign_checkpoint_in_pool_is_refused(tmp_path: Path, pool: Path) -> No
     from PIL import Image
 
     Image.new("RGB", (8, 8), "red").save(tmp_path / "inbox" / "a.png")
-    before = _snapshot(pool)
+    before = snapshot(pool)
     result = _embed(tmp_path, tmp_path / "inbox", pool)
     assert result.exit_code == 1
     assert f"checkpoint {pool / CHECKPOINT}" in result.output
-    assert _snapshot(pool) == before
+    assert snapshot(pool) == before
 
 
 def _bad_inbox(root: Path) -> dict[str, str]:

@@ -8,7 +8,6 @@ recovers the folder, which must then equal one of the two versions byte for byte
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import signal
 import subprocess
@@ -17,55 +16,30 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from datapool.pool import column_order
 from datapool.transaction import open_pool, save_pool
+
+from ..synthetic import candidate_rows, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = 10
 N = 3000  # rows per version: writing them takes long enough to be hit
 
 
-def _table(n: int, *, seed: int, batch: str, inbox: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(n, 64)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    table = pd.DataFrame(vectors, columns=[f"embedding_{i}" for i in range(64)])
-    names = [f"{batch}_{i}.png" for i in range(n)]
-    hashes = []
-    for name in names:
-        data = rng.bytes(256)
-        (inbox / name).write_bytes(data)
-        hashes.append(hashlib.sha256(data).hexdigest())
-    sources = {digest: inbox / name for digest, name in zip(hashes, names, strict=True)}
-    table.insert(0, "filenames", names)
-    table["labels"] = ""
-    table["content_hash"] = hashes
-    table["batch_id"] = batch
-    table["model_id"] = "m"
-    table["source"] = str(inbox)
-    return table, sources
-
-
-def _snapshot(pool: Path) -> dict[str, bytes]:
-    files = sorted(p for p in pool.rglob("*") if p.is_file())
-    return {str(p.relative_to(pool)): p.read_bytes() for p in files}
-
-
 @pytest.mark.slow
 def test_killed_merge_leaves_old_or_new_pool(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    old_rows, old_sources = _table(N, seed=0, batch="b1", inbox=inbox)
+    old_rows, old_sources = candidate_rows(inbox, N, dim=64, seed=0, batch="b1")
     old_rows = old_rows.assign(pick_rank=1, pick_distance=1.0)[column_order(64)]
     (tmp_path / "old.ckpt").write_bytes(b"old model")
     template = tmp_path / "template"
     save_pool(template, old_rows, checkpoint=tmp_path / "old.ckpt", sources=old_sources)
-    old = _snapshot(template)
+    old = snapshot(template)
 
-    candidates, _ = _table(N, seed=1, batch="b2", inbox=inbox)
+    candidates, _ = candidate_rows(inbox, N, dim=64, seed=1, batch="b2")
     candidates.to_csv(tmp_path / "candidates.csv", index=False)
     picks = candidates[["filenames", "content_hash"]].assign(
         pick_rank=np.arange(1, N + 1), pick_distance=0.5
@@ -109,7 +83,7 @@ def test_killed_merge_leaves_old_or_new_pool(tmp_path: Path) -> None:
     started = time.monotonic()
     run(reference, None)
     lifetime = time.monotonic() - started
-    new = _snapshot(reference)
+    new = snapshot(reference)
     assert new != old
 
     outcomes = []
@@ -118,7 +92,7 @@ def test_killed_merge_leaves_old_or_new_pool(tmp_path: Path) -> None:
         shutil.copytree(template, pool)
         run(pool, lifetime * (i + 0.5) / KILLS)
         open_pool(pool, lock_file=tmp_path / "dvc.lock")  # what the next run does first
-        after = _snapshot(pool)
+        after = snapshot(pool)
         assert after in (old, new), f"torn pool after a kill at {i + 0.5}/{KILLS} of the run"
         outcomes.append("new" if after == new else "old")
     # The kills must have landed on both sides of the commit point to prove anything.

@@ -7,17 +7,16 @@ asserted is generous: what matters is that nothing scales with pool x candidates
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from datapool.pool import column_order, read_pool, write_table
 from datapool.transaction import save_pool
+
+from ..synthetic import candidate_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 100_000
@@ -32,27 +31,6 @@ WRAPPER = (
     "sys.argv = sys.argv[1:]\n"
     "runpy.run_path(sys.argv[0], run_name='__main__')\n"
 )
-
-
-def _rows(inbox: Path, *, seed: int, batch: str) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(N, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    table = pd.DataFrame(vectors, columns=[f"embedding_{i}" for i in range(DIM)])
-    inbox.mkdir(parents=True)
-    names = [f"{i:06d}.png" for i in range(N)]
-    hashes = []
-    for i, name in enumerate(names):
-        data = f"{batch} image {i}".encode()
-        (inbox / name).write_bytes(data)
-        hashes.append(hashlib.sha256(data).hexdigest())
-    table.insert(0, "filenames", names)
-    table["labels"] = ""
-    table["content_hash"] = hashes
-    table["batch_id"] = batch
-    table["model_id"] = "m"
-    table["source"] = str(inbox)
-    return table
 
 
 def _stage(name: str, *args: str) -> int:
@@ -71,19 +49,17 @@ def _stage(name: str, *args: str) -> int:
 
 @pytest.mark.slow
 def test_100k_pool_and_100k_candidates(tmp_path: Path) -> None:
-    old = _rows(tmp_path / "old", seed=0, batch="b1")
+    old, sources = candidate_rows(tmp_path / "old", N, dim=DIM, seed=0, batch="b1")
     (tmp_path / "model.ckpt").write_bytes(b"model")
     pool = tmp_path / "pool"
-    sources = dict(
-        zip(old["content_hash"], [tmp_path / "old" / f for f in old["filenames"]], strict=True)
-    )
     save_pool(
         pool,
         old.assign(pick_rank=1, pick_distance=1.0)[column_order(DIM)],
         checkpoint=tmp_path / "model.ckpt",
         sources=sources,
     )
-    write_table(_rows(tmp_path / "new", seed=1, batch="b2"), tmp_path / "candidates.csv")
+    new, _ = candidate_rows(tmp_path / "new", N, dim=DIM, seed=1, batch="b2")
+    write_table(new, tmp_path / "candidates.csv")
     common = [
         "--pool-dir",
         str(pool),
