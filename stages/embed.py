@@ -45,15 +45,21 @@ def main(
         int, typer.Option(help="SimCLR epochs on a new pool's first batch; 0 = off")
     ] = 0,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate of training")] = 1e-3,
+    train_batch_size: Annotated[int, typer.Option(help="images per training step")] = 128,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 (faster, ~1e-3 apart)")] = "fp32",
 ) -> None:
     """Embed --input-dir into --out-dir."""
     with user_errors("embed"):
         pool = open_pool(pool_dir, lock_file=lock_file)
         torch_device = resolve_device(device)
         wanted = ModelConfig(
-            arch=model, embedding_dim=embedding_dim, image_size=image_size, weights=weights
+            arch=model,
+            embedding_dim=embedding_dim,
+            image_size=image_size,
+            weights=weights,
+            precision=precision,
         )
-        training = Training(train_epochs, bootstrap_epochs, learning_rate, batch_size)
+        training = Training(train_epochs, bootstrap_epochs, learning_rate, train_batch_size)
         net = choose_model(
             pool_dir=pool_dir,
             pool=pool,

@@ -28,14 +28,24 @@ from datapool.workspace import parse_overrides
 
 pytestmark = pytest.mark.slow  # four `dvc repro` runs: about two minutes
 
-FAST = ["embed.image_size=32", "embed.num_workers=0", "stopping_condition.n_samples=12"]
+# No SimCLR bootstrap here: tests/test_pipeline.py covers it; these tests are about revisions.
+FAST = [
+    "embed.image_size=32",
+    "embed.num_workers=0",
+    "embed.bootstrap_epochs=0",
+    "stopping_condition.n_samples=12",
+]
 
 
 def cli(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     """Run `python -m datapool ARGS` in ``cwd``; assert its exit status."""
     result = subprocess.run(
         [sys.executable, "-m", "datapool", *args],
-        cwd=cwd, env=tool_env(), capture_output=True, text=True, check=False,
+        cwd=cwd,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert (result.returncode == 0) == ok, result.stdout + result.stderr
     return result
@@ -102,7 +112,7 @@ def test_each_run_is_a_revision_holding_its_pool(story: dict[str, Any]) -> None:
     for key, name in (("v1", "A"), ("v2", "A"), ("vb", "B")):
         record = record_at(ws, story[key], name)
         assert record is not None
-        manifest = (cache_dir(ws) / "files" / "md5" / record.digest[:2] / record.digest[2:])
+        manifest = cache_dir(ws) / "files" / "md5" / record.digest[:2] / record.digest[2:]
         assert manifest.is_file()
     pd.testing.assert_frame_equal(v2.iloc[:12], v1)  # batch 2 appended, batch 1 kept
     assert v2["source"].str.endswith("batch_2").sum() == 12
@@ -157,7 +167,9 @@ def test_restore_brings_back_a_version_as_a_new_revision(story: dict[str, Any]) 
     pd.testing.assert_frame_equal(version(ws, story["v2"], "A"), read_table_bytes(story["v2_csv"]))
     lines = story["history_after"].stdout.splitlines()
     assert [ln.split()[0] for ln in lines[1:]] == [
-        story["v1"][:7], story["v2"][:7], story["restored"][:7]
+        story["v1"][:7],
+        story["v2"][:7],
+        story["restored"][:7],
     ]
     assert lines[3].split()[2:5] == ["12", "+0", "-12"]
 
@@ -191,7 +203,8 @@ def test_combine_refuses_to_mix_models_then_reembeds(story: dict[str, Any]) -> N
     if shared:
         np.testing.assert_allclose(
             embeddings_of(mine.loc[shared].reset_index()),
-            embeddings_of(v2.loc[shared].reset_index()), atol=1e-4,
+            embeddings_of(v2.loc[shared].reset_index()),
+            atol=1e-4,
         )
     record = record_at(ws, story["vc"], "C")
     assert record is not None and record.parked
@@ -217,7 +230,8 @@ def test_parse_overrides_reads_yaml_scalars() -> None:
         ["stopping_condition.min_distance=0.1", "datapool.keep_history=False", "datapool.name=x"]
     )
     assert parsed == {
-        "stopping_condition.min_distance": 0.1, "datapool.keep_history": False,
+        "stopping_condition.min_distance": 0.1,
+        "datapool.keep_history": False,
         "datapool.name": "x",
     }
 
@@ -257,9 +271,7 @@ def test_keep_history_true_keeps_every_version_restorable(story: dict[str, Any])
         assert len(version(ws, story[key], "A")) in (12, 24)
 
 
-def test_push_and_pull_share_pools_and_their_history(
-    story: dict[str, Any], tmp_path: Path
-) -> None:
+def test_push_and_pull_share_pools_and_their_history(story: dict[str, Any], tmp_path: Path) -> None:
     ws = copy_of(story, tmp_path)
     remote = tmp_path / "remote"
     run_tool(["dvc", "remote", "add", "-d", "local", str(remote)], cwd=ws, quiet=True)
@@ -273,7 +285,9 @@ def test_push_and_pull_share_pools_and_their_history(
     # The clone has the history; `dvc pull` brought the current versions' data.
     lines = cli(clone, "history", "A").stdout.splitlines()
     assert [ln.split()[0] for ln in lines[1:4]] == [
-        story["v1"][:7], story["v2"][:7], story["restored"][:7]
+        story["v1"][:7],
+        story["v2"][:7],
+        story["restored"][:7],
     ]
     cli(clone, "restore", "A", story["v1"])
     assert pool_bytes(clone, "A") == story["v1_csv"]

@@ -22,7 +22,7 @@ from datapool.tools import run_tool, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_ARGS = ["datapool.name=my_datapool", "stopping_condition.min_distance=0.1"]
-FAST = ["embed.image_size=32", "embed.num_workers=0"]
+FAST = ["embed.image_size=32", "embed.num_workers=0", "embed.bootstrap_epochs=0"]
 
 
 def entrypoint(args: list[str], *, inbox: Path, shared: Path, out: Path) -> str:

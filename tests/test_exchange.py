@@ -37,8 +37,9 @@ def test_export_then_import_round_trips(tmp_path: Path) -> None:
     header = done.csv.read_text().splitlines()[0]
     assert header == "filenames,embedding_0,embedding_1,embedding_2,embedding_3,labels"
     listed = done.file_list.read_text().splitlines()
-    assert sorted(listed) == sorted(p.relative_to(done.images).as_posix()
-                                    for p in done.images.rglob("*.png"))
+    assert sorted(listed) == sorted(
+        p.relative_to(done.images).as_posix() for p in done.images.rglob("*.png")
+    )
     rows, duplicates = import_pool(done.csv, done.images, tmp_path / "pools" / "b")
     assert (rows, duplicates) == (3, 0)
     before, after = read_pool(pool), read_pool(tmp_path / "pools" / "b")

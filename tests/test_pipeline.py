@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from dvc.repo import Repo
 
-from datapool.embedding.model import load_checkpoint
+from datapool.embedding.model import build_model, load_checkpoint, model_id
 from datapool.pool import POOL_CSV, read_pool
 from datapool.sharing import fetch_all_versions, push_all_versions
 from datapool.workspace import (
@@ -30,7 +30,13 @@ from datapool.workspace import (
 )
 
 POOL = Path("pools/my_datapool")
-FAST = {"embed.image_size": 32, "embed.num_workers": 0, "stopping_condition.n_samples": 12}
+# Small and quick, but with the default SimCLR bootstrap of the new pool's model.
+FAST = {
+    "embed.image_size": 32,
+    "embed.num_workers": 0,
+    "embed.bootstrap_epochs": 2,
+    "stopping_condition.n_samples": 12,
+}
 
 
 def reproduce(workspace: Path, **kwargs: object) -> list[str]:
@@ -71,7 +77,10 @@ def test_two_increments_hold_rows_of_both_batches(grown: dict[str, object]) -> N
     assert pool["source"].str.endswith("batch_2").sum() == 12
     assert pool["content_hash"].is_unique
     assert set(pool["labels"]) <= {str(d) for d in range(10)}
-    assert (ws / POOL / "checkpoint_latest.ckpt").is_file()
+    model, model_id_ = load_checkpoint(ws / POOL / "checkpoint_latest.ckpt")
+    # The new pool's random model was bootstrapped by SimCLR on batch_1 before embedding.
+    assert model_id_ != model_id(build_model(model.config, seed=0))
+    assert set(pool["model_id"]) == {model_id_}
     # The pool holds its own copy of every pooled image, named by content.
     stored = sorted(p.name for p in (ws / POOL / "images").iterdir())
     assert stored == sorted(f"{h}.png" for h in pool["content_hash"])

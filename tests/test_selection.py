@@ -104,8 +104,8 @@ def test_pool_pass_stops_rows_early_and_completes_them_on_demand(
     x = clustered(rng, 2600, 8, k=60)
     pool, cand = x[:600], x[600:]
     for rule in ({"n_samples": 250}, {"min_distance": 0.17}):
-        sel = k_center_greedy(cand, pool=pool, memory_budget=budget, **rule)  # type: ignore[arg-type]
-        ref = reference(cand, pool, **rule)  # type: ignore[arg-type]
+        sel = k_center_greedy(cand, pool=pool, memory_budget=budget, **rule)
+        ref = reference(cand, pool, **rule)
         assert len(ref[0]) > 20
         assert_same(sel, ref)
     assert calls  # some rows that stopped early were needed later

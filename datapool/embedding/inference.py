@@ -203,7 +203,10 @@ def embed_files(
     num_workers: int,
     device: torch.device,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """``{relpath: [D] float32}`` of decodable files, ``{relpath: reason}`` of the rest."""
+    """``{relpath: [D] float32}`` of decodable files, ``{relpath: reason}`` of the rest.
+
+    Runs under bf16 autocast when the model's config says ``precision="bf16"``.
+    """
     if not files:
         return {}, {}
     loader = DataLoader(
@@ -216,13 +219,13 @@ def embed_files(
     model = model.to(device).to(memory_format=torch.channels_last)
     out: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
-    use_amp = device.type == "cuda"
+    use_bf16 = model.config.precision == "bf16"
     with torch.inference_mode(), tqdm(total=len(files), unit="img", desc="embed") as bar:
         for images, indices, errors in loader:
             failed.update({files[i].relpath: reason for i, reason in errors.items()})
             if indices:
                 batch = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     vectors = model(batch).float().cpu().numpy()
                 out.update({files[i].relpath: v for i, v in zip(indices, vectors, strict=True)})
             bar.update(len(indices) + len(errors))

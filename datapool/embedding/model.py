@@ -31,6 +31,9 @@ BACKBONES: dict[str, str] = {
 }
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that defines what an embedding means, apart from the weights.
@@ -42,12 +45,16 @@ class ModelConfig:
         weights: torchvision weights to start from (``"DEFAULT"``, ``"IMAGENET1K_V1"``,
             ...), or ``"none"`` for random initialisation. Only used when no
             checkpoint exists yet; afterwards the checkpoint's weights rule.
+        precision: ``"fp32"``, or ``"bf16"`` (autocast; about 2x faster on CPUs
+            with bf16 support and on GPUs, coordinates differ from fp32 by ~1e-3).
+            Part of the config so one pool never mixes the two.
     """
 
     arch: str = "resnet18"
     embedding_dim: int = 64
     image_size: int = 224
     weights: str = "none"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.arch not in BACKBONES:
@@ -57,6 +64,8 @@ class ModelConfig:
             raise InputError(f"embed.embedding_dim must be >= 1, got {self.embedding_dim}")
         if self.image_size < 16:
             raise InputError(f"embed.image_size must be >= 16 pixels, got {self.image_size}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"embed.precision must be fp32 or bf16, got {self.precision!r}")
 
     def differences(self, other: ModelConfig) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as ``{name: (self_value, other_value)}``.

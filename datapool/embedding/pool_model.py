@@ -33,13 +33,16 @@ class Training:
             randomly initialised model (``weights=none``), so its embeddings carry
             meaning on an offline machine; 0 = keep the random model.
         learning_rate: peak AdamW learning rate.
-        batch_size: images per training step.
+        batch_size: images per training step (each gives two views).
+        max_images: the bootstrap trains on at most this many images of the first
+            batch (a seeded sample), so its cost stays bounded on a CPU.
     """
 
     epochs: int = 0
     bootstrap_epochs: int = 0
     learning_rate: float = 1e-3
-    batch_size: int = 64
+    batch_size: int = 128
+    max_images: int = 2000
 
 
 def pool_images(pool_dir: Path, pool: pd.DataFrame) -> list[Path]:
@@ -80,7 +83,10 @@ def choose_model(
         images = [*(pool_images(pool_dir, pool) if pool is not None else []), *_batch(input_dir)]
         epochs = training.epochs
     elif not has_model and wanted.weights.lower() == "none" and training.bootstrap_epochs:
-        images, epochs = _batch(input_dir), training.bootstrap_epochs
+        images, epochs = (
+            _sample(_batch(input_dir), training.max_images, seed),
+            training.bootstrap_epochs,
+        )
     else:
         return model
     return train_contrastive(
@@ -96,6 +102,14 @@ def choose_model(
 
 def _batch(input_dir: Path) -> list[Path]:
     return [item.path for item in discover_images(input_dir)]
+
+
+def _sample(paths: list[Path], limit: int, seed: int) -> list[Path]:
+    """At most ``limit`` of ``paths``, drawn without replacement by ``seed``, in path order."""
+    if len(paths) <= limit:
+        return paths
+    chosen = np.random.default_rng(seed).choice(len(paths), size=limit, replace=False)
+    return [paths[i] for i in sorted(chosen)]
 
 
 def reembed_pool(

@@ -77,6 +77,20 @@ def test_empty_or_missing_folder_is_an_input_error(tmp_path: Path) -> None:
         embed(tmp_path / "missing")
 
 
+def test_bf16_precision_stays_close_to_fp32(make_images: Callable[..., Path]) -> None:
+    root = make_images("inbox", {f"{i}.png": i for i in range(4)})
+    config = ModelConfig(arch="resnet18", embedding_dim=8, image_size=32, precision="bf16")
+    half = build_model(config, seed=0)
+    half.load_state_dict(MODEL.state_dict())
+    fast = embed_folder(
+        input_dir=root, model=half, known={}, batch_size=4, num_workers=0, device=CPU
+    )
+    exact = embed(root)
+    assert not np.array_equal(fast.embeddings, exact.embeddings)  # bf16 really ran
+    np.testing.assert_allclose(fast.embeddings, exact.embeddings, atol=0.03)
+    np.testing.assert_allclose(np.linalg.norm(fast.embeddings, axis=1), 1.0, rtol=1e-5)
+
+
 def test_device_resolution() -> None:
     assert resolve_device("cpu") == CPU
     assert resolve_device("auto").type in {"cpu", "cuda"}

@@ -103,6 +103,15 @@ def test_config_validation() -> None:
         ModelConfig(arch="vgg11")
     with pytest.raises(InputError, match="embedding_dim"):
         ModelConfig(embedding_dim=0)
+    with pytest.raises(InputError, match="precision"):
+        ModelConfig(precision="fp16")
+
+
+def test_precision_is_part_of_the_pool_model(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint_latest.ckpt"
+    save_checkpoint(build_model(SMALL, seed=0), path)
+    with pytest.raises(CheckpointError, match=r"precision='fp32'.*precision='bf16'"):
+        model_for_pool(path, wanted=ModelConfig(**{**SMALL.__dict__, "precision": "bf16"}), seed=0)
 
 
 def test_unavailable_pretrained_weights_explain_themselves(

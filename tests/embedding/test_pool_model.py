@@ -62,6 +62,30 @@ def test_new_pool_is_bootstrapped_and_reproducibly(
     assert choose() == first  # the same seed and images give the same model
 
 
+def test_bootstrap_trains_on_a_bounded_seeded_sample(
+    tmp_path: Path, make_images: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = make_images("inbox", {f"{i:02d}.png": i for i in range(10)})
+    seen: list[list[Path]] = []
+
+    def record(model: object, images: list[Path], **kwargs: object) -> object:
+        seen.append(list(images))
+        return model
+
+    monkeypatch.setattr("datapool.embedding.pool_model.train_contrastive", record)
+    for _ in range(2):
+        choose_model(
+            pool_dir=tmp_path / "none",
+            pool=None,
+            wanted=CONFIG,
+            seed=3,
+            training=Training(bootstrap_epochs=1, max_images=4, **QUICK),
+            input_dir=inbox,
+            device=CPU,
+        )
+    assert len(seen[0]) == 4 and seen[0] == seen[1] == sorted(seen[0])
+
+
 def test_existing_pool_keeps_its_model_without_training(
     tmp_path: Path, make_images: Callable[..., Path]
 ) -> None:

@@ -14,7 +14,12 @@ from datapool.pool import read_pool
 from datapool.workspace import create_workspace, set_params, tool_env
 
 POOL = Path("pools/my_datapool")
-FAST = {"embed.image_size": 32, "embed.num_workers": 0, "stopping_condition.n_samples": 12}
+FAST = {
+    "embed.image_size": 32,
+    "embed.num_workers": 0,
+    "embed.bootstrap_epochs": 0,
+    "stopping_condition.n_samples": 12,
+}
 
 
 @pytest.fixture
