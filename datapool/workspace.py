@@ -52,8 +52,7 @@ def template_dir() -> Path:
     missing = [name for name in TEMPLATE_FILES if not (root / name).is_file()]
     if missing:
         raise InputError(
-            f"cannot find the pipeline files ({', '.join(missing)}) in {root}; "
-            "reinstall datapool"
+            f"cannot find the pipeline files ({', '.join(missing)}) in {root}; reinstall datapool"
         )
     return root
 
