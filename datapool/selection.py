@@ -3,29 +3,45 @@
 The textbook algorithm keeps, for every candidate, the squared Euclidean
 distance to its nearest centre (pool row or earlier pick) and repeatedly picks
 the farthest candidate: one pass over all candidates per pick. This module
-gives the same picks (up to ties within float32 rounding) with far less work:
+gives the same picks (up to ties within float32 rounding) with far fewer
+passes:
 
-* Distances only shrink, so a stale value is an upper bound. Every candidate
-  row ``i`` keeps ``d2[i]``, the exact minimum over the centres ``[0, ver[i])``
-  of the centre sequence (pool rows first, then picks in order).
-* A *top set* holds the rows whose bound exceeds a threshold ``theta``, brought
-  fully up to date; the best of them is provably the global farthest while its
-  distance exceeds ``bound`` (the largest value outside the set). New picks are
-  applied directly to the top set only and queued for everybody else.
-* When the top set runs out, a *refresh* applies the queued centres, as a
-  blocked matrix product ``|x|^2 + |c|^2 - 2 x.c``, to the rows above a lower
-  threshold; rows falling below it are dropped early. Results within a
-  rigorous float32 error bound of the minimum are re-computed as a direct
-  difference ``sum((x - c)^2)``, so every stored value is the textbook value.
+* Every row keeps ``a``, the minimum of *approximate* squared distances
+  ``|x|^2 + |c|^2 - 2 x.c`` (matrix products) over the centres applied to it.
+  The approximation error is below the rigorous float32 bound
+  ``eps = kappa * (|x|^2 + max |c|^2)``; distances only shrink, so
+  ``a + eps`` bounds the true distance from above even while new centres are
+  still queued.
+* A *flush* applies the queued centres to all rows in contiguous blocks
+  (one matrix product per block, no gathers), then keeps the ``T`` rows with
+  the largest upper bound as the *top set*; ``bound`` is the largest upper
+  bound outside it.
+* Picks come from the top set: new centres are applied to the top set only
+  (one matrix-vector product per pick) and queued for everybody else. Only the
+  handful of top-set rows whose interval ``[a - eps, a + eps]`` reaches the
+  current maximum are made exact, as the minimum over all centres of the
+  direct difference ``sum((x - c)^2)`` (every stored exact value is the
+  textbook value). The exact best row is the global farthest while it exceeds
+  ``bound``; when it no longer does, the queue is flushed and a new top set
+  taken.
+* With a pool, the initial distances are a blocked product (candidate blocks
+  x pool chunks, keeping only the running minimum; never an n x m matrix),
+  and most of it is skipped: the distances of an evenly spaced sample
+  of rows estimate the level of the ~``2 T``-th farthest row, and a row stops
+  receiving pool chunks as soon as its upper bound falls below that level
+  (``pver`` records how far it got). Such a row is only an upper bound; it is
+  completed (the rest of the pool applied) if it ever reaches the top set, so
+  the estimate affects speed, never the picks.
 
-Memory: O(n) for ``d2`` and ``ver`` plus blocks bounded by about a tenth of
-the input size. Runs wherever the tensors are (CPU or CUDA).
+Memory: O(n) for ``a``, the row norms and ``pver``, plus blocks bounded by the
+memory budget. Runs wherever the tensors are (CPU or CUDA).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +53,14 @@ from datapool.errors import InputError
 
 __all__ = ["Selection", "k_center_greedy"]
 
-_CHUNK = 512  # centres per matrix product
-_BOOT = 256  # centres applied to every row before the first threshold
+_CHUNK = 1024  # centres per matrix product
+_CACHE = 1 << 21  # bytes of product output per block (stays in cache)
+_EXACT_BATCH = 32  # top-set rows made exact at once
+_TOP_DIV = 50  # top set: this fraction of the rows (at least 256) ...
+_TOP_BYTES = 16 << 20  # ... but its float32 copy at most this size (stays in cache)
+_POOL_TOP = 4  # with a pool, the top set holds at most this many rows per pick
+_POOL_ROWS = 4096  # candidate rows per block in the pool pass
+_SAMPLE = 4096  # rows sampled to estimate the level that matters in the pool pass
 _MIN_BUDGET = 16 << 20  # bytes; working blocks never need to be smaller
 
 
@@ -101,37 +123,6 @@ def _direct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (diff * diff).sum(dim=1)
 
 
-class _Centres:
-    """The centre sequence: pool rows ``[0, m)``, then picks in order."""
-
-    def __init__(self, x: torch.Tensor, pool: torch.Tensor | None, dev: torch.device) -> None:
-        self.x, self.pool, self.dev = x, pool, dev
-        self.m = 0 if pool is None else pool.shape[0]
-        self.picked = torch.empty((64, x.shape[1]), dtype=torch.float32, device=dev)
-        self.k = 0
-
-    @property
-    def total(self) -> int:
-        """Number of centres so far."""
-        return self.m + self.k
-
-    def add(self, row: torch.Tensor) -> None:
-        """Append a picked row (float32 [d] on the device)."""
-        if self.k == self.picked.shape[0]:
-            self.picked = torch.cat([self.picked, torch.empty_like(self.picked)])
-        self.picked[self.k] = row
-        self.k += 1
-
-    def get(self, lo: int, hi: int) -> torch.Tensor:
-        """Centres ``[lo, hi)`` as float32 [hi - lo, d] on the device."""
-        parts = []
-        if lo < self.m and self.pool is not None:
-            parts.append(self.pool[lo : min(hi, self.m)].to(self.dev, torch.float32))
-        if hi > self.m:
-            parts.append(self.picked[max(lo, self.m) - self.m : hi - self.m])
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 def _gemm_min(
     xb: torch.Tensor, xn: torch.Tensor, d2b: torch.Tensor, c: torch.Tensor, kappa: float
 ) -> torch.Tensor:
@@ -164,146 +155,306 @@ def _gemm_min(
     return out
 
 
-def _one_min(
-    xb: torch.Tensor, xn: torch.Tensor, d2b: torch.Tensor, c: torch.Tensor, kappa: float
-) -> None:
-    """In place ``d2b = min(d2b, |xb - c|^2)`` for one centre ``c`` [d], exact."""
-    cn = float((c * c).sum())
-    g = torch.mv(xb, c).mul_(-2.0).add_(xn).add_(cn)
-    rows = (g < d2b + kappa * (xn + cn)).nonzero().squeeze(1)
-    if rows.numel():
-        d2b[rows] = torch.minimum(d2b[rows], _direct(xb[rows], c.unsqueeze(0)))
+class _Centres:
+    """The centre sequence: pool rows first, then picks in order."""
 
+    def __init__(self, pool: torch.Tensor | None, d: int, dev: torch.device) -> None:
+        self.pool, self.dev = pool, dev
+        self.m = 0 if pool is None else pool.shape[0]
+        self.picked = torch.empty((64, d), dtype=torch.float32, device=dev)
+        self.k = 0
 
-class _Top:
-    """A set of up-to-date rows: indices (ascending), float32 rows, distances."""
+    def add(self, row: torch.Tensor) -> None:
+        """Append a picked row (float32 [d] on the device)."""
+        if self.k == self.picked.shape[0]:
+            self.picked = torch.cat([self.picked, torch.empty_like(self.picked)])
+        self.picked[self.k] = row
+        self.k += 1
 
-    def __init__(self, idx: torch.Tensor, rows: torch.Tensor, d2: torch.Tensor) -> None:
-        self.idx, self.rows, self.d2 = idx, rows, d2
-        self.rn = (rows * rows).sum(dim=1)
-
-    def best(self) -> tuple[int, float]:
-        """Position and squared distance of the farthest row (lowest index on ties)."""
-        j = int(torch.argmax(self.d2))
-        return j, float(self.d2[j])
-
-    def apply(self, c: torch.Tensor, kappa: float) -> None:
-        """Lower the distances by the new centre ``c`` (float32 [d])."""
-        _one_min(self.rows, self.rn, self.d2, c, kappa)
+    def pool_chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Pool rows as float32 blocks of ``size`` rows on the device."""
+        if self.pool is not None:
+            for s in range(0, self.m, size):
+                yield self.pool[s : s + size].to(self.dev, torch.float32)
 
 
 class _State:
-    """Per-row bounds ``d2`` (float32 [n]) and versions ``ver`` (int64 [n])."""
+    """Approximate distances ``a`` (float32 [n]) and row norms ``xn`` of all rows."""
 
     def __init__(self, x: torch.Tensor, centres: _Centres, budget: int) -> None:
         n, d = x.shape
         self.x, self.centres, self.dev = x, centres, centres.dev
-        self.d2 = torch.full((n,), math.inf, dtype=torch.float32, device=self.dev)
-        self.ver = torch.zeros(n, dtype=torch.int64, device=self.dev)
+        self.a = torch.full((n,), math.inf, dtype=torch.float32, device=self.dev)
+        self.xn = torch.empty(n, dtype=torch.float32, device=self.dev)
         self.kappa = (2 * d + 8) * 2.0**-24
-        self.block = max(64, budget // (4 * (d + 2 * _CHUNK)))
+        self.cmax = 0.0  # largest squared norm of any centre applied so far
+        self.budget = budget
+        self.queued = 0  # picks [queued, k) not yet applied to every row
+        self.pool_chunks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.pver: torch.Tensor | None = None  # pool rows applied per row, if not all
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Candidate rows ``idx`` as float32 [len(idx), d] on the device."""
         return self.x.index_select(0, idx.to(self.x.device)).to(self.dev, torch.float32)
 
-    def refresh(self, theta: float, stop: int) -> None:
-        """Apply centres up to ``stop`` to every row above ``theta``.
+    def _block_rows(self, q: int) -> int:
+        """Rows per block so that a [rows, q] product stays cache- and budget-sized."""
+        d = self.x.shape[1]
+        return max(256, min(_CACHE // (4 * max(q, 1)), self.budget // (8 * (d + q))))
 
-        Afterwards each row has ``d2 <= theta`` or is exact up to ``stop``.
+    def _apply(
+        self,
+        lo: int,
+        hi: int,
+        xb: torch.Tensor,
+        c: torch.Tensor,
+        cn: torch.Tensor,
+        buf: torch.Tensor,
+    ) -> None:
+        """``a[lo:hi] = min(a[lo:hi], approx |xb - c_j|^2)`` for centres ``c`` (norms ``cn``)."""
+        g = buf[: hi - lo, : c.shape[0]]
+        torch.addmm(cn.unsqueeze(0), xb, c.T, alpha=-2.0, out=g)
+        gmin = g.amin(dim=1).add_(self.xn[lo:hi])
+        torch.minimum(self.a[lo:hi], gmin, out=self.a[lo:hi])
+
+    def _pool(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pool rows as float32 chunks of ``_CHUNK`` rows with their squared norms."""
+        if self.pool_chunks is None:
+            self.pool_chunks = [(c, (c * c).sum(dim=1)) for c in self.centres.pool_chunks(_CHUNK)]
+            for _, cn in self.pool_chunks:
+                self.cmax = max(self.cmax, float(cn.max()))
+        return self.pool_chunks
+
+    def _drop_level(self, keep: int) -> float:
+        """Estimated squared distance of the ``keep``-th farthest row from the pool.
+
+        Exact min distances of an evenly spaced sample of rows; rows whose upper
+        bound falls to this level during the pool pass stop receiving pool rows
+        (they are completed later only if they reach the top set).
         """
-        todo = ((self.d2 > theta) & (self.ver < stop)).nonzero().squeeze(1)
-        todo = todo[torch.argsort(self.ver[todo], stable=True)]
-        for s in range(0, todo.numel(), self.block):
-            self._refresh_block(todo[s : s + self.block], theta, stop)
+        n = self.x.shape[0]
+        ns = min(_SAMPLE, n // 4)
+        if keep >= n // 2 or ns < 64:
+            return -math.inf
+        idx = torch.linspace(0, n - 1, ns, device=self.dev).long()
+        xs = self.rows(idx)
+        xns = (xs * xs).sum(dim=1)
+        t = torch.full_like(xns, math.inf)
+        for c, cn in self._pool():
+            g = torch.addmm(cn.unsqueeze(0), xs, c.T, alpha=-2.0)
+            torch.minimum(t, g.amin(dim=1).add_(xns), out=t)
+        rank = max(1, ns * keep // n)
+        return float(torch.topk(t, rank).values[-1])
 
-    def _refresh_block(self, idx: torch.Tensor, theta: float, stop: int) -> None:
-        """:meth:`refresh` for one block of rows (sorted by version)."""
-        xb = self.rows(idx)
-        xn, d2b, vb = (xb * xb).sum(dim=1), self.d2[idx], self.ver[idx]
-        p = int(vb.min())
-        while p < stop:
-            end = min(p + _CHUNK, stop)
-            c = self.centres.get(p, end)  # re-applying [p, ver) is harmless
-            act = (vb < end).nonzero().squeeze(1)
-            if act.numel() == vb.numel():
-                d2b = _gemm_min(xb, xn, d2b, c, self.kappa)
-                vb.fill_(end)
-            else:
-                d2b[act] = _gemm_min(xb[act], xn[act], d2b[act], c, self.kappa)
-                vb[act] = end
-            keep = d2b > theta
-            if not bool(keep.all()):
-                drop = ~keep
-                self.d2[idx[drop]], self.ver[idx[drop]] = d2b[drop], vb[drop]
-                idx, xb, xn, d2b, vb = idx[keep], xb[keep], xn[keep], d2b[keep], vb[keep]
-            if idx.numel() == 0:
-                return
-            p = int(vb.min())
-        self.d2[idx], self.ver[idx] = d2b, vb
+    def first_pass(self, keep: int) -> None:
+        """Row norms, and the pool applied to every row (blocked product, running min).
 
-    def threshold(self, target: int) -> float:
-        """The ``target``-th largest bound (0.0 when target covers every row)."""
-        n = self.d2.numel()
-        if target >= n:
-            return 0.0
-        return float(torch.kthvalue(self.d2, n - target + 1).values)
-
-    def top(self, t: int) -> tuple[_Top, float] | None:
-        """Bring the ~``t`` largest rows up to date; return them and a bound.
-
-        Every row outside the returned set has true squared distance <= bound
-        < the set's maximum. None when every row has distance 0.
+        Rows of a block whose upper bound drops below the estimated level of the
+        ``keep``-th farthest row stop early; ``pver`` records how many pool rows
+        they received.
         """
-        target, total = t, self.centres.total
-        while True:
-            theta = self.threshold(target)
-            if theta == math.inf:  # first call: crude bounds for everybody
-                self.refresh(-1.0, min(total, int(self.ver.min()) + _BOOT))
+        n, m = self.x.shape[0], self.centres.m
+        b = max(256, min(_POOL_ROWS, self.budget // (8 * (self.x.shape[1] + _CHUNK))))
+        if m == 0:
+            for s in range(0, n, b):
+                xb = self.x[s : s + b].to(self.dev, torch.float32)
+                self.xn[s : s + b] = (xb * xb).sum(dim=1)
+            return
+        chunks = self._pool()
+        theta = self._drop_level(keep)
+        pver = torch.full((n if theta > -math.inf else 0,), m, dtype=torch.int64, device=self.dev)
+        if theta > -math.inf:
+            self.pver = pver
+        for s in range(0, n, b):
+            e = min(n, s + b)
+            xb = self.x[s:e].to(self.dev, torch.float32)
+            xn = (xb * xb).sum(dim=1)
+            self.xn[s:e] = xn
+            ab = torch.full_like(xn, math.inf)
+            live = torch.arange(s, e, device=self.dev)
+            for j, (c, cn) in enumerate(chunks):
+                g = torch.addmm(cn.unsqueeze(0), xb, c.T, alpha=-2.0)
+                torch.minimum(ab, g.amin(dim=1).add_(xn), out=ab)
+                if theta == -math.inf or j == len(chunks) - 1:
+                    continue
+                keep_rows = ab + self.kappa * (xn + self.cmax) > theta
+                if bool(keep_rows.all()):
+                    continue
+                drop = ~keep_rows
+                self.a[live[drop]] = ab[drop]
+                pver[live[drop]] = (j + 1) * _CHUNK
+                xb, xn, ab, live = xb[keep_rows], xn[keep_rows], ab[keep_rows], live[keep_rows]
+                if live.numel() == 0:
+                    break
+            self.a[live] = ab
+
+    def late_mask(self) -> torch.Tensor:
+        """Boolean [n]: rows that stopped the pool pass early."""
+        if self.pver is None:
+            return torch.zeros_like(self.a, dtype=torch.bool)
+        return self.pver < self.centres.m
+
+    def late(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rows of ``idx`` that stopped the pool pass early."""
+        if self.pver is None:
+            return idx[:0]
+        return idx[self.pver[idx] < self.centres.m]
+
+    def complete(self, idx: torch.Tensor) -> None:
+        """Apply the rest of the pool to rows ``idx`` (blocks of rows, by version)."""
+        if self.pver is None or idx.numel() == 0:
+            return
+        pv, order = torch.sort(self.pver[idx])
+        idx = idx[order]
+        step = max(64, self.budget // (8 * (self.x.shape[1] + _CHUNK)))
+        for s in range(0, idx.numel(), step):
+            self._complete(idx[s : s + step], pv[s : s + step])
+
+    def _complete(self, idx: torch.Tensor, pv: torch.Tensor) -> None:
+        """:meth:`complete` for one block of rows sorted by ``pv = pver[idx]``."""
+        assert self.pver is not None
+        xr = self.rows(idx)
+        xn, ar = self.xn[idx], self.a[idx]
+        for j, (c, cn) in enumerate(self._pool()):
+            cnt = int(torch.searchsorted(pv, j * _CHUNK + c.shape[0]))  # rows missing some of it
+            if cnt == 0:
                 continue
-            self.refresh(theta, total)
-            cand = (self.d2 > theta).nonzero().squeeze(1)
-            if cand.numel() >= max(1, t // 4) or theta == 0.0:
+            g = torch.addmm(cn.unsqueeze(0), xr[:cnt], c.T, alpha=-2.0)
+            torch.minimum(ar[:cnt], g.amin(dim=1).add_(xn[:cnt]), out=ar[:cnt])
+        self.a[idx] = ar
+        self.pver[idx] = self.centres.m
+
+    def flush(self) -> None:
+        """Apply the queued picks to every row, in contiguous row blocks."""
+        k = self.centres.k
+        if self.queued == k:
+            return
+        c_all = self.centres.picked[self.queued : k]
+        q = min(_CHUNK, c_all.shape[0])
+        b = self._block_rows(q)
+        buf = torch.empty((b, q), dtype=torch.float32, device=self.dev)
+        chunks = [
+            (c, (c * c).sum(dim=1)) for c in (c_all[j : j + q] for j in range(0, len(c_all), q))
+        ]
+        for _, cn in chunks:
+            self.cmax = max(self.cmax, float(cn.max()))
+        n = self.x.shape[0]
+        for s in range(0, n, b):
+            e = min(n, s + b)
+            xb = self.x[s:e].to(self.dev, torch.float32)
+            for c, cn in chunks:
+                self._apply(s, e, xb, c, cn, buf)
+        self.queued = k
+
+    def exact(self, xr: torch.Tensor, xnr: torch.Tensor) -> torch.Tensor:
+        """Textbook squared distances of rows ``xr`` to every centre so far."""
+        t = torch.full_like(xnr, math.inf)
+        for c, _ in self._pool():
+            t = _gemm_min(xr, xnr, t, c, self.kappa)
+        k = self.centres.k
+        for s in range(0, k, _CHUNK):
+            t = _gemm_min(xr, xnr, t, self.centres.picked[s : min(s + _CHUNK, k)], self.kappa)
+        return t
+
+
+class _Top:
+    """The top set: rows with the largest upper bounds, kept up to date.
+
+    ``hi``/``lo`` bound each row's textbook distance; for rows made exact
+    (positions ``epos``) both equal the exact value ``te``.
+    """
+
+    def __init__(self, st: _State, t: int) -> None:
+        n = st.a.numel()
+        self.st = st
+        if t >= n:
+            idx = torch.arange(n, device=st.dev)
+            self.bound = -math.inf
+            late = st.late(idx)
+            if late.numel():
+                st.complete(late)
+        else:
+            while True:
+                up = st.a + st.kappa * (st.xn + st.cmax)
+                vals, idx = torch.topk(up, t + 1)
+                if st.late(idx[:t]).numel() == 0:
+                    break
+                # complete, at once, every late row that may belong to the top set:
+                # those above the t-th largest bound among the up-to-date rows
+                late = st.late_mask()
+                ok = up[~late]
+                floor = float(torch.topk(ok, t).values[-1]) if ok.numel() >= t else -math.inf
+                st.complete((late & (up > floor)).nonzero().squeeze(1))
+            self.bound = float(vals[t])
+            idx = idx[:t].sort().values
+        self.idx = idx
+        self.rows = st.rows(idx)
+        self.xn = st.xn[idx]
+        self.a = st.a[idx].clone()
+        # picks of this phase come from these rows: their norms bound every new centre's
+        st.cmax = max(st.cmax, float(self.xn.max()))
+        self.eps = (self.xn + st.cmax).mul_(st.kappa)
+        self.hi = self.a + self.eps
+        self.lo = self.a - self.eps
+        self.ex = torch.zeros(idx.numel(), dtype=torch.bool, device=st.dev)
+        self.epos = torch.empty(0, dtype=torch.int64, device=st.dev)
+        self.erows = self.rows[:0]
+        self.te = self.a[:0]
+
+    def _make_exact(self, pos: torch.Tensor) -> None:
+        t = self.st.exact(self.rows[pos], self.xn[pos])
+        self.ex[pos] = True
+        self.epos = torch.cat([self.epos, pos])
+        self.erows = torch.cat([self.erows, self.rows[pos]])
+        self.te = torch.cat([self.te, t])
+        self.hi[pos] = t
+        self.lo[pos] = t
+
+    def best(self) -> tuple[int, float]:
+        """Position and exact squared distance of the farthest row (lowest index on ties)."""
+        while True:
+            cand = (self.hi >= self.lo.max()).nonzero().squeeze(1)
+            if bool(self.ex[cand].all()):
                 break
-            target *= 4
-        return None if cand.numel() == 0 else self._split(cand, t, theta)
+            # make a few more of the highest rows exact too: the next picks need them
+            near = torch.topk(self.hi, min(_EXACT_BATCH, self.hi.numel())).indices
+            want = torch.zeros_like(self.ex)
+            want[cand] = True
+            want[near] = True
+            self._make_exact((want & ~self.ex).nonzero().squeeze(1))
+        j = int(cand[torch.argmax(self.hi[cand])])
+        return j, float(self.hi[j])
 
-    def _split(self, cand: torch.Tensor, t: int, theta: float) -> tuple[_Top, float]:
-        """Top set of ``cand`` (ties at the cut kept together) and its bound."""
-        vals = self.d2[cand]
-        bound = theta
-        if cand.numel() > t:
-            cut = torch.topk(vals, t).values[-1]
-            inside = vals >= cut
-            if not bool(inside.all()):
-                bound = max(theta, float(vals[~inside].max()))
-            cand, vals = cand[inside], vals[inside]
-        return _Top(cand, self.rows(cand), vals.clone()), bound
-
-    def store(self, top: _Top) -> None:
-        """Write the top set's up-to-date distances back."""
-        self.d2[top.idx] = top.d2
-        self.ver[top.idx] = self.centres.total
+    def apply(self, c: torch.Tensor) -> None:
+        """Lower the bounds by the new centre ``c`` (float32 [d], a row of the set)."""
+        g = torch.addmv(self.xn, self.rows, c, alpha=-2.0).add_(float((c * c).sum()))
+        torch.minimum(self.a, g, out=self.a)
+        torch.add(self.a, self.eps, out=self.hi)
+        torch.sub(self.a, self.eps, out=self.lo)
+        if self.epos.numel():
+            torch.minimum(self.te, _direct(self.erows, c.unsqueeze(0)), out=self.te)
+            self.hi[self.epos] = self.te
+            self.lo[self.epos] = self.te
 
 
 def _pick_phase(
-    top: _Top, bound: float, st: _State, limit: int, min_distance: float | None, out: list[Any]
+    top: _Top, st: _State, limit: int, min_distance: float | None, out: list[Any]
 ) -> bool:
-    """Pick from ``top`` while its best provably beats ``bound``.
+    """Pick from ``top`` while its best provably beats ``top.bound``.
 
     Appends ``(index, distance)`` to ``out``; returns True when selection is
-    finished (limit reached or the best distance is below ``min_distance``).
+    finished (limit reached, best distance 0 or below ``min_distance``).
     """
     while len(out) < limit:
         j, v = top.best()
-        if v <= bound:
-            return min_distance is not None and math.sqrt(max(v, bound)) < min_distance
-        if min_distance is not None and math.sqrt(v) < min_distance:
+        if v <= top.bound:
+            return min_distance is not None and math.sqrt(max(v, top.bound)) < min_distance
+        if v == 0.0 or (min_distance is not None and math.sqrt(v) < min_distance):
             return True
         out.append((int(top.idx[j]), math.sqrt(v)))
         row = top.rows[j].clone()
         st.centres.add(row)
-        top.apply(row, st.kappa)
+        top.apply(row)
     return True
 
 
@@ -320,20 +471,24 @@ def _select(
     out: list[Any] = []
     if n == 0 or limit == 0:
         return out
-    st = _State(x, _Centres(x, pool, dev), budget)
+    st = _State(x, _Centres(pool, d, dev), budget)
+    t_cap = max(64, budget // (8 * d))
+    t_base = min(t_cap, _TOP_BYTES // (4 * d), max(256, n // _TOP_DIV))
+    if pool is not None:  # the pool pass costs work per row kept: keep fewer
+        t_base = min(t_base, max(256, _POOL_TOP * limit))
+    st.first_pass(2 * t_base)
     if st.centres.m == 0:  # no distances yet: start at row 0
         out.append((0, math.inf))
         st.centres.add(x[0].to(dev, torch.float32))
-    t_cap = max(64, budget // 4 // (4 * d))
+    grow = 1
     while len(out) < limit:
-        found = st.top(min(t_cap, max(256, 2 * (limit - len(out)), n // 50)))
-        if found is None:
+        st.flush()
+        t = t_base * grow
+        top = _Top(st, t)
+        before = len(out)
+        if _pick_phase(top, st, limit, min_distance, out):
             break
-        top, bound = found
-        done = _pick_phase(top, bound, st, limit, min_distance, out)
-        st.store(top)
-        if done:
-            break
+        grow = grow * 4 if len(out) == before else 1  # undecided: widen the top set
     return out
 
 
@@ -362,7 +517,8 @@ def k_center_greedy(
         device: where to compute (``"cpu"``, ``"cuda"``...); default: the
             candidates' device. Data is streamed there in blocks.
         memory_budget: bytes for working blocks; default a tenth of the
-            candidates' size (at least 16 MiB).
+            candidates' size (at least 16 MiB). A pool not stored as float32 on
+            the device is also held there as a float32 copy.
         threads: torch CPU threads during the call (restored afterwards);
             default 1: the many small vector operations stall badly with
             more threads on a busy machine and the products gain little.

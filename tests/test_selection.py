@@ -111,6 +111,16 @@ def test_pool_pass_stops_rows_early_and_completes_them_on_demand(
     assert calls  # some rows that stopped early were needed later
 
 
+def test_offset_and_scaled_data_where_products_cancel() -> None:
+    """Far from the origin |x|^2 + |c|^2 - 2x.c loses digits: exact re-checks keep the picks."""
+    rng = np.random.default_rng(12)
+    x = (clustered(rng, 3000, 16, k=30) * 20 + 3).astype(np.float32)
+    x = np.concatenate([x, x[:200]])  # duplicates as well
+    pool, cand = x[:500], x[500:]
+    sel = k_center_greedy(cand, pool=pool, n_samples=300, memory_budget=1)
+    assert_same(sel, reference(cand, pool, n_samples=300))
+
+
 def test_picks_every_distinct_row_and_skips_duplicates() -> None:
     rng = np.random.default_rng(5)
     base = unit(rng, 50, 6)
