@@ -9,10 +9,13 @@ fails to decode is recorded with its reason and the run goes on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -32,6 +35,8 @@ from datapool.images import (
     load_rgb,
 )
 from datapool.pool import embedding_columns
+
+T = TypeVar("T")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -195,6 +200,39 @@ def embed_folder(
     )
 
 
+def read_ahead(batches: Iterable[T]) -> Iterator[T]:
+    """Yield ``batches`` while a background thread already produces the next one.
+
+    With ``num_workers=0`` decoding would otherwise wait for the model and the
+    model for decoding. A thread is enough: PIL's decoders and torch's kernels
+    release the GIL, and unlike a worker process it needs no spare core of its
+    own. Errors raised while producing a batch are re-raised here, in order.
+    """
+    done = object()
+    ahead: queue.Queue[object] = queue.Queue(maxsize=1)
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                ahead.put(item)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            ahead.put(_Failure(err))
+        ahead.put(done)
+
+    thread = threading.Thread(target=produce, name="datapool-read-ahead", daemon=True)
+    thread.start()
+    while (item := ahead.get()) is not done:
+        if isinstance(item, _Failure):
+            raise item.error
+        yield cast(T, item)
+    thread.join()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
 def embed_files(
     files: Sequence[ImageFile],
     *,
@@ -221,7 +259,7 @@ def embed_files(
     failed: dict[str, str] = {}
     use_bf16 = model.config.precision == "bf16"
     with torch.inference_mode(), tqdm(total=len(files), unit="img", desc="embed") as bar:
-        for images, indices, errors in loader:
+        for images, indices, errors in read_ahead(loader) if num_workers == 0 else loader:
             failed.update({files[i].relpath: reason for i, reason in errors.items()})
             if indices:
                 batch = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from datapool.embedding.inference import embed_folder, resolve_device
+from datapool.embedding.inference import embed_folder, read_ahead, resolve_device
 from datapool.embedding.model import ModelConfig, build_model
 from datapool.errors import InputError
 
@@ -97,3 +97,17 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA"):
             resolve_device("cuda")
+
+
+def test_read_ahead_keeps_order_and_reraises() -> None:
+    assert list(read_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(read_ahead(iter([]))) == []
+
+    def broken() -> Iterator[int]:
+        yield 1
+        raise OSError("disk vanished")
+
+    seen: list[int] = []
+    with pytest.raises(OSError, match="disk vanished"):
+        seen.extend(read_ahead(broken()))
+    assert seen == [1]
