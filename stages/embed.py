@@ -17,10 +17,10 @@ from typing import Annotated
 import typer
 
 from datapool.console import user_errors
-from datapool.embedding.inference import embed_folder, resolve_device
-from datapool.embedding.model import ModelConfig, save_checkpoint
-from datapool.embedding.pool_model import Training, choose_model, reembed_pool
-from datapool.pool import known_embeddings, write_table
+from datapool.embedding.inference import resolve_device
+from datapool.embedding.model import ModelConfig
+from datapool.embedding.pool_model import Training, embed_increment
+from datapool.pool import write_table
 from datapool.transaction import open_pool
 
 app = typer.Typer(add_completion=False)
@@ -37,13 +37,13 @@ def main(
     embedding_dim: Annotated[int, typer.Option(help="embedding length D")] = 64,
     image_size: Annotated[int, typer.Option(help="square crop side in pixels")] = 224,
     batch_size: Annotated[int, typer.Option(help="images per forward pass / training step")] = 64,
-    num_workers: Annotated[int, typer.Option(help="decoding processes, 0 = in-process")] = 2,
+    num_workers: Annotated[int, typer.Option(help="decoding processes, 0 = a thread")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of initialisation and training")] = 0,
     train_epochs: Annotated[int, typer.Option(help="SimCLR epochs every run; 0 = off")] = 0,
     bootstrap_epochs: Annotated[
         int, typer.Option(help="SimCLR epochs on a new pool's first batch; 0 = off")
-    ] = 0,
+    ] = 5,
     learning_rate: Annotated[float, typer.Option(help="peak learning rate of training")] = 1e-3,
     train_batch_size: Annotated[int, typer.Option(help="images per training step")] = 128,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 (faster, ~1e-3 apart)")] = "fp32",
@@ -51,7 +51,6 @@ def main(
     """Embed --input-dir into --out-dir."""
     with user_errors("embed"):
         pool = open_pool(pool_dir, lock_file=lock_file)
-        torch_device = resolve_device(device)
         wanted = ModelConfig(
             arch=model,
             embedding_dim=embedding_dim,
@@ -60,38 +59,21 @@ def main(
             precision=precision,
         )
         training = Training(train_epochs, bootstrap_epochs, learning_rate, train_batch_size)
-        net = choose_model(
+        done = embed_increment(
             pool_dir=pool_dir,
             pool=pool,
+            input_dir=input_dir,
             wanted=wanted,
             seed=seed,
             training=training,
-            input_dir=input_dir,
-            device=torch_device,
-        )
-        model_id = save_checkpoint(net, out_dir / "model.ckpt")
-        refreshed = None
-        if pool is not None:
-            refreshed = reembed_pool(
-                pool_dir=pool_dir,
-                pool=pool,
-                model=net,
-                model_id=model_id,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                device=torch_device,
-            )
-        if refreshed is not None:
-            write_table(refreshed, out_dir / "pool_reembedded.csv")
-        known = known_embeddings(refreshed if refreshed is not None else pool, model_id=model_id)
-        batch = embed_folder(
-            input_dir=input_dir,
-            model=net,
-            known=known,
             batch_size=batch_size,
             num_workers=num_workers,
-            device=torch_device,
+            device=resolve_device(device),
+            checkpoint=out_dir / "model.ckpt",
         )
+        batch, model_id, refreshed = done.batch, done.model_id, done.reembedded
+        if refreshed is not None:
+            write_table(refreshed, out_dir / "pool_reembedded.csv")
         table = batch.to_table(model_id=model_id, source=str(input_dir))
         write_table(table, out_dir / "candidates.csv")
         for name, listing in (

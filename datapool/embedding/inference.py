@@ -147,6 +147,15 @@ def hash_files(
     return hashes, failures
 
 
+def discover_batch(input_dir: Path) -> list[ImageFile]:
+    """The images under ``input_dir``; InputError if it is missing or holds none."""
+    files = discover_images(input_dir)
+    if not files:
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise InputError(f"no images found under {input_dir} (looked for {exts})")
+    return files
+
+
 def embed_folder(
     *,
     input_dir: Path,
@@ -162,10 +171,7 @@ def embed_folder(
     model (e.g. the pool's rows); those images are not run through the model again.
     Raises :class:`InputError` when the folder is missing or holds no images.
     """
-    files = discover_images(input_dir)
-    if not files:
-        exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise InputError(f"no images found under {input_dir} (looked for {exts})")
+    files = discover_batch(input_dir)
     hashes, corrupt = hash_files(files)
     batch_id = hashlib.sha256("\n".join(sorted(h for h in hashes if h)).encode()).hexdigest()[:16]
     first_with: dict[str, ImageFile] = {}

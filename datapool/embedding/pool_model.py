@@ -15,12 +15,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datapool.embedding.inference import embed_files
-from datapool.embedding.model import EmbeddingModel, ModelConfig, model_for_pool
+from datapool.embedding.inference import (
+    EmbeddedBatch,
+    discover_batch,
+    embed_files,
+    embed_folder,
+)
+from datapool.embedding.model import EmbeddingModel, ModelConfig, model_for_pool, save_checkpoint
 from datapool.embedding.training import train_contrastive
 from datapool.errors import PoolError
-from datapool.images import ImageFile, discover_images
-from datapool.pool import CHECKPOINT, embedding_columns, stored_image
+from datapool.images import ImageFile
+from datapool.pool import CHECKPOINT, embedding_columns, known_embeddings, stored_image
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ def choose_model(
 
 
 def _batch(input_dir: Path) -> list[Path]:
-    return [item.path for item in discover_images(input_dir)]
+    return [item.path for item in discover_batch(input_dir)]
 
 
 def _sample(paths: list[Path], limit: int, seed: int) -> list[Path]:
@@ -145,3 +150,71 @@ def reembed_pool(
     )
     table["model_id"] = model_id
     return table
+
+
+@dataclass(frozen=True)
+class IncrementEmbeddings:
+    """What ``embed`` produces for one increment.
+
+    Attributes:
+        model_id: id of the model everything below was embedded with (saved
+            to the checkpoint path given to :func:`embed_increment`).
+        batch: the new images' embeddings, corrupt list and duplicates.
+        reembedded: the pool's rows embedded again by this model, or None when
+            the pool already was (or does not exist yet).
+    """
+
+    model_id: str
+    batch: EmbeddedBatch
+    reembedded: pd.DataFrame | None
+
+
+def embed_increment(
+    *,
+    pool_dir: Path,
+    pool: pd.DataFrame | None,
+    input_dir: Path,
+    wanted: ModelConfig,
+    seed: int,
+    training: Training,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    checkpoint: Path,
+) -> IncrementEmbeddings:
+    """Choose (and train) the model, save it to ``checkpoint``, re-embed the pool if the
+    model changed, then embed ``input_dir`` reusing the pool's embeddings of the same images.
+
+    Raises :class:`~datapool.errors.DatapoolError` subclasses with the cause.
+    """
+    model = choose_model(
+        pool_dir=pool_dir,
+        pool=pool,
+        wanted=wanted,
+        seed=seed,
+        training=training,
+        input_dir=input_dir,
+        device=device,
+    )
+    mid = save_checkpoint(model, checkpoint)
+    refreshed = None
+    if pool is not None:
+        refreshed = reembed_pool(
+            pool_dir=pool_dir,
+            pool=pool,
+            model=model,
+            model_id=mid,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+        )
+    current = refreshed if refreshed is not None else pool
+    batch = embed_folder(
+        input_dir=input_dir,
+        model=model,
+        known=known_embeddings(current, model_id=mid),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+    )
+    return IncrementEmbeddings(model_id=mid, batch=batch, reembedded=refreshed)
