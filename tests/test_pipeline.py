@@ -11,6 +11,7 @@ import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -51,8 +52,23 @@ def rev(workspace: Path, ref: str = "HEAD") -> str:
     return run_tool(["git", "rev-parse", ref], cwd=workspace, quiet=True).strip()
 
 
+@dataclass(frozen=True)
+class Grown:
+    """The shared workspace after two increments, and its first pool version."""
+
+    ws: Path
+    first_rev: str
+    first_csv: bytes
+
+    def copy(self, tmp_path: Path) -> Path:
+        """A private copy of the workspace, so a test may change it."""
+        clone = tmp_path / "copy"
+        shutil.copytree(self.ws, clone, symlinks=True)
+        return clone
+
+
 @pytest.fixture(scope="module")
-def grown(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Iterator[dict[str, object]]:
+def grown(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Iterator[Grown]:
     """A workspace after two increments: batch_1 then batch_2 of the digits."""
     monkey = pytest.MonkeyPatch()
     monkey.setenv("PATH", tool_env()["PATH"])  # stages run `python` from this venv
@@ -61,16 +77,15 @@ def grown(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Iterator[di
     create_workspace(ws)
     set_params(ws / "params.yaml", {**FAST, "input_dir": str(digits / "batch_1")})
     run_increment(ws, name="my_datapool", input_dir="batch_1")
-    first = {"rev": rev(ws), "csv": (ws / POOL / POOL_CSV).read_bytes()}
+    first_rev, first_csv = rev(ws), (ws / POOL / POOL_CSV).read_bytes()
     set_params(ws / "params.yaml", {"input_dir": str(digits / "batch_2")})
     run_increment(ws, name="my_datapool", input_dir="batch_2")
-    yield {"ws": ws, "first": first}
+    yield Grown(ws=ws, first_rev=first_rev, first_csv=first_csv)
     monkey.undo()
 
 
-def test_two_increments_hold_rows_of_both_batches(grown: dict[str, object]) -> None:
-    ws = grown["ws"]
-    assert isinstance(ws, Path)
+def test_two_increments_hold_rows_of_both_batches(grown: Grown) -> None:
+    ws = grown.ws
     pool = read_pool(ws / POOL)
     assert pool is not None and len(pool) == 24
     assert pool["source"].str.endswith("batch_1").sum() == 12
@@ -91,9 +106,8 @@ def test_two_increments_hold_rows_of_both_batches(grown: dict[str, object]) -> N
     ]
 
 
-def test_second_increment_is_conditioned_on_the_first(grown: dict[str, object]) -> None:
-    ws = grown["ws"]
-    assert isinstance(ws, Path)
+def test_second_increment_is_conditioned_on_the_first(grown: Grown) -> None:
+    ws = grown.ws
     pool = read_pool(ws / POOL)
     assert pool is not None
     second = pool[pool["source"].str.endswith("batch_2")]
@@ -102,31 +116,22 @@ def test_second_increment_is_conditioned_on_the_first(grown: dict[str, object]) 
     assert second["pick_distance"].is_monotonic_decreasing
 
 
-def test_noop_repro_runs_nothing(grown: dict[str, object]) -> None:
-    ws = grown["ws"]
-    assert isinstance(ws, Path)
+def test_noop_repro_runs_nothing(grown: Grown) -> None:
+    ws = grown.ws
     assert reproduce(ws) == []
 
 
-def test_checkout_restores_first_pool_byte_for_byte(
-    grown: dict[str, object], tmp_path: Path
-) -> None:
-    ws, first = grown["ws"], grown["first"]
-    assert isinstance(ws, Path) and isinstance(first, dict)
-    clone = tmp_path / "copy"
-    shutil.copytree(ws, clone, symlinks=True)  # keep the shared workspace untouched
-    run_tool(["git", "checkout", "-q", first["rev"]], cwd=clone, quiet=True)
+def test_checkout_restores_first_pool_byte_for_byte(grown: Grown, tmp_path: Path) -> None:
+    clone = grown.copy(tmp_path)
+    run_tool(["git", "checkout", "-q", grown.first_rev], cwd=clone, quiet=True)
     run_tool(["dvc", "checkout", "--force"], cwd=clone, quiet=True)
-    assert (clone / POOL / POOL_CSV).read_bytes() == first["csv"]
+    assert (clone / POOL / POOL_CSV).read_bytes() == grown.first_csv
 
 
 def test_changed_stopping_condition_reruns_sample_and_merge_only(
-    grown: dict[str, object], tmp_path: Path
+    grown: Grown, tmp_path: Path
 ) -> None:
-    ws = grown["ws"]
-    assert isinstance(ws, Path)
-    clone = tmp_path / "copy"
-    shutil.copytree(ws, clone, symlinks=True)
+    clone = grown.copy(tmp_path)
     set_params(clone / "params.yaml", {"stopping_condition.n_samples": 5})
     assert reproduce(clone) == ["merge", "sample"]
     pool = read_pool(clone / POOL)
@@ -136,22 +141,16 @@ def test_changed_stopping_condition_reruns_sample_and_merge_only(
     assert len(pool) == 17
 
 
-def test_forced_repro_redoes_the_increment_without_stacking(
-    grown: dict[str, object], tmp_path: Path
-) -> None:
-    ws = grown["ws"]
-    assert isinstance(ws, Path)
-    clone = tmp_path / "copy"
-    shutil.copytree(ws, clone, symlinks=True)
+def test_forced_repro_redoes_the_increment_without_stacking(grown: Grown, tmp_path: Path) -> None:
+    clone = grown.copy(tmp_path)
     before = pd.read_csv(clone / POOL / POOL_CSV)
     assert reproduce(clone, force=True) == ["embed", "merge", "sample"]
     after = pd.read_csv(clone / POOL / POOL_CSV)
     pd.testing.assert_frame_equal(before, after)
 
 
-def test_fresh_clone_without_pull_refuses(grown: dict[str, object], tmp_path: Path) -> None:
-    ws = grown["ws"]
-    assert isinstance(ws, Path)
+def test_fresh_clone_without_pull_refuses(grown: Grown, tmp_path: Path) -> None:
+    ws = grown.ws
     clone = tmp_path / "clone"
     run_tool(["git", "clone", "-q", str(ws), str(clone)], cwd=tmp_path, quiet=True)
     assert not (clone / POOL).exists()
@@ -166,12 +165,9 @@ def test_fresh_clone_without_pull_refuses(grown: dict[str, object], tmp_path: Pa
 
 @pytest.mark.slow
 def test_training_replaces_the_model_and_reembeds_the_whole_pool(
-    grown: dict[str, object], tmp_path: Path
+    grown: Grown, tmp_path: Path
 ) -> None:
-    ws = grown["ws"]
-    assert isinstance(ws, Path)
-    clone = tmp_path / "copy"
-    shutil.copytree(ws, clone, symlinks=True)
+    clone = grown.copy(tmp_path)
     before = read_pool(clone / POOL)
     assert before is not None
     set_params(clone / "params.yaml", {"embed.train_epochs": 1})
@@ -188,11 +184,8 @@ def test_training_replaces_the_model_and_reembeds_the_whole_pool(
 
 
 @pytest.mark.slow
-def test_every_version_travels_through_a_remote(grown: dict[str, object], tmp_path: Path) -> None:
-    ws, first = grown["ws"], grown["first"]
-    assert isinstance(ws, Path) and isinstance(first, dict)
-    origin = tmp_path / "origin"
-    shutil.copytree(ws, origin, symlinks=True)
+def test_every_version_travels_through_a_remote(grown: Grown, tmp_path: Path) -> None:
+    origin = grown.copy(tmp_path)
     run_tool(
         ["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], cwd=origin, quiet=True
     )
@@ -203,6 +196,6 @@ def test_every_version_travels_through_a_remote(grown: dict[str, object], tmp_pa
     run_tool(["git", "clone", "-q", str(origin), str(clone)], cwd=tmp_path, quiet=True)
     received, failed = fetch_all_versions(clone)
     assert received == sent and failed == 0
-    run_tool(["git", "checkout", "-q", first["rev"]], cwd=clone, quiet=True)
+    run_tool(["git", "checkout", "-q", grown.first_rev], cwd=clone, quiet=True)
     run_tool(["dvc", "checkout"], cwd=clone, quiet=True)
-    assert (clone / POOL / POOL_CSV).read_bytes() == first["csv"]
+    assert (clone / POOL / POOL_CSV).read_bytes() == grown.first_csv
