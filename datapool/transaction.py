@@ -7,6 +7,8 @@ only then are the files renamed into place. :func:`recover` finishes an
 interrupted rename (roll forward, if the mark exists) or discards the stage
 (roll back), and removes images no row references. Whatever instant a run is
 killed at, after recovery the pool is exactly the old or exactly the new version.
+A table is validated before any image is deleted by it: a damaged table stops
+recovery with a message instead of taking the recorded version's images with it.
 """
 
 from __future__ import annotations
@@ -46,14 +48,28 @@ def save_pool(
     the pool without a model (an imported pool's embeddings have none).
     """
     recover(pool_dir)
+    try:
+        _stage(pool_dir, table, checkpoint=checkpoint, sources=sources)
+    except BaseException:
+        recover(pool_dir)  # no COMPLETE mark yet: drops the stage and the images it copied
+        raise
+    _apply(pool_dir)
+
+
+def _stage(
+    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Path]
+) -> None:
+    """Copy the new images in, write the table and model to the stage, then mark it COMPLETE."""
+    staging = pool_dir / INCOMING
+    # The stage exists before the first image is copied, so recovery knows that
+    # images no table references, beside an unmarked stage, are its leftovers.
+    staging.mkdir(parents=True)
     for digest, name in zip(table["content_hash"], table["filenames"], strict=True):
         target = stored_image(pool_dir, content_hash=str(digest), filename=str(name))
         if not target.exists():
             if str(digest) not in sources:
                 raise PoolError(f"the image of {name!r} ({str(digest)[:12]}) is missing")
             _copy_verified(sources[str(digest)], target, content_hash=str(digest))
-    staging = pool_dir / INCOMING
-    shutil.rmtree(staging, ignore_errors=True)
     write_table(table, staging / POOL_CSV)
     current = pool_dir / CHECKPOINT
     if checkpoint is not None and (
@@ -64,7 +80,6 @@ def save_pool(
     fsync_dir(staging)
     with atomic_open(staging / COMPLETE, "w") as handle:
         handle.write("staged version complete; safe to apply\n")
-    _apply(pool_dir)
 
 
 def create_pool(
@@ -84,14 +99,30 @@ def create_pool(
 
 
 def recover(pool_dir: Path) -> None:
-    """Bring a pool left by an interrupted :func:`save_pool` to a whole version."""
+    """Bring a pool left by an interrupted :func:`save_pool` to a whole version.
+
+    Every table is validated before any image is deleted, and a stored image
+    goes only when no valid version references it: after the roll forward or
+    back, images the current table does not name (an abandoned stage's copies).
+    Raises :class:`PoolError` naming the file (and row) and deletes nothing when
+    the current table or a staged one marked complete does not validate -- it
+    is not a version, and sweeping by it would drop the recorded version's images.
+    """
     staging = pool_dir / INCOMING
-    if staging.exists():
-        if (staging / COMPLETE).exists():
-            _apply(pool_dir)
-            return
+    abandoned = staging.exists() and not (staging / COMPLETE).exists()
+    if staging.exists() and not abandoned:
+        _valid_table(
+            staging,
+            advice=f"it was not applied; remove {staging} to keep the current version",
+        )
+        _apply(pool_dir)
+        return
+    if abandoned:
         shutil.rmtree(staging)
-    _sweep_images(pool_dir)
+    if abandoned or (pool_dir / POOL_CSV).exists():
+        # Without a table and without an abandoned stage, the images are not
+        # a stage's leftovers (a table deleted by hand?): keep them.
+        _sweep_images(pool_dir)
 
 
 def _apply(pool_dir: Path) -> None:
@@ -105,22 +136,33 @@ def _apply(pool_dir: Path) -> None:
     shutil.rmtree(staging)
 
 
+def _valid_table(folder: Path, *, advice: str) -> pd.DataFrame | None:
+    """``read_pool(folder)``; its :class:`PoolError` says no image was deleted, and ``advice``."""
+    try:
+        return read_pool(folder)
+    except PoolError as err:
+        raise PoolError(f"{err}; no pool image was deleted, {advice}") from err
+
+
 def _sweep_images(pool_dir: Path) -> None:
-    """Delete stored images that the current CSV does not reference."""
+    """Delete stored images that the current table, once validated, does not reference.
+
+    No table means no version: every image goes. Raises :class:`PoolError`
+    when the table does not validate (nothing deleted).
+    """
     images = pool_dir / IMAGES_DIR
     if not images.is_dir():
         return
+    table = _valid_table(
+        pool_dir,
+        advice=f"bring back the recorded version with `dvc checkout {pool_dir.parent.name}/"
+        f"{pool_dir.name}` (or delete {pool_dir / POOL_CSV} if no commit recorded it)",
+    )
     keep: set[str] = set()
-    if (pool_dir / POOL_CSV).exists():
-        rows = pd.read_csv(
-            pool_dir / POOL_CSV,
-            usecols=["filenames", "content_hash"],
-            dtype=str,
-            keep_default_na=False,
-        )
+    if table is not None:
         keep = {
             stored_image(pool_dir, content_hash=h, filename=f).name
-            for h, f in zip(rows["content_hash"], rows["filenames"], strict=True)
+            for h, f in zip(table["content_hash"], table["filenames"], strict=True)
         }
     for stale in images.iterdir():
         if stale.name not in keep:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from datapool.errors import PoolError
 from datapool.pool import CHECKPOINT, IMAGES_DIR, POOL_CSV
@@ -106,3 +107,63 @@ def test_crash_during_the_first_version_leaves_no_pool(tmp_path: Path) -> None:
     _stage_v2(tmp_path, pool, snapshot(scratch), complete=False)
     assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is None
     assert snapshot(pool) == {}
+
+
+def _four_image_pool(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    table, sources = _pool_with_images(tmp_path, 4)
+    (tmp_path / "m.ckpt").write_bytes(b"m")
+    pool = tmp_path / "pool"
+    save_pool(pool, table, checkpoint=tmp_path / "m.ckpt", sources=sources)
+    return pool, snapshot(pool)
+
+
+def test_truncated_csv_is_refused_and_no_image_is_deleted(tmp_path: Path) -> None:
+    # The reported case: a CSV cut short inside its second row (disk full, a copy
+    # interrupted by hand) made recovery keep the first row's image and delete 3 of 4.
+    pool, before = _four_image_pool(tmp_path)
+    text = (pool / POOL_CSV).read_text()
+    cut = text.index("\n", text.index("\n") + 1) + 20
+    (pool / POOL_CSV).write_text(text[:cut])
+    with pytest.raises(PoolError, match=f"{POOL_CSV}: row 2 .*dvc checkout"):
+        open_pool(pool, lock_file=tmp_path / "dvc.lock")
+    after = snapshot(pool)
+    assert len(list((pool / IMAGES_DIR).iterdir())) == 4
+    assert {k: v for k, v in after.items() if k != POOL_CSV} == {
+        k: v for k, v in before.items() if k != POOL_CSV
+    }
+
+
+def test_unreadable_staged_version_is_refused_and_nothing_is_deleted(tmp_path: Path) -> None:
+    # A version marked COMPLETE whose CSV is damaged is not applied: the current
+    # version (and every image it references) stays, and the message says what to do.
+    pool, before = _four_image_pool(tmp_path)
+    (pool / INCOMING).mkdir()
+    (pool / INCOMING / POOL_CSV).write_text("filenames,labels\nx.png,cat\n")
+    (pool / INCOMING / COMPLETE).write_text("done")
+    with pytest.raises(PoolError, match=f"{INCOMING}.*lacks column"):
+        recover(pool)
+    assert {k: v for k, v in snapshot(pool).items() if not k.startswith(INCOMING)} == before
+
+
+def test_deleted_csv_keeps_the_images_and_the_recorded_pool_is_asked_for(tmp_path: Path) -> None:
+    # No table and no interrupted stage: the images are not a crash's leftovers
+    # but the recorded version's, and the fresh-clone guard says what to do.
+    pool, before = _four_image_pool(tmp_path)
+    (pool / POOL_CSV).unlink()
+    lock = tmp_path / "dvc.lock"
+    out = {"path": pool.as_posix(), "md5": "0" * 32 + ".dir", "nfiles": 5}
+    lock.write_text(yaml.safe_dump({"stages": {"merge": {"outs": [out]}}}))
+    with pytest.raises(PoolError, match="missing from the workspace"):
+        open_pool(pool, lock_file=lock)
+    assert snapshot(pool) == {k: v for k, v in before.items() if k != POOL_CSV}
+
+
+def test_a_refused_save_leaves_the_pool_as_it_was(tmp_path: Path) -> None:
+    pool, before = _four_image_pool(tmp_path)
+    # Rows 0-3 are the pool's; row 4's image is copied in, row 5's was edited.
+    table, sources = _pool_with_images(tmp_path, 6)
+    list(sources.values())[5].write_bytes(b"edited after embed")
+    with pytest.raises(PoolError, match="changed since it was embedded"):
+        save_pool(pool, table, checkpoint=None, sources=sources)
+    assert snapshot(pool) == before
+    assert not (pool / INCOMING).exists()
