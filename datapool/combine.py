@@ -91,14 +91,15 @@ def reembed(
 
     model, mid = load_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="datapool-reembed-") as tmp:
-        for _, row in table.iterrows():
+        for position, (_, row) in enumerate(table.iterrows()):
             source = image_of(pool_dir, row)
             if not source.is_file():
                 raise PoolError(
                     f"cannot re-embed {row['filenames']!r} of {pool_dir}: its image is neither "
                     f"in the pool nor at {source}"
                 )
-            shutil.copyfile(source, Path(tmp) / f"{row['content_hash']}{source.suffix.lower()}")
+            # Named by position, not by a value read from the CSV: the copy stays in tmp.
+            shutil.copyfile(source, Path(tmp) / f"{position}{source.suffix.lower()}")
         batch = embed_folder(
             input_dir=Path(tmp),
             model=model,

@@ -29,6 +29,10 @@ IMAGES_DIR = "images"  # the pool's own copies of its images, named by content h
 EXTRA_COLUMNS = ("content_hash", "batch_id", "model_id", "source", "pick_rank", "pick_distance")
 TEXT_COLUMNS = ("filenames", "labels", "content_hash", "batch_id", "model_id", "source")
 _EMBEDDING = re.compile(r"embedding_(\d+)")
+# A content hash names files (the pool's copy is images/<hash><ext>), so only a
+# sha256 digest in lowercase hex is accepted: "/etc/passwd" or "../x" would name
+# files outside the pool.
+_CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
 # float32 needs 9 significant digits to survive a text round trip exactly.
 FLOAT_FORMAT = "%.9g"
 
@@ -58,9 +62,10 @@ def read_table(path: Path, *, required: Sequence[str] = EXTRA_COLUMNS) -> pd.Dat
     """Read and validate an embeddings CSV (a pool or a batch of candidates).
 
     Checks that ``filenames``, ``labels``, ``required`` and a contiguous run of
-    ``embedding_0..D-1`` columns exist, and that every embedding is a finite
-    number. Raises :class:`PoolError` naming the file, and the row (1-based, as
-    a spreadsheet counts data rows) and column at fault.
+    ``embedding_0..D-1`` columns exist, that every embedding is a finite
+    number, and that every ``content_hash`` (when the column exists) is one
+    (:func:`is_content_hash`). Raises :class:`PoolError` naming the file, and
+    the row (1-based, as a spreadsheet counts data rows) and column at fault.
     """
     if not path.is_file():
         raise PoolError(f"{path} does not exist")
@@ -75,6 +80,7 @@ def read_table(path: Path, *, required: Sequence[str] = EXTRA_COLUMNS) -> pd.Dat
         raise PoolError(f"{path} is not a readable CSV: {err}") from err
     _check_columns(table, path, required)
     _check_embeddings(table, path)
+    _check_hashes(table, path)
     return table
 
 
@@ -104,6 +110,23 @@ def _check_embeddings(table: pd.DataFrame, path: Path) -> None:
                 f"{column}: {table[column].iloc[row]!r} is not a finite number"
             )
         table[column] = values.astype(np.float32)
+
+
+def is_content_hash(value: object) -> bool:
+    """True for a sha256 digest written as 64 lowercase hex digits."""
+    return isinstance(value, str) and _CONTENT_HASH.fullmatch(value) is not None
+
+
+def _check_hashes(table: pd.DataFrame, path: Path) -> None:
+    if "content_hash" not in table.columns:
+        return
+    for row, value in enumerate(table["content_hash"]):
+        if not is_content_hash(value):
+            raise PoolError(
+                f"{path}: row {row + 1} (filenames={table['filenames'].iloc[row]!r}), column "
+                f"content_hash: {value!r} is not a content hash (the image's sha256 as 64 "
+                "lowercase hex digits)"
+            )
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
@@ -166,7 +189,14 @@ def stored_image(pool_dir: Path, *, content_hash: str, filename: str) -> Path:
 
     Named by content, so the copy is safe whatever the original name held
     (``..``, absolute paths, odd characters) and equal images share one file.
+    Raises :class:`PoolError` if ``content_hash`` is not one (see
+    :func:`is_content_hash`): it would name a file outside the pool.
     """
+    if not is_content_hash(content_hash):
+        raise PoolError(
+            f"{content_hash!r} is not a content hash (64 lowercase hex digits), so it names no "
+            f"image of {pool_dir}"
+        )
     suffix = Path(filename).suffix.lower()
     if not suffix[1:].isalnum():
         suffix = ""

@@ -9,20 +9,32 @@ import pandas as pd
 import pytest
 
 from datapool.combine import combine_pools, images_of
+from datapool.embedding.model import ModelConfig, build_model, save_checkpoint
 from datapool.errors import PoolError
 from datapool.images import content_hash
 from datapool.increment import StoppingCondition
-from datapool.pool import POOL_CSV, column_order, read_pool, stored_image
+from datapool.pool import CHECKPOINT, POOL_CSV, column_order, read_pool, stored_image, write_table
 from datapool.transaction import create_pool
 from tests.conftest import draw_image
 
 
-def make_pool(root: Path, name: str, seeds: list[int], *, model: str = "m1", dim: int = 4) -> Path:
-    """A pool of drawn images (one per seed) with random unit embeddings, via create_pool."""
+def make_pool(
+    root: Path,
+    name: str,
+    seeds: list[int],
+    *,
+    model: str = "m1",
+    dim: int = 4,
+    labels: list[str] | None = None,
+) -> Path:
+    """A pool of drawn images (one per seed) with random unit embeddings, via create_pool.
+
+    Every row is labelled ``x`` unless ``labels`` gives one label per seed.
+    """
     inbox = root / f"inbox_{name}"
     rng = np.random.default_rng(len(name) + sum(seeds))
     rows, files = [], {}
-    for seed in seeds:
+    for seed, label in zip(seeds, labels or ["x"] * len(seeds), strict=True):
         path = draw_image(inbox / f"img_{seed}.png", seed=seed)
         digest = content_hash(path)
         files[digest] = path
@@ -32,7 +44,7 @@ def make_pool(root: Path, name: str, seeds: list[int], *, model: str = "m1", dim
             {
                 "filenames": path.name,
                 **{f"embedding_{i}": v for i, v in enumerate(vector)},
-                "labels": "x",
+                "labels": label,
                 "content_hash": digest,
                 "batch_id": f"b_{name}",
                 "model_id": model,
@@ -112,3 +124,46 @@ def test_create_pool_rejects_a_changed_image_and_leaves_nothing(tmp_path: Path) 
     assert not (tmp_path / "pools" / "c").exists()
     assert [p.name for p in (tmp_path / "pools").iterdir()] == ["a"]
     assert (a / POOL_CSV).is_file()
+
+
+def craft_hash(pool_dir: Path, *, row: int, value: str) -> None:
+    """Overwrite one row's content_hash in the pool's CSV, as a hand edit or an attacker would."""
+    table = read_pool(pool_dir)
+    assert table is not None
+    table.loc[row - 1, "content_hash"] = value
+    write_table(table, pool_dir / POOL_CSV)
+
+
+def test_a_crafted_content_hash_cannot_make_combine_write_outside(tmp_path: Path) -> None:
+    # The pool's copy of an image is images/<content_hash><ext>: an absolute "hash"
+    # once made the new pool's image land (and its folder be created) anywhere.
+    a = make_pool(tmp_path, "a", [1, 2])
+    b = make_pool(tmp_path, "b", [3, 4])
+    outside = tmp_path / "outside" / "evil"
+    craft_hash(b, row=2, value=str(outside))
+    with pytest.raises(PoolError, match=rf"{POOL_CSV}: row 2 .*content_hash: '{outside}'"):
+        done = combine_pools(a, b)
+        create_pool(
+            tmp_path / "pools" / "c",
+            done.table,
+            sources=images_of([a, b], done.table),
+            checkpoint=None,
+        )
+    assert not (tmp_path / "outside").exists()
+    assert not (tmp_path / "pools" / "c").exists()
+
+
+def test_a_crafted_content_hash_cannot_make_reembed_write_outside(tmp_path: Path) -> None:
+    # Re-embedding copies the second pool's images into a scratch folder; an
+    # absolute "hash" in the file name once sent the copy anywhere on disk.
+    a = make_pool(tmp_path, "a", [1, 2])
+    save_checkpoint(
+        build_model(ModelConfig(arch="resnet18", embedding_dim=4, image_size=32), seed=0),
+        a / CHECKPOINT,
+    )
+    b = make_pool(tmp_path, "b", [3, 4], model="m2")
+    escaped = tmp_path / "escaped"
+    craft_hash(b, row=1, value=str(escaped))
+    with pytest.raises(PoolError, match=rf"{POOL_CSV}: row 1 .*content_hash: '{escaped}'"):
+        combine_pools(a, b, reembed_second=True, device="cpu")
+    assert not escaped.with_suffix(".png").exists()
