@@ -23,10 +23,13 @@ into the same :class:`CorruptImageError`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import logging
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from datapool.errors import InputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
     "TRANSPARENT_BACKGROUND",
     "CorruptImageError",
@@ -48,6 +52,7 @@ __all__ = [
     "content_hash",
     "discover_images",
     "load_rgb",
+    "printable_relpath",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,14 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 #: Pillow's default limit (about 0.25 GiB of 24-bit pixels); anything larger is
 #: reported as a decompression bomb rather than risking the worker's memory.
 MAX_IMAGE_PIXELS: int = 89_478_485
+
+#: Largest ratio of an image's long side to its short side that :func:`load_rgb` decodes.
+#: Every consumer resizes the short side to the model's input size first, so a tiny
+#: file of 100000x1 pixels (370 bytes, far below the pixel limit) would become a
+#: 224 x 22.4-million-pixel image: a MemoryError that stops the run. At 100:1 that
+#: intermediate stays below 16 MB at 224 pixels; the centre crop of anything longer
+#: would show the model under 1% of the picture anyway.
+MAX_ASPECT_RATIO: int = 100
 
 #: RGB colour that transparent pixels are composited onto. White, because that is
 #: how browsers and most labelling tools show transparent images, so the model
@@ -241,6 +254,19 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def printable_relpath(path: Path, *, root: Path) -> str:
+    """``path`` relative to ``root`` as valid UTF-8 text, for the corrupt list.
+
+    A name that is not UTF-8 comes from ``os.fsdecode`` with lone surrogates, which
+    no JSON or CSV writer can encode; its undecodable bytes are written as ``\\xNN``.
+    """
+    try:
+        rel = path.relative_to(root)
+    except ValueError:  # not under root: a folder reached through a link, keep it whole
+        rel = path
+    return os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
+
+
 # --------------------------------------------------------------------------- hashing
 
 
@@ -250,10 +276,11 @@ def content_hash(path: Path) -> str:
     Streams the file in 1 MiB chunks, so memory use does not grow with file size.
 
     Raises:
-        OSError: the file cannot be opened or read.
+        OSError: the file cannot be opened or read, or is not a regular file (a named
+            pipe or device put where discovery saw an image would block or never end).
     """
     digest = hashlib.sha256()
-    with Path(path).open("rb", buffering=0) as fh:
+    with _open_regular(Path(path)) as fh:
         # Most images are far below 1 MiB: sizing the buffer to the file saves zeroing
         # a whole MiB per call. A file that grows meanwhile is still read to its end.
         size = os.fstat(fh.fileno()).st_size
@@ -262,6 +289,27 @@ def content_hash(path: Path) -> str:
         while n := fh.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+def _open_regular(path: Path) -> io.FileIO:
+    """Open ``path`` unbuffered for reading if it is a regular file; OSError otherwise.
+
+    Opening a named pipe blocks until a writer appears, and a device such as
+    ``/dev/zero`` never ends, so the file is opened without blocking and its type
+    checked on the open descriptor (no window for swapping the file in between).
+    ``O_NONBLOCK`` changes nothing for reads of a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # the message a plain open() gives
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return io.FileIO(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # --------------------------------------------------------------------------- decoding
@@ -302,7 +350,8 @@ def load_rgb(
     Raises:
         CorruptImageError: the file is empty, truncated, not an image (only JPEG, PNG,
             BMP, WebP, TIFF and GIF content is decoded, whatever the name), larger than
-            ``max_pixels``, unreadable, or fails to decode for any other reason.
+            ``max_pixels``, longer than :data:`MAX_ASPECT_RATIO` times its width (or
+            the reverse), unreadable, or fails to decode for any other reason.
         ValueError: ``size_hint`` or ``max_pixels`` is not positive.
     """
     if size_hint is not None and size_hint <= 0:
@@ -311,7 +360,7 @@ def load_rgb(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     path = Path(path)
     try:
-        with path.open("rb") as fh:
+        with io.BufferedReader(_open_regular(path)) as fh:
             if os.fstat(fh.fileno()).st_size == 0:
                 raise CorruptImageError(path, "empty file")
             with Image.open(fh, formats=_DECODERS) as im:
@@ -347,6 +396,11 @@ def _decode(im: Image.Image, path: Path, size_hint: int | None, max_pixels: int)
     if width * height > max_pixels:
         raise CorruptImageError(
             path, f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise CorruptImageError(
+            path,
+            f"extreme aspect ratio: {width}x{height} pixels exceeds {MAX_ASPECT_RATIO}:1",
         )
     if size_hint is not None and im.format in ("JPEG", "MPO"):
         # draft picks the largest DCT scale (1/2, 1/4, 1/8) that keeps both sides

@@ -827,3 +827,30 @@ def test_global_pillow_and_warning_state_is_untouched(tmp_path: Path) -> None:
     assert max_pixels == Image.MAX_IMAGE_PIXELS
     assert load_truncated == PilImageFile.LOAD_TRUNCATED_IMAGES
     assert warnings.filters == filters
+
+
+def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path: Path) -> None:
+    # 100000x1 is only 1e5 pixels, far below the bomb limit, but resizing its short
+    # side to a model's input (224) would allocate 224 x 22.4M pixels: MemoryError.
+    wide = _save(tmp_path / "wide.png", Image.new("L", (100_000, 1)))
+    tall = _png_claiming_size(tmp_path / "tall.png", 1, 5000)
+    assert wide.stat().st_size < 400
+
+    assert _reason(wide) == (
+        f"extreme aspect ratio: 100000x1 pixels exceeds {images.MAX_ASPECT_RATIO}:1"
+    )
+    assert _reason(tall).startswith("extreme aspect ratio: 1x5000 pixels")
+    limit = images.MAX_ASPECT_RATIO
+    assert load_rgb(_save(tmp_path / "ok.png", Image.new("L", (limit, 1)))).size == (limit, 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_pipes_and_devices_are_refused_without_blocking(tmp_path: Path) -> None:
+    # Discovery skips them, but an entry can be swapped for a pipe before it is read:
+    # opening a pipe would wait for a writer forever, /dev/zero would never end.
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "zeros.png").symlink_to("/dev/zero")
+    for path in (tmp_path / "pipe.png", tmp_path / "zeros.png"):
+        with pytest.raises(OSError, match="not a regular file"):
+            content_hash(path)
+        assert _reason(path) == "not a regular file"

@@ -33,6 +33,7 @@ from datapool.images import (
     content_hash,
     discover_images,
     load_rgb,
+    printable_relpath,
 )
 from datapool.pool import embedding_columns
 
@@ -50,7 +51,8 @@ class EmbeddedBatch:
         files: the distinct, decodable images, sorted by relative path.
         hashes: ``files``' content hashes (sha256 hex), same order.
         embeddings: float32 ``[len(files), D]``, rows of L2 norm 1.
-        corrupt: ``{relpath: reason}`` for files that could not be read or decoded.
+        corrupt: ``{relpath: reason}`` for entries skipped by discovery (not a regular
+            file, name not UTF-8, unreadable folder) or that could not be read or decoded.
         duplicates: ``{relpath: relpath of the first file with identical bytes}``.
         batch_id: 16 hex digits naming the folder's content (not its paths).
         reused: how many embeddings were taken from ``known`` instead of computed.
@@ -147,13 +149,27 @@ def hash_files(
     return hashes, failures
 
 
-def discover_batch(input_dir: Path) -> list[ImageFile]:
-    """The images under ``input_dir``; InputError if it is missing or holds none."""
-    files = discover_images(input_dir)
+def discover_batch(input_dir: Path) -> tuple[list[ImageFile], dict[str, str]]:
+    """The images under ``input_dir`` and ``{entry: reason}`` of the entries discovery skipped.
+
+    Skipped are image-named entries that are no regular file (a named pipe, a socket,
+    a link to ``/dev/zero``), names that are not UTF-8, and folders that cannot be read
+    or were already listed; each is named by :func:`printable_relpath`.
+
+    Raises:
+        InputError: ``input_dir`` is missing, unreadable, or holds no images.
+    """
+    root = Path(input_dir).absolute()
+    skipped: dict[str, str] = {}
+
+    def on_skip(path: Path, reason: str) -> None:
+        skipped[printable_relpath(path, root=root)] = reason
+
+    files = discover_images(root, on_skip=on_skip)
     if not files:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise InputError(f"no images found under {input_dir} (looked for {exts})")
-    return files
+    return files, skipped
 
 
 def embed_folder(
@@ -169,10 +185,12 @@ def embed_folder(
 
     ``known`` maps content hash -> embedding ``[D]`` already computed by this same
     model (e.g. the pool's rows); those images are not run through the model again.
+    Entries that are skipped, unreadable or undecodable go to ``corrupt`` with a reason.
     Raises :class:`InputError` when the folder is missing or holds no images.
     """
-    files = discover_batch(input_dir)
-    hashes, corrupt = hash_files(files)
+    files, corrupt = discover_batch(input_dir)
+    hashes, unreadable = hash_files(files)
+    corrupt.update(unreadable)
     batch_id = hashlib.sha256("\n".join(sorted(h for h in hashes if h)).encode()).hexdigest()[:16]
     first_with: dict[str, ImageFile] = {}
     duplicates: dict[str, str] = {}

@@ -106,7 +106,8 @@ def choose_model(
 
 
 def _batch(input_dir: Path) -> list[Path]:
-    return [item.path for item in discover_batch(input_dir)]
+    files, _ = discover_batch(input_dir)  # embed_folder lists the skipped ones
+    return [item.path for item in files]
 
 
 def _sample(paths: list[Path], limit: int, seed: int) -> list[Path]:

@@ -237,6 +237,7 @@ def _bad_inbox(root: Path) -> dict[str, str]:
         "random.jpg": "not a recognised image format",
         "text.png": "not a recognised image format",
         "bomb.png": "decompression bomb",
+        "loop": "folder already listed",  # skipped, and said: nothing under it is lost
     }
 
 
@@ -258,3 +259,46 @@ def test_every_bad_image_is_listed_and_the_run_goes_on(tmp_path: Path) -> None:
         "good.png",
         "palette.png",
     ]
+
+
+def _hostile_inbox(root: Path) -> dict[str, str]:
+    """Entries that hang, stop or blow up a naive reader; returns {corrupt.json key: reason}."""
+    import os
+    import socket
+
+    from PIL import Image
+
+    root.mkdir()
+    Image.new("RGB", (40, 30), "blue").save(root / "good.png")
+    Image.new("RGB", (30, 40), "red").save(root / "good2.png")  # the bootstrap needs two
+    os.mkfifo(root / "pipe.png")  # opening it blocks until a writer appears: never
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(root / "socket.png"))  # opening it fails with ENXIO
+    (root / "zeros.png").symlink_to("/dev/zero")  # endless bytes
+    with open(os.fsencode(root) + b"/caf\xe9.png", "wb") as fh:  # noqa: PTH123 - bytes path
+        fh.write((root / "good.png").read_bytes())  # a Latin-1 name: not valid UTF-8
+    # 100000x1: a few hundred bytes, yet resizing its short side to the model's input
+    # would need 224 x 22.4 million pixels (a MemoryError at the default image size).
+    Image.new("L", (100_000, 1)).save(root / "wide.png")
+    return {
+        "pipe.png": "not a regular file",
+        "socket.png": "not a regular file",
+        "zeros.png": "not a regular file",
+        "caf\\xe9.png": "not valid UTF-8",
+        "wide.png": "extreme aspect ratio: 100000x1",
+    }
+
+
+def test_hostile_inbox_entries_are_listed_and_the_run_goes_on(tmp_path: Path) -> None:
+    import json
+
+    expected = _hostile_inbox(tmp_path / "inbox")
+    result = _embed(tmp_path, tmp_path / "inbox", tmp_path / "pools" / "new")
+    assert result.exit_code == 0, result.output
+    corrupt = json.loads((tmp_path / "out" / "corrupt.json").read_text(encoding="utf-8"))
+    assert set(corrupt) == set(expected), corrupt
+    for name, reason in expected.items():
+        assert reason in corrupt[name], (name, corrupt[name])
+    assert "5 corrupt" in result.output
+    embedded = pd.read_csv(tmp_path / "out" / "candidates.csv")
+    assert list(embedded["filenames"]) == ["good.png", "good2.png"]
