@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from datapool.atomic import atomic_open
 from datapool.errors import InputError, PoolError
 from datapool.pool import POOL_CSV, read_table
 from datapool.tools import git_output, run_tool
@@ -237,14 +238,19 @@ def history(workspace: Path, name: str) -> list[Revision]:
 
 def park(workspace: Path, name: str) -> None:
     """Track ``pools/NAME`` by ``pools/NAME.dvc`` (``dvc add``), so it stays versioned
-    while the pipeline works on another pool. Raises :class:`PoolError` if it is absent."""
+    while the pipeline works on another pool. Raises :class:`PoolError` if it is absent,
+    :class:`InputError` if ``dvc add`` fails."""
+    _check_present(workspace, name)
+    run_tool(["dvc", "add", f"pools/{name}"], cwd=workspace, quiet=True)
+
+
+def _check_present(workspace: Path, name: str) -> None:
     if not (workspace / "pools" / name / POOL_CSV).is_file():
         raise PoolError(
             f"pool {name} is recorded in {workspace / LOCK} but missing from "
             f"{workspace / 'pools' / name}; run `dvc pull` (or `dvc checkout`) before "
             "switching to another pool, or its latest version would no longer be tracked"
         )
-    run_tool(["dvc", "add", f"pools/{name}"], cwd=workspace, quiet=True)
 
 
 def adopt(workspace: Path, name: str) -> None:
@@ -252,20 +258,49 @@ def adopt(workspace: Path, name: str) -> None:
 
     Parks the pool dvc.lock records if it is another one, and drops NAME's own
     ``.dvc`` record (its folder stays; the merge stage's output takes over).
-    Raises :class:`PoolError` when a parked NAME is not in the workspace (fresh
-    clone without ``dvc pull``): running on would start it from scratch.
+    All or nothing: when parking fails, NAME's record is put back, so no pool is
+    left unrecorded for the next commit to drop. Any pool that HEAD records but
+    the working tree no longer does (a run that failed after switching left it
+    so) is parked again from its folder.
+    Raises :class:`PoolError` when a pool to park or a parked NAME is not in the
+    workspace (fresh clone without ``dvc pull``), :class:`InputError` when
+    ``dvc add`` fails; nothing is changed then.
     """
     record = parked_file(workspace, name)
-    if record.is_file():
-        if not (workspace / "pools" / name / POOL_CSV).is_file():
-            raise PoolError(
-                f"{record} records pool {name} but {workspace / 'pools' / name} is missing; "
-                f"run `dvc pull {record.relative_to(workspace)}` first"
-            )
-        record.unlink()  # first: dvc.yaml already declares pools/NAME, DVC refuses overlaps
+    saved = _read(record)
+    if saved is not None and not (workspace / "pools" / name / POOL_CSV).is_file():
+        raise PoolError(
+            f"{record} records pool {name} but {workspace / 'pools' / name} is missing; "
+            f"run `dvc pull {record.relative_to(workspace)}` first"
+        )
     current = lock_pool(_read(workspace / LOCK))
-    if current is not None and current[0] != name:
-        park(workspace, current[0])
+    previous = current[0] if current is not None and current[0] != name else None
+    if previous is not None:
+        _check_present(workspace, previous)
+    # NAME's record goes first: dvc.yaml already declares pools/NAME, DVC refuses overlaps.
+    record.unlink(missing_ok=True)
+    try:
+        _repark_lost(workspace, name)
+        if previous is not None:
+            park(workspace, previous)
+    except BaseException:
+        if saved is not None:
+            with atomic_open(record, "w") as handle:
+                handle.write(saved)
+        raise
+
+
+def _repark_lost(workspace: Path, name: str) -> None:
+    """Park again every pool (other than ``name``) that HEAD records, whose folder is
+    here, but that neither dvc.lock nor a ``.dvc`` file of the working tree records."""
+    locked = lock_pool(git_output(workspace, "show", f"HEAD:{LOCK}"))
+    listing = git_output(workspace, "ls-tree", "--name-only", "HEAD:pools") or ""
+    names = {e.removesuffix(".dvc") for e in listing.split() if e.endswith(".dvc")}
+    names |= {locked[0]} if locked is not None else set()
+    for pool in sorted(names - {name}):
+        lost = current_record(workspace, pool) is None
+        if lost and (workspace / "pools" / pool / POOL_CSV).is_file():
+            park(workspace, pool)
 
 
 def check_new_name(workspace: Path, name: str) -> None:

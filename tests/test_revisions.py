@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from datapool.errors import InputError, PoolError
 from datapool.revisions import (
+    adopt,
     cache_file,
     check_new_name,
     current_record,
@@ -19,12 +21,13 @@ from datapool.revisions import (
     lock_pool,
     missing_objects,
     param_changes,
+    parked_file,
     read_version,
     record_at,
     resolve,
     restore,
 )
-from datapool.tools import git_commit, run_tool
+from datapool.tools import git_commit, git_output, run_tool
 
 LOCK = """schema: '2.0'
 stages:
@@ -45,9 +48,14 @@ def put(cache: Path, data: bytes) -> str:
     return md5
 
 
+def sha(label: str) -> str:
+    """A content hash (sha256 in hex) standing for the image called ``label`` in a test."""
+    return hashlib.sha256(label.encode()).hexdigest()
+
+
 def cached_pool(cache: Path, hashes: list[str]) -> str:
-    """Store a pool folder version with one row per content hash; returns its .dir digest."""
-    rows = "".join(f"{h}.png,1.0,,{h},b,m,/in,1,0.5\n" for h in hashes)
+    """Store a pool folder version with one row per image label; returns its .dir digest."""
+    rows = "".join(f"{h}.png,1.0,,{sha(h)},b,m,/in,1,0.5\n" for h in hashes)
     csv = put(cache, (CSV + rows).encode())
     entries = [{"md5": csv, "relpath": "datapool_latest.csv"}]
     data = json.dumps(entries).encode()
@@ -93,7 +101,7 @@ def test_flat_params_and_changes() -> None:
 def test_cache_reading(tmp_path: Path) -> None:
     digest = cached_pool(tmp_path, ["h1", "h2"])
     table = read_version(tmp_path, digest)
-    assert table is not None and list(table["content_hash"]) == ["h1", "h2"]
+    assert table is not None and list(table["content_hash"]) == [sha("h1"), sha("h2")]
     assert missing_objects(tmp_path, digest) == []
     assert missing_objects(tmp_path, "0" * 32 + ".dir") == ["0" * 32 + ".dir"]
     assert read_version(tmp_path, "0" * 32 + ".dir") is None
@@ -155,3 +163,58 @@ def test_new_modules_import_without_typer_or_dvc() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _two_pools(repo: Path) -> Path:
+    """Pool A is the pipeline's (dvc.lock), pool B is parked (pools/B.dvc), both present."""
+    for name in ("A", "B"):
+        folder = repo / "pools" / name
+        folder.mkdir(parents=True)
+        row = f"{name}.png,1.0,,{sha(name)},b,m,/in,1,1\n"
+        (folder / "datapool_latest.csv").write_text(CSV + row)
+    run_tool(["dvc", "add", "pools/B"], cwd=repo, quiet=True)
+    lock = LOCK.format(name="A", digest="0" * 32 + ".dir")
+    (repo / "dvc.lock").write_text(lock)
+    git_commit(repo, "A is the pipeline's pool, B is parked")
+    return repo / "pools" / "B.dvc"
+
+
+def _corrupt_cache_object(repo: Path, file: Path) -> None:
+    """Put a folder where DVC will store ``file``'s object: `dvc add` of it then fails."""
+    md5 = hashlib.md5(file.read_bytes()).hexdigest()
+    (cache_file(repo / ".dvc" / "cache", md5) / "corrupt").mkdir(parents=True)
+
+
+def test_a_failed_switch_leaves_both_pools_recorded(repo: Path) -> None:
+    # Switching the pipeline to B parks A with `dvc add`; a corrupt cache object
+    # makes that fail. B's record must still be there (it used to be deleted first).
+    record = _two_pools(repo)
+    before = record.read_text()
+    _corrupt_cache_object(repo, repo / "pools" / "A" / "datapool_latest.csv")
+    with pytest.raises(InputError, match="dvc add"):
+        adopt(repo, "B")
+    assert record.read_text() == before
+    assert current_record(repo, "A") is not None and not parked_file(repo, "A").exists()
+    assert git_output(repo, "status", "--porcelain", "pools") == ""
+
+
+def test_a_switch_is_refused_before_anything_changes_when_the_old_pool_is_absent(
+    repo: Path,
+) -> None:
+    record = _two_pools(repo)
+    shutil.rmtree(repo / "pools" / "A")  # e.g. a clone whose `dvc pull` missed an object
+    with pytest.raises(PoolError, match="missing from"):
+        adopt(repo, "B")
+    assert record.is_file()
+
+
+def test_a_record_lost_by_an_earlier_failed_switch_is_restored(repo: Path) -> None:
+    # What a failed run used to leave: B's record deleted in the working tree
+    # (HEAD still has it), its folder present. The next run must not commit that.
+    record = _two_pools(repo)
+    before = record.read_text()
+    record.unlink()
+    adopt(repo, "A")
+    assert record.read_text() == before
+    git_commit(repo, "next run")
+    assert record_at(repo, "HEAD", "B") is not None

@@ -1,4 +1,4 @@
-"""Faults around DVC itself: a killed `dvc repro`, and two runs started at once."""
+"""Faults around DVC itself: a killed `dvc repro`, two runs started at once, a failed switch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from datapool.errors import InputError
 from datapool.pool import read_pool
-from datapool.workspace import create_workspace, set_params, tool_env
+from datapool.revisions import current_record, record_at
+from datapool.workspace import create_workspace, run_increment, set_params, tool_env
 
 POOL = Path("pools/my_datapool")
 FAST = {
@@ -78,3 +80,26 @@ def test_two_runs_at_once_one_fails_cleanly(workspace: Path) -> None:
         loser = out_second if second.returncode else out_first
         assert "lock" in loser.lower(), loser
     _check_pool(workspace)
+
+
+@pytest.mark.slow
+def test_a_failed_switch_does_not_cost_the_next_commit_a_pool(
+    workspace: Path, digits: Path, tmp_path: Path
+) -> None:
+    # Pool my_datapool is grown, then parked when the pipeline switches to "other".
+    first = str(digits / "batch_1")
+    run_increment(workspace, name="my_datapool", input_dir=first)
+    set_params(workspace / "params.yaml", {"datapool.name": "other", "input_dir": first})
+    run_increment(workspace, name="other", input_dir=first)
+    parked = record_at(workspace, "HEAD", "my_datapool")
+    assert parked is not None and parked.parked
+    # Switching back fails for real: the run's input folder does not exist.
+    missing = str(tmp_path / "no_such_inbox")
+    set_params(workspace / "params.yaml", {"datapool.name": "my_datapool", "input_dir": missing})
+    with pytest.raises(InputError, match="dvc"):
+        run_increment(workspace, name="my_datapool", input_dir=missing)
+    # The next run stays on "other"; its commit must still record my_datapool.
+    set_params(workspace / "params.yaml", {"datapool.name": "other", "input_dir": first})
+    run_increment(workspace, name="other", input_dir=first)
+    assert record_at(workspace, "HEAD", "my_datapool") == parked
+    assert current_record(workspace, "my_datapool") == parked
