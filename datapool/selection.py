@@ -8,10 +8,10 @@ passes:
 
 * Every row keeps ``a``, the minimum of *approximate* squared distances
   ``|x|^2 + |c|^2 - 2 x.c`` (matrix products) over the centres applied to it.
-  The approximation error is below the rigorous float32 bound
-  ``eps = kappa * (|x|^2 + max |c|^2)``; distances only shrink, so
-  ``a + eps`` bounds the true distance from above even while new centres are
-  still queued.
+  Its difference from the textbook value is below the float32 bound
+  ``eps = kappa(d) * (|x|^2 + max |c|^2) + eta`` derived in the Notes below;
+  distances only shrink, so ``a + eps`` bounds the textbook distance from
+  above even while new centres are still queued.
 * A *flush* applies the queued centres to all rows in contiguous blocks
   (one matrix product per block, no gathers), then keeps the ``T`` rows with
   the largest upper bound as the *top set*; ``bound`` is the largest upper
@@ -35,10 +35,68 @@ passes:
 
 Memory: O(n) for ``a``, the row norms and ``pver``, plus blocks bounded by the
 memory budget. Runs wherever the tensors are (CPU or CUDA).
+
+Every loop makes progress: each round of the top-set and exact re-check loops
+completes or re-checks at least one more row, and the top set widens until it
+holds every row; a round that cannot progress raises ``RuntimeError`` (an
+internal error) instead of spinning.
+
+Notes
+-----
+**Numerics are pinned during the call.** The bound below assumes IEEE float32
+products and sums. TF32 (CUDA) or bf16 (oneDNN) matrix products, which
+``torch.set_float32_matmul_precision("high"/"medium")`` or the
+``torch.backends.*.matmul.fp32_precision`` flags switch on process-wide, and an
+enclosing ``torch.autocast`` region, break it. So :func:`k_center_greedy` sets
+both backends' matmul precision to ``"ieee"``, disables autocast and sets the
+thread count for the duration of the call, and restores the caller's settings
+afterwards (the process-global flags are not thread-safe: don't change them
+from another thread during a call).
+
+**The error bound.** Let ``u = 2**-24`` (float32 unit roundoff),
+``g_k = k u / (1 - k u)``, ``x`` and ``c`` float32 vectors of dimension ``d``,
+``S = |x|^2 + |c|^2`` and ``D = |x - c|^2`` in exact arithmetic. Two forms are
+compared:
+
+* the *direct* (textbook) form ``t = sum_i (x_i - c_i)^2``: per term a
+  rounded difference, squared (two factors ``1 + delta``) and rounded, then
+  ``d - 1`` additions in whatever order the reduction uses. Every term carries
+  at most ``d + 2`` roundings, so ``|t - D| <= g_{d+2} D <= 2 g_{d+2} S``
+  (``D <= (|x| + |c|)^2 <= 2 S``).
+* the *GEMM* form ``g = fl(h + xn)`` with ``xn = fl(sum x_i^2)``,
+  ``cn = fl(sum c_i^2)`` (``|xn - |x|^2| <= g_d |x|^2``, same for ``cn``) and
+  ``h = fl(cn - 2 sum x_i c_i)`` from ``addmm``/``addmv``: a sum of ``d + 1``
+  terms (scaling by -2 is exact), each product rounded at most once and at
+  most ``d`` additions in any order (blocked, FMA or wider accumulators only
+  round less), so ``|h - (cn - 2 x.c)| <= g_{d+1} (cn + 2 |x||c|)``. Since
+  ``|c|^2 + 2|x||c| <= phi S`` (``phi = (1 + sqrt 5) / 2``, the maximum of
+  ``(1 + 2r) / (1 + r^2)``), ``|h + xn - D| <= E S`` with
+  ``E = g_d + phi g_{d+1} (1 + g_d)``, and the last rounding adds
+  ``u |h + xn| <= u (2 + E) S``. (``addmv``'s ``fl(fl(xn - 2 x.c) + cn)`` is
+  the same count with ``x`` and ``c`` swapped.)
+
+Worst case: ``|g - t| <= K S`` with ``K = E (1 + u) + 2u + 2 g_{d+2}``, to first
+order ``(4.62 d + 7.62) u``: more than twice the ``(2d + 8) u`` an earlier
+version asserted, although measured errors on random data stay far below
+both. ``eps`` is evaluated in float32 from *computed* norms, which can be
+``(1 - g_d)`` times the true ones, and ``kappa`` itself is rounded to float32
+in the product, so ``kappa = K / ((1 - g_d)(1 - u)^3)`` (times ``1 + 2**-20``,
+for its own float64 evaluation and the rounding of ``eps + eta``) makes the
+computed ``eps`` at least ``K S``.
+Comparisons need no further slack: rounding is monotone, so ``fl(a + eps)``
+is still ``>=`` any float32 value that ``a + eps`` is, and the pair filter
+compares ``fl(h + xn)`` with a rounded limit, never ``h`` with a difference.
+The bound holds for every ``d`` with ``(d + 2) u < 1``; dimensions above
+``2**20`` are refused. Relative bounds fail only under underflow: each
+rounding then errs by at most ``2**-126`` absolutely (flush-to-zero included),
+fewer than ``5d + 20 < 2**23`` such errors enter one comparison, so the
+absolute term ``eta = 2**-100`` covers them. Squared norms are kept below
+``2**120`` (larger values are refused) so no sum of them overflows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -62,6 +120,62 @@ _POOL_TOP = 4  # with a pool, the top set holds at most this many rows per pick
 _POOL_ROWS = 4096  # candidate rows per block in the pool pass
 _SAMPLE = 4096  # rows sampled to estimate the level that matters in the pool pass
 _MIN_BUDGET = 16 << 20  # bytes; working blocks never need to be smaller
+_U = 2.0**-24  # float32 unit roundoff
+_ETA = 2.0**-100  # absolute slack for underflow (module Notes)
+_MAX_DIM = 1 << 20  # the error bound needs (d + 2) * _U < 1; far beyond any embedding
+_MAX_SQ = 2.0**120  # largest squared norm accepted: sums of two never overflow float32
+
+
+def _kappa(d: int) -> float:
+    """Relative float32 error bound between the GEMM and direct forms (module Notes).
+
+    ``|g - t| <= kappa * (xn + cmax)`` for computed squared norms ``xn`` of the
+    row and ``cmax`` of the largest centre, any dimension ``1 <= d <= 2**20``.
+    """
+
+    def gamma(k: int) -> float:
+        return k * _U / (1 - k * _U)
+
+    phi = (1 + math.sqrt(5)) / 2
+    e = gamma(d) + phi * gamma(d + 1) * (1 + gamma(d))
+    k = e * (1 + _U) + 2 * _U + 2 * gamma(d + 2)
+    return k / ((1 - gamma(d)) * (1 - _U) ** 3) * (1 + 2.0**-20)
+
+
+def _stuck(where: str) -> RuntimeError:
+    """The error for a loop that could not make progress: a bug, never a hang."""
+    return RuntimeError(
+        f"internal error in k_center_greedy: {where} made no progress; please report it "
+        "with the data that triggers it"
+    )
+
+
+@contextlib.contextmanager
+def _pinned_numerics(device_type: str, threads: int | None) -> Iterator[None]:
+    """Full float32 products, no autocast and ``threads`` CPU threads, restored on exit.
+
+    The error bound (module Notes) assumes IEEE float32 arithmetic, which the
+    caller's process-wide matmul precision (TF32 on CUDA, bf16 in oneDNN) or an
+    enclosing autocast region would silently change.
+    """
+    mkldnn: Any = torch.backends.mkldnn  # its ``matmul`` is missing from torch's stubs
+    backends = (torch.backends.cuda.matmul, mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    saved_threads = torch.get_num_threads()
+    no_autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if torch.amp.is_autocast_available(device_type):
+        no_autocast = torch.autocast(device_type=device_type, enabled=False)
+    try:
+        for b in backends:
+            b.fp32_precision = "ieee"
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with no_autocast, torch.no_grad():
+            yield
+    finally:
+        for b, value in zip(backends, saved, strict=True):
+            b.fp32_precision = value
+        torch.set_num_threads(saved_threads)
 
 
 @dataclass(frozen=True)
@@ -107,6 +221,17 @@ def _check_finite(x: torch.Tensor, name: str, rows: int) -> None:
             raise InputError(f"{name} row {s + int(bad[0, 0])} contains NaN or infinite values")
 
 
+def _check_norms(sq: torch.Tensor, name: str, first: int) -> torch.Tensor:
+    """Return squared norms ``sq`` (rows ``first``...) or raise InputError if one is too large."""
+    big = (sq > _MAX_SQ).nonzero()
+    if big.numel():
+        raise InputError(
+            f"{name} row {first + int(big[0, 0])} has a squared norm above 2**120: "
+            "its distances would overflow float32; rescale the embeddings"
+        )
+    return sq
+
+
 def _check_limits(n_samples: int | None, min_distance: float | None) -> None:
     """Raise InputError unless at least one stopping rule is given and valid."""
     if n_samples is None and min_distance is None:
@@ -129,24 +254,27 @@ def _gemm_min(
     """Exact ``min(d2b, min_j |xb - c_j|^2)`` for float32 rows ``xb`` [b, d].
 
     The product ``|c|^2 - 2 x.c`` (+ ``|x|^2``) gives every squared distance
-    to within ``eps = kappa * (|x|^2 + max |c|^2)`` (a rigorous float32 bound);
-    only pairs that can still be a row's minimum are re-computed as a direct
+    to within ``eps = kappa * (|x|^2 + max |c|^2) + eta`` (module Notes); only
+    pairs that can still be a row's minimum are re-computed as a direct
     difference. ``xn`` [b] holds ``|xb|^2``. Returns a float32 [b] tensor.
     """
     cn = (c * c).sum(dim=1)
     g = torch.addmm(cn.unsqueeze(0), xb, c.T, alpha=-2.0)
     gmin = g.amin(dim=1).add_(xn)
-    eps = kappa * (xn + cn.max())
-    rows = ((gmin < d2b + eps) & (d2b > 0)).nonzero().squeeze(1)
+    eps = (xn + cn.max()).mul_(kappa).add_(_ETA)
+    # a pair beats d2b only if g <= t + eps < d2b + eps; "<=" keeps a pair whose
+    # limit rounded down onto it
+    rows = ((gmin <= d2b + eps) & (d2b > 0)).nonzero().squeeze(1)
     if rows.numel() == 0:
         return d2b
-    lim = torch.minimum(gmin[rows] + 2 * eps[rows], d2b[rows] + eps[rows]) - xn[rows]
+    # the row's minimum is within 2 eps of gmin; compared as fl(h + xn), like gmin
+    lim = torch.minimum(gmin[rows] + 2 * eps[rows], d2b[rows] + eps[rows])
     if rows.numel() * 4 < xb.shape[0]:
-        r, j = (g[rows] <= lim.unsqueeze(1)).nonzero(as_tuple=True)
+        r, j = (g[rows].add_(xn[rows].unsqueeze(1)) <= lim.unsqueeze(1)).nonzero(as_tuple=True)
         r = rows[r]
     else:
         full = torch.full_like(xn, -math.inf).index_copy_(0, rows, lim)
-        r, j = (g <= full.unsqueeze(1)).nonzero(as_tuple=True)
+        r, j = (g.add_(xn.unsqueeze(1)) <= full.unsqueeze(1)).nonzero(as_tuple=True)
     out = d2b.clone()
     step = max(1, xb.shape[0])
     for s in range(0, r.numel(), step):
@@ -186,7 +314,7 @@ class _State:
         self.x, self.centres, self.dev = x, centres, centres.dev
         self.a = torch.full((n,), math.inf, dtype=torch.float32, device=self.dev)
         self.xn = torch.empty(n, dtype=torch.float32, device=self.dev)
-        self.kappa = (2 * d + 8) * 2.0**-24
+        self.kappa = _kappa(d)
         self.cmax = 0.0  # largest squared norm of any centre applied so far
         self.budget = budget
         self.queued = 0  # picks [queued, k) not yet applied to every row
@@ -196,6 +324,10 @@ class _State:
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Candidate rows ``idx`` as float32 [len(idx), d] on the device."""
         return self.x.index_select(0, idx.to(self.x.device)).to(self.dev, torch.float32)
+
+    def slack(self, xn: torch.Tensor) -> torch.Tensor:
+        """``eps`` (float32, shaped like ``xn``): bound on |approximate - textbook| per row."""
+        return (xn + self.cmax).mul_(self.kappa).add_(_ETA)
 
     def _block_rows(self, q: int) -> int:
         """Rows per block so that a [rows, q] product stays cache- and budget-sized."""
@@ -221,7 +353,8 @@ class _State:
         """Pool rows as float32 chunks of ``_CHUNK`` rows with their squared norms."""
         if self.pool_chunks is None:
             self.pool_chunks = [(c, (c * c).sum(dim=1)) for c in self.centres.pool_chunks(_CHUNK)]
-            for _, cn in self.pool_chunks:
+            for j, (_, cn) in enumerate(self.pool_chunks):
+                _check_norms(cn, "pool", j * _CHUNK)
                 self.cmax = max(self.cmax, float(cn.max()))
         return self.pool_chunks
 
@@ -236,7 +369,7 @@ class _State:
         ns = min(_SAMPLE, n // 4)
         if keep >= n // 2 or ns < 64:
             return -math.inf
-        idx = torch.linspace(0, n - 1, ns, device=self.dev).long()
+        idx = torch.linspace(0, n - 1, ns, dtype=torch.float64, device=self.dev).long()
         xs = self.rows(idx)
         xns = (xs * xs).sum(dim=1)
         t = torch.full_like(xns, math.inf)
@@ -258,7 +391,7 @@ class _State:
         if m == 0:
             for s in range(0, n, b):
                 xb = self.x[s : s + b].to(self.dev, torch.float32)
-                self.xn[s : s + b] = (xb * xb).sum(dim=1)
+                self.xn[s : s + b] = _check_norms((xb * xb).sum(dim=1), "candidates", s)
             return
         chunks = self._pool()
         theta = self._drop_level(keep)
@@ -268,7 +401,7 @@ class _State:
         for s in range(0, n, b):
             e = min(n, s + b)
             xb = self.x[s:e].to(self.dev, torch.float32)
-            xn = (xb * xb).sum(dim=1)
+            xn = _check_norms((xb * xb).sum(dim=1), "candidates", s)
             self.xn[s:e] = xn
             ab = torch.full_like(xn, math.inf)
             live = torch.arange(s, e, device=self.dev)
@@ -277,7 +410,7 @@ class _State:
                 torch.minimum(ab, g.amin(dim=1).add_(xn), out=ab)
                 if theta == -math.inf or j == len(chunks) - 1:
                     continue
-                keep_rows = ab + self.kappa * (xn + self.cmax) > theta
+                keep_rows = ab + self.slack(xn) > theta
                 if bool(keep_rows.all()):
                     continue
                 drop = ~keep_rows
@@ -374,17 +507,7 @@ class _Top:
             if late.numel():
                 st.complete(late)
         else:
-            while True:
-                up = st.a + st.kappa * (st.xn + st.cmax)
-                vals, idx = torch.topk(up, t + 1)
-                if st.late(idx[:t]).numel() == 0:
-                    break
-                # complete, at once, every late row that may belong to the top set:
-                # those above the t-th largest bound among the up-to-date rows
-                late = st.late_mask()
-                ok = up[~late]
-                floor = float(torch.topk(ok, t).values[-1]) if ok.numel() >= t else -math.inf
-                st.complete((late & (up > floor)).nonzero().squeeze(1))
+            vals, idx = self._take(st, t)
             self.bound = float(vals[t])
             idx = idx[:t].sort().values
         self.idx = idx
@@ -393,13 +516,39 @@ class _Top:
         self.a = st.a[idx].clone()
         # picks of this phase come from these rows: their norms bound every new centre's
         st.cmax = max(st.cmax, float(self.xn.max()))
-        self.eps = (self.xn + st.cmax).mul_(st.kappa)
+        self.eps = st.slack(self.xn)
         self.hi = self.a + self.eps
         self.lo = self.a - self.eps
         self.ex = torch.zeros(idx.numel(), dtype=torch.bool, device=st.dev)
         self.epos = torch.empty(0, dtype=torch.int64, device=st.dev)
         self.erows = self.rows[:0]
         self.te = self.a[:0]
+
+    @staticmethod
+    def _take(st: _State, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``t + 1`` largest upper bounds and their rows, the first ``t`` complete.
+
+        Late rows (pool pass stopped early) hold only an upper bound from part of
+        the pool, so they are completed before they may enter the top set. Each
+        round completes every late row at or above the ``t``-th largest bound of
+        the complete rows (ties included), and always the late rows that are
+        in the top ``t`` now, so the number of late rows strictly falls.
+        """
+        while True:
+            up = st.a + st.slack(st.xn)
+            vals, idx = torch.topk(up, t + 1)
+            late_top = st.late(idx[:t])
+            if late_top.numel() == 0:
+                return vals, idx
+            late = st.late_mask()
+            ok = up[~late]
+            floor = float(torch.topk(ok, t).values[-1]) if ok.numel() >= t else -math.inf
+            todo = late & (up >= floor)
+            todo[late_top] = True
+            before = int(late.sum())
+            st.complete(todo.nonzero().squeeze(1))
+            if int(st.late_mask().sum()) >= before:
+                raise _stuck("completing late rows of the top set")
 
     def _make_exact(self, pos: torch.Tensor) -> None:
         t = self.st.exact(self.rows[pos], self.xn[pos])
@@ -421,7 +570,10 @@ class _Top:
             want = torch.zeros_like(self.ex)
             want[cand] = True
             want[near] = True
-            self._make_exact((want & ~self.ex).nonzero().squeeze(1))
+            todo = (want & ~self.ex).nonzero().squeeze(1)
+            if todo.numel() == 0:  # unreachable: some row of cand is not exact
+                raise _stuck("the exact re-check of the top set")
+            self._make_exact(todo)
         j = int(cand[torch.argmax(self.hi[cand])])
         return j, float(self.hi[j])
 
@@ -488,6 +640,8 @@ def _select(
         before = len(out)
         if _pick_phase(top, st, limit, min_distance, out):
             break
+        if len(out) == before and t >= n:  # every row in the set: a pick was certain
+            raise _stuck("a pick phase over every row")
         grow = grow * 4 if len(out) == before else 1  # undecided: widen the top set
     return out
 
@@ -529,16 +683,25 @@ def k_center_greedy(
         (distance ``inf``). Rows at distance 0 from the pool or an earlier
         pick (duplicates) are never picked; ties go to the lowest index.
 
+    The caller's torch settings do not change the picks: matmul precision
+    (TF32/bf16 flags), autocast and the thread count are pinned for the call
+    and restored afterwards (module Notes).
+
     Raises:
         InputError: no stopping rule, negative or NaN limits, non-2-D or
-            non-float input, NaN/inf values, or pool and candidates of
-            different dimension.
+            non-float input, NaN/inf values, a squared norm above ``2**120``,
+            dimension above ``2**20``, or pool and candidates of different
+            dimension.
+        RuntimeError: an internal loop could not make progress (a bug; it
+            raises instead of hanging).
     """
     _check_limits(n_samples, min_distance)
     x = _as_tensor(candidates, "candidates")
     p = None if pool is None else _as_tensor(pool, "pool")
     if p is not None and p.shape[0] > 0 and p.shape[1] != x.shape[1]:
         raise InputError(f"pool has dimension {p.shape[1]} but candidates have {x.shape[1]}")
+    if x.shape[1] > _MAX_DIM:
+        raise InputError(f"candidates have dimension {x.shape[1]}; at most {_MAX_DIM} is supported")
     budget = memory_budget or max(_MIN_BUDGET, x.numel() * x.element_size() // 10)
     check_rows = max(1, budget // max(1, 8 * x.shape[1]))
     _check_finite(x, "candidates", check_rows)
@@ -547,14 +710,8 @@ def k_center_greedy(
     dev = torch.device(device) if device is not None else x.device
     limit = x.shape[0] if n_samples is None else min(n_samples, x.shape[0])
     pool_t = p if p is not None and p.shape[0] > 0 else None
-    saved = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        with torch.no_grad():
-            out = _select(x, pool_t, dev, limit, min_distance, budget)
-    finally:
-        torch.set_num_threads(saved)
+    with _pinned_numerics(dev.type, threads):
+        out = _select(x, pool_t, dev, limit, min_distance, budget)
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
     return Selection(idx, dist)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from datapool import selection
 from datapool.errors import InputError
@@ -262,3 +267,196 @@ def test_properties(
     for i in idx:  # duplicates of the pool or of earlier picks are never picked
         assert tuple(cand[i]) not in seen
         seen.add(tuple(cand[i]))
+
+
+# --- Exact ties at the top-set boundary, caller's torch settings, the error bound (issue 9) ---
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail with TimeoutError instead of hanging (the engine's loops are Python-level)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"k_center_greedy did not return within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tie_at_the_boundary() -> tuple[np.ndarray, np.ndarray]:
+    """The reported hang: late rows whose bound equals the level at the top-set boundary.
+
+    1-D candidates alternating +5 / -5, with 150 zeros exactly where the pool
+    pass samples rows to estimate its level; pool: 1,024 rows at +10, then
+    1,024 at -10 (two chunks), so rows stop early with bounds tied to that level.
+    """
+    n = 4000
+    x = np.where(np.arange(n) % 2 == 0, 5.0, -5.0).astype(np.float32)
+    sampled = torch.linspace(0, n - 1, min(4096, n // 4)).long().numpy()
+    x[sampled[:150]] = 0.0
+    pool = np.concatenate([np.full(1024, 10.0), np.full(1024, -10.0)]).astype(np.float32)
+    return x[:, None], pool[:, None]
+
+
+def test_tie_at_the_top_set_boundary_returns_the_textbook_picks() -> None:
+    x, pool = tie_at_the_boundary()
+    with deadline(60):
+        sel = k_center_greedy(x, pool=pool, n_samples=3)
+    assert_same(sel, reference(x, pool, n_samples=3))
+    assert sel.min_distances.tolist() == [10.0, 5.0, 5.0]
+
+
+def integer_grid(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Points of {0..3}^2 (thousands of exact duplicates and tied distances), pool beside."""
+    cand = rng.integers(0, 4, (6000, 2)).astype(np.float32)
+    pool = rng.integers(3, 8, (1500, 2)).astype(np.float32)
+    return cand, pool
+
+
+def duplicated_rows(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """20 distinct integer rows, each repeated 300 times; a 1,100-row pool of others."""
+    base = rng.integers(-6, 7, (20, 8)).astype(np.float32)
+    cand = rng.permutation(np.repeat(base, 300, axis=0))
+    pool = rng.integers(-2, 3, (1100, 8)).astype(np.float32)
+    return cand, pool
+
+
+def symmetric(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """+-e_i and +-2 e_i in 16-d: every candidate equally far from a pool at the origin."""
+    eye = np.eye(16, dtype=np.float32)
+    cand = np.concatenate([np.tile(np.concatenate([eye, -eye, 2 * eye, -2 * eye]), (80, 1))])
+    pool = np.zeros((1300, 16), np.float32)
+    pool[::2] = 3 * eye[rng.integers(0, 16, 650)]
+    return cand, pool
+
+
+TIES = {"integer grid": integer_grid, "duplicates": duplicated_rows, "symmetric": symmetric}
+
+
+@pytest.mark.parametrize("kind", sorted(TIES))
+@pytest.mark.parametrize("rule", [{"n_samples": 40}, {"min_distance": 1.0}])
+def test_exact_ties_beyond_the_top_set_with_a_multi_chunk_pool(
+    kind: str, rule: dict[str, float]
+) -> None:
+    """More tied rows than the top set holds (>= 256), pool over one chunk (1,024 rows)."""
+    cand, pool = TIES[kind](np.random.default_rng(21))
+    assert len(pool) > selection._CHUNK
+    ref = reference(cand, pool, **rule)  # type: ignore[arg-type]
+    assert len(ref[0]) > 1
+    d2 = ((cand[:, None, :] - pool[None]) ** 2).sum(-1).min(axis=1)
+    assert int((d2 == d2.max()).sum()) > 256  # the first pick alone ties beyond the top set
+    with deadline(120):
+        sel = k_center_greedy(cand, pool=pool, **rule)  # type: ignore[arg-type]
+    assert_same(sel, ref)
+
+
+def numerics() -> tuple[str, str, bool, int]:
+    """The process-wide settings a selection must leave as it found them."""
+    mkldnn: Any = torch.backends.mkldnn
+    return (
+        torch.backends.cuda.matmul.fp32_precision,
+        mkldnn.matmul.fp32_precision,
+        torch.is_autocast_enabled("cpu"),
+        torch.get_num_threads(),
+    )
+
+
+@pytest.fixture
+def medium_precision() -> Iterator[None]:
+    """The caller asked for fast, reduced-precision float32 products (bf16 / TF32)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+class RecordPrecision(TorchFunctionMode):
+    """Records the matmul precision in force at every product the engine runs."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str, bool]] = []
+        self.fail_after = fail_after
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in (torch.addmm, torch.addmv, torch.mm, torch.matmul, torch.Tensor.__matmul__):
+            self.seen.append(numerics()[:3])
+            if self.fail_after is not None and len(self.seen) > self.fail_after:
+                raise KeyboardInterrupt("interrupted inside the engine")
+        return func(*args, **(kwargs or {}))
+
+
+def test_products_run_in_full_float32_whatever_the_caller_set(medium_precision: None) -> None:
+    x = clustered(np.random.default_rng(9), 3000, 32)
+    with RecordPrecision() as mode:
+        sel = k_center_greedy(x[1200:], pool=x[:1200], n_samples=50)
+    assert mode.seen and set(mode.seen) == {("ieee", "ieee", False)}
+    assert_same(sel, reference(x[1200:], x[:1200], n_samples=50))
+
+
+def test_medium_matmul_precision_gives_the_textbook_picks(medium_precision: None) -> None:
+    x = clustered(np.random.default_rng(0), 20_000, 64)
+    pool, cand = x[:2000], x[2000:]
+    sel = k_center_greedy(cand, pool=pool, n_samples=60)
+    assert_same(sel, reference(cand, pool, n_samples=60))
+
+
+def test_autocast_region_gives_the_textbook_picks() -> None:
+    x = clustered(np.random.default_rng(0), 6000, 32)
+    pool, cand = x[:1500], x[1500:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sel = k_center_greedy(cand, pool=pool, n_samples=60)
+        assert torch.is_autocast_enabled("cpu")  # still the caller's region afterwards
+    assert_same(sel, reference(cand, pool, n_samples=60))
+
+
+def test_caller_settings_come_back_even_after_an_interruption(medium_precision: None) -> None:
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    mkldnn: Any = torch.backends.mkldnn
+    mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        before = numerics()
+        assert before[:2] == ("tf32", "bf16") and before[3] == 3
+        x = clustered(np.random.default_rng(1), 2000, 16)
+        k_center_greedy(x, n_samples=20)
+        assert numerics() == before
+        with pytest.raises(KeyboardInterrupt), RecordPrecision(fail_after=2):
+            k_center_greedy(x[500:], pool=x[:500], n_samples=20)
+        assert numerics() == before
+        assert torch.get_float32_matmul_precision() == "medium"  # legacy view still readable
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 8, 64, 512])
+def test_error_bound_holds_with_margin_on_cancelling_data(d: int) -> None:
+    """|GEMM form - direct form| <= kappa(d) * (|x|^2 + |c|^2) on rows far from the origin."""
+    rng = np.random.default_rng(d)
+    offset = rng.standard_normal(d).astype(np.float32) * 100  # big norms, small distances
+    x = torch.from_numpy(offset + rng.standard_normal((4000, d)).astype(np.float32) * 1e-2)
+    c = torch.from_numpy(offset + rng.standard_normal((64, d)).astype(np.float32) * 1e-2)
+    xn, cn = (x * x).sum(1), (c * c).sum(1)
+    gemm = torch.addmm(cn.unsqueeze(0), x, c.T, alpha=-2.0).add_(xn.unsqueeze(1))
+    direct = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+    worst = float(((gemm - direct).abs() / (xn[:, None] + cn[None])).max())
+    kappa = selection._kappa(d)
+    assert 0 < worst <= kappa
+    u = 2.0**-24
+    assert kappa >= (4.618 * d + 7.618) * u  # at least the first-order worst case
+
+
+def test_too_large_values_and_dimensions_are_refused() -> None:
+    big = np.ones((5, 2), np.float32)
+    big[3] = 3e18  # squared norm ~2e37: sums of two would overflow float32
+    with pytest.raises(InputError, match="candidates row 3 has a squared norm"):
+        k_center_greedy(big, n_samples=2)
+    with pytest.raises(InputError, match="pool row 1 has a squared norm"):
+        k_center_greedy(np.ones((5, 2), np.float32), pool=big[2:], n_samples=2)
