@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -48,9 +49,11 @@ __all__ = [
     "TRANSPARENT_BACKGROUND",
     "CorruptImageError",
     "ImageFile",
+    "InboxManifest",
     "check_image",
     "content_hash",
     "discover_images",
+    "inbox_manifest",
     "load_rgb",
     "printable_relpath",
 ]
@@ -265,6 +268,56 @@ def printable_relpath(path: Path, *, root: Path) -> str:
     except ValueError:  # not under root: a folder reached through a link, keep it whole
         rel = path
     return os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True, slots=True)
+class InboxManifest:
+    """What the pipeline tracks of an inbox in place of its bytes (see :func:`inbox_manifest`).
+
+    Attributes:
+        images: ``(relpath, size, mtime_ns)`` of every image file, sorted by relpath.
+        skipped: ``{entry: reason}`` of every entry discovery skipped.
+    """
+
+    images: list[tuple[str, int, int]]
+    skipped: dict[str, str]
+
+    def to_json(self) -> str:
+        """One line per image, then the skipped entries: diffs of the file stay readable."""
+        lines = [json.dumps(list(image), ensure_ascii=False) for image in self.images]
+        body = ",\n".join(lines)
+        skipped = json.dumps(self.skipped, ensure_ascii=False, indent=1)
+        return f'{{"images": [\n{body}\n],\n"skipped": {skipped}}}\n'
+
+
+def inbox_manifest(root: Path) -> InboxManifest:
+    """List ``root`` for the pipeline's ``inbox`` stage, calling only ``stat``, never ``open``.
+
+    Every image file :func:`discover_images` finds comes with the size and
+    modification time its ``stat`` gives (the signature DVC itself trusts to reuse a
+    file's hash), and every entry it skips with the reason. DVC hashing the folder
+    instead would open every entry: a named pipe there hangs ``dvc repro`` forever, a
+    link to ``/dev/zero`` reads without end, and a socket or a name that is not UTF-8
+    stops it with an error.
+
+    Raises:
+        InputError: ``root`` does not exist, is not a folder, or cannot be read.
+    """
+    root_path = Path(root).absolute()
+    skipped: dict[str, str] = {}
+
+    def on_skip(path: Path, reason: str) -> None:
+        skipped[printable_relpath(path, root=root_path)] = reason
+
+    images: list[tuple[str, int, int]] = []
+    for item in discover_images(root_path, on_skip=on_skip):
+        try:
+            st = item.path.stat()
+        except OSError as exc:  # vanished or became unreadable since it was listed
+            skipped[item.relpath] = exc.strerror or str(exc)
+            continue
+        images.append((item.relpath, st.st_size, st.st_mtime_ns))
+    return InboxManifest(images=images, skipped=dict(sorted(skipped.items())))
 
 
 # --------------------------------------------------------------------------- hashing

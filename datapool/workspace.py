@@ -34,6 +34,7 @@ __all__ = [
 TEMPLATE_FILES = (
     "dvc.yaml",
     "params.yaml",
+    "stages/inbox.py",
     "stages/embed.py",
     "stages/sample.py",
     "stages/merge.py",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import io
+import json
 import logging
 import os
 import struct
@@ -33,6 +34,7 @@ from datapool.images import (
     check_image,
     content_hash,
     discover_images,
+    inbox_manifest,
     load_rgb,
 )
 
@@ -854,3 +856,24 @@ def test_pipes_and_devices_are_refused_without_blocking(tmp_path: Path) -> None:
         with pytest.raises(OSError, match="not a regular file"):
             content_hash(path)
         assert _reason(path) == "not a regular file"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_inbox_manifest_stats_images_and_lists_skipped_entries_without_opening(
+    tmp_path: Path,
+) -> None:
+    _touch(tmp_path, "b/two.jpg", "one.png", "notes.txt")
+    os.mkfifo(tmp_path / "pipe.png")  # would block an open(): the manifest never opens
+    st = (tmp_path / "one.png").stat()
+
+    manifest = inbox_manifest(tmp_path)
+
+    assert [name for name, _, _ in manifest.images] == ["b/two.jpg", "one.png"]
+    assert manifest.images[1] == ("one.png", st.st_size, st.st_mtime_ns)
+    assert manifest.skipped == {"pipe.png": "not a regular file"}
+    assert json.loads(manifest.to_json()) == {
+        "images": [list(image) for image in manifest.images],
+        "skipped": manifest.skipped,
+    }
+    os.utime(tmp_path / "one.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert inbox_manifest(tmp_path) != manifest  # a rewritten file changes the listing

@@ -6,6 +6,8 @@ runner, in-process) on a real pool folder whose bytes are compared before and af
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from datapool.pool import CHECKPOINT, POOL_CSV, column_order, write_table
+from datapool.tools import tool_env
 from datapool.transaction import save_pool
 from stages.embed import app as embed_app
 from stages.merge import app as merge_app
@@ -302,3 +305,53 @@ def test_hostile_inbox_entries_are_listed_and_the_run_goes_on(tmp_path: Path) ->
     assert "5 corrupt" in result.output
     embedded = pd.read_csv(tmp_path / "out" / "candidates.csv")
     assert list(embedded["filenames"]) == ["good.png", "good2.png"]
+
+
+def _repro(workspace: Path) -> subprocess.CompletedProcess[str]:
+    """`dvc repro` in ``workspace``; the timeout only keeps a hang from stalling the suite."""
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=workspace,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_hostile_inbox_through_real_dvc_repro(tmp_path: Path) -> None:
+    # DVC used to hash the inbox itself: the pipe hung `dvc repro`, the socket and the
+    # Latin-1 name stopped it. Now it tracks the inbox stage's listing instead.
+    import json
+
+    from datapool.pool import read_pool
+    from datapool.workspace import create_workspace, set_params
+
+    expected = _hostile_inbox(tmp_path / "inbox")
+    ws = tmp_path / "ws"
+    create_workspace(ws)
+    fast = {"embed.image_size": 32, "embed.bootstrap_epochs": 1, "embed.embedding_dim": 8}
+    set_params(ws / "params.yaml", {**fast, "input_dir": str(tmp_path / "inbox")})
+    done = _repro(ws)
+    assert done.returncode == 0, done.stdout + done.stderr
+    work = ws / "work" / "my_datapool"
+    corrupt = json.loads((work / "embed" / "corrupt.json").read_text(encoding="utf-8"))
+    assert set(corrupt) == set(expected)
+    pool = read_pool(ws / "pools" / "my_datapool")
+    assert pool is not None and sorted(pool["filenames"]) == ["good.png", "good2.png"]
+    # Nothing changed: only the listing runs, and embed is not redone.
+    again = _repro(ws)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running stage 'inbox'" in again.stdout
+    assert "Running stage 'embed'" not in again.stdout
+    # A new image is noticed through the listing.
+    from PIL import Image
+
+    Image.new("RGB", (30, 30), "yellow").save(tmp_path / "inbox" / "new.png")
+    third = _repro(ws)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "Running stage 'embed'" in third.stdout
+    pool = read_pool(ws / "pools" / "my_datapool")
+    assert pool is not None and "new.png" in set(pool["filenames"])
