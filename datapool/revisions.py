@@ -13,8 +13,8 @@ as a commit records it, in one of two places:
 
 History and restore read git (``git log``, ``git show REV:dvc.lock``) and the
 DVC cache directly (a ``.dir`` object is a JSON list of ``{md5, relpath}``);
-restoring goes through ``git checkout REV -- FILE`` and ``dvc checkout``. Nothing
-here imports dvc.
+restoring goes through ``git checkout REV -- FILE`` and ``dvc checkout``. Only
+forgetting imports dvc, when it runs (it deletes under DVC's repository lock).
 """
 
 from __future__ import annotations
@@ -370,18 +370,43 @@ def _restore_parked(workspace: Path, name: str, full: str) -> None:
     run_tool(["dvc", "checkout", "--force", "-q", target], cwd=workspace, quiet=True)
 
 
+def _records_at(workspace: Path, rev: str) -> Iterator[tuple[str, Record]]:
+    """``(pool name, record)`` for every pool commit ``rev`` records."""
+    locked = lock_pool(git_output(workspace, "show", f"{rev}:{LOCK}"))
+    if locked is not None:
+        yield locked[0], Record(locked[1], parked=False)
+    listing = git_output(workspace, "ls-tree", "--name-only", f"{rev}:pools") or ""
+    for entry in listing.split():
+        if entry.endswith(".dvc"):
+            found = record_at(workspace, rev, entry.removesuffix(".dvc"))
+            if found is not None:
+                yield entry.removesuffix(".dvc"), found
+
+
 def _all_records(workspace: Path) -> Iterator[tuple[str, Record]]:
-    """``(pool name, record)`` for every pool every commit records (with repeats)."""
+    """``(pool name, record)`` for every pool every commit of HEAD's history records."""
     for rev, _, _ in _commits(workspace, LOCK, "pools"):
-        locked = lock_pool(git_output(workspace, "show", f"{rev}:{LOCK}"))
-        if locked is not None:
-            yield locked[0], Record(locked[1], parked=False)
-        listing = git_output(workspace, "ls-tree", "--name-only", f"{rev}:pools") or ""
-        for entry in listing.split():
-            if entry.endswith(".dvc"):
-                found = record_at(workspace, rev, entry.removesuffix(".dvc"))
-                if found is not None:
-                    yield entry.removesuffix(".dvc"), found
+        yield from _records_at(workspace, rev)
+
+
+def _git_words(workspace: Path, *args: str) -> list[str]:
+    """The words ``git ARGS`` prints (hashes, ref names); none when git fails."""
+    return (git_output(workspace, *args) or "").split()
+
+
+def _other_refs_records(workspace: Path) -> Iterator[tuple[str, Record]]:
+    """Records the other local branches and the tags use: at their tips, and in
+    the commits only they reach (HEAD's own branch is the one being forgotten)."""
+    current = _git_words(workspace, "symbolic-ref", "-q", "HEAD")
+    listed = _git_words(workspace, "for-each-ref", "--format=%(refname)", "refs/heads", "refs/tags")
+    refs = [ref for ref in listed if ref not in current]
+    if not refs:
+        return
+    revs = set(_git_words(workspace, "rev-list", *refs, "--not", "HEAD", "--", LOCK, "pools"))
+    for ref in refs:
+        revs.update(_git_words(workspace, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}"))
+    for rev in sorted(revs):
+        yield from _records_at(workspace, rev)
 
 
 def _workspace_objects(workspace: Path, cache: Path) -> set[str]:
@@ -396,18 +421,67 @@ def _workspace_objects(workspace: Path, cache: Path) -> set[str]:
     return set().union(*(objects_of(cache, d) for d in digests)) if digests else set()
 
 
-def forget_history(workspace: Path, name: str) -> int:
-    """Delete earlier versions of pool ``name`` from the DVC cache; returns objects deleted.
+@dataclass(frozen=True)
+class Forgotten:
+    """What :func:`forget_history` did.
 
-    This is ``datapool.keep_history=false``. Decision: the run still updates the
-    pool in the workspace (and dvc.lock), but makes no commit, and every cache
-    object only older versions of *this* pool need goes. Objects the working
-    tree still tracks (the new version, other pools, work/) or any other pool's
-    revision needs are kept -- so unlike ``dvc gc -w`` it never touches another
-    pool's history. Commits that recorded the dropped versions stay in git;
-    restoring them fails with a message saying the data is gone.
+    Attributes:
+        deleted: cache objects deleted.
+        shared_cache: the cache, when it is not the workspace's own and so was left alone.
     """
-    cache = cache_dir(workspace)
+
+    deleted: int
+    shared_cache: Path | None = None
+
+    @property
+    def note(self) -> str:
+        """One line for the person running datapool."""
+        if self.shared_cache is None:
+            return f"{self.deleted} cache objects of earlier versions dropped"
+        return (
+            f"earlier versions kept: the DVC cache {self.shared_cache} is shared (cache.dir), "
+            "and what other workspaces use of it cannot be known; drop them there with "
+            "`dvc gc --projects` naming every workspace that uses it"
+        )
+
+
+def forget_history(workspace: Path, name: str) -> Forgotten:
+    """Delete earlier versions of pool ``name`` from the DVC cache (``keep_history=false``).
+
+    Decision: the run still updates the pool in the workspace (and dvc.lock) but
+    makes no commit, and the cache objects only older versions of *this* pool
+    in HEAD's history need go. Kept: what the working tree tracks (the new
+    version, other pools, work/), every other pool's versions, and every
+    version another local branch or a tag uses -- unlike ``dvc gc -w``. Commits
+    that recorded dropped versions stay in git; restoring one says the data is gone.
+
+    Only a cache of the workspace's own (``.dvc/cache``) is touched: DVC keeps no
+    list of the workspaces that share a cache set elsewhere by ``cache.dir``, so
+    there nothing is deleted and :attr:`Forgotten.note` says so. All of it runs
+    under DVC's repository lock, so no DVC command of the workspace runs meanwhile.
+    Raises :class:`InputError` (nothing deleted) when another DVC command holds it.
+    """
+    from dvc.lock import LockError
+    from dvc.repo import Repo, lock_repo
+
+    with Repo(str(workspace)) as repo:
+        try:
+            with lock_repo(repo):
+                return _forget_locked(repo, workspace, name)
+        except LockError as err:
+            raise InputError(
+                f"cannot take DVC's lock in {workspace} to drop the earlier versions of pool "
+                f"{name} ({err}); nothing was deleted. The pool itself is updated; run again "
+                "when the other DVC command has finished"
+            ) from err
+
+
+def _forget_locked(repo: Any, workspace: Path, name: str) -> Forgotten:
+    """:func:`forget_history`'s work, with ``repo`` (a dvc Repo) locked."""
+    odb, own = repo.cache.local, repo.cache.default_local_cache_dir
+    cache = Path(repo.cache.local_cache_dir)
+    if own is None or cache.resolve() != Path(own).resolve():
+        return Forgotten(deleted=0, shared_cache=cache)
     doomed: set[str] = set()
     keep = _workspace_objects(workspace, cache)
     for pool, record in _all_records(workspace):
@@ -415,7 +489,9 @@ def forget_history(workspace: Path, name: str) -> int:
             doomed |= objects_of(cache, record.digest)
         else:
             keep |= objects_of(cache, record.digest)
-    gone = sorted(doomed - keep)
-    for md5 in gone:
-        cache_file(cache, md5).unlink(missing_ok=True)
-    return len(gone)
+    for _, record in _other_refs_records(workspace):
+        keep |= objects_of(cache, record.digest)
+    gone = [md5 for md5 in sorted(doomed - keep) if cache_file(cache, md5).is_file()]
+    if gone:
+        odb.fs.remove([odb.oid_to_path(md5) for md5 in gone])
+    return Forgotten(deleted=len(gone))

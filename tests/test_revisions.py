@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,8 +78,10 @@ def repo(tmp_path: Path) -> Path:
     return ws
 
 
-def commit_version(ws: Path, name: str, hashes: list[str], n_samples: int) -> str:
-    digest = cached_pool(ws / ".dvc" / "cache", hashes)
+def commit_version(
+    ws: Path, name: str, hashes: list[str], n_samples: int, *, cache: Path | None = None
+) -> str:
+    digest = cached_pool(cache or ws / ".dvc" / "cache", hashes)
     (ws / "dvc.lock").write_text(LOCK.format(name=name, digest=digest))
     text = f"datapool:\n  name: {name}\nstopping_condition:\n  n_samples: {n_samples}\n"
     (ws / "params.yaml").write_text(text)
@@ -136,7 +140,8 @@ def test_forget_history_drops_only_this_pools_old_versions(repo: Path) -> None:
     vb = commit_version(repo, "B", ["h9"], 5)
     v2 = commit_version(repo, "A", ["h1", "h2"], 5)
     cache = repo / ".dvc" / "cache"
-    assert forget_history(repo, "A") == 2  # v1's manifest and CSV
+    forgotten = forget_history(repo, "A")
+    assert forgotten.deleted == 2 and forgotten.shared_cache is None  # v1's manifest and CSV
     records = [record_at(repo, rev, name) for rev, name in ((v1, "A"), (vb, "B"), (v2, "A"))]
     assert all(r is not None for r in records)
     present = [read_version(cache, r.digest) is not None for r in records if r is not None]
@@ -218,3 +223,70 @@ def test_a_record_lost_by_an_earlier_failed_switch_is_restored(repo: Path) -> No
     assert record.read_text() == before
     git_commit(repo, "next run")
     assert record_at(repo, "HEAD", "B") is not None
+
+
+def test_forget_history_keeps_versions_a_tag_or_branch_uses(repo: Path) -> None:
+    v1 = commit_version(repo, "A", ["h1"], 5)
+    run_tool(["git", "tag", "release", v1], cwd=repo, quiet=True)
+    v2 = commit_version(repo, "A", ["h2"], 5)
+    run_tool(["git", "branch", "before-v3", v2], cwd=repo, quiet=True)
+    commit_version(repo, "A", ["h3"], 5)
+    commit_version(repo, "A", ["h4"], 5)
+    assert forget_history(repo, "A").deleted == 2  # only v3: the tag uses v1, the branch v2
+    cache = repo / ".dvc" / "cache"
+    kept = [record_at(repo, rev, "A") for rev in (v1, v2)]
+    assert all(r is not None and read_version(cache, r.digest) is not None for r in kept)
+
+
+def _shared(ws: Path, cache: Path) -> None:
+    run_tool(["dvc", "cache", "dir", str(cache)], cwd=ws, quiet=True)
+    git_commit(ws, "use the shared cache")
+
+
+def test_forget_history_leaves_a_shared_cache_alone(repo: Path, tmp_path: Path) -> None:
+    # Two workspaces share one cache (`dvc cache dir`); the other one is a clone
+    # still at v1. Which objects other workspaces use cannot be known, so none go.
+    shared = tmp_path / "shared-cache"
+    _shared(repo, shared)
+    v1 = commit_version(repo, "A", ["h1"], 5, cache=shared)
+    other = tmp_path / "other"
+    run_tool(["git", "clone", "-q", str(repo), str(other)], cwd=tmp_path, quiet=True)
+    commit_version(repo, "A", ["h2"], 5, cache=shared)
+    forgotten = forget_history(repo, "A")
+    assert forgotten.deleted == 0 and forgotten.shared_cache == shared
+    assert "shared" in forgotten.note and str(shared) in forgotten.note
+    used = record_at(other, "HEAD", "A")
+    assert used is not None and used == record_at(repo, v1, "A")
+    assert missing_objects(shared, used.digest) == []
+
+
+def test_forget_history_waits_for_dvcs_lock_and_deletes_nothing_without_it(repo: Path) -> None:
+    # Another DVC command holds the repository lock: nothing is deleted behind its back.
+    commit_version(repo, "A", ["h1"], 5)
+    commit_version(repo, "A", ["h2"], 5)
+    cache = repo / ".dvc" / "cache"
+    before = sorted(p for p in cache.rglob("*") if p.is_file())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(repo)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=r"lock.*nothing was deleted"):
+            forget_history(repo, "A")
+    finally:
+        holder.communicate("")
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == before
+    assert forget_history(repo, "A").deleted == 2
+
+
+HOLD_LOCK = """
+import sys
+from dvc.repo import Repo
+repo = Repo(sys.argv[1])
+with repo.lock:
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
