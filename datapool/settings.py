@@ -1,0 +1,258 @@
+"""The pipeline's settings (params.yaml): every key with its type and range, checked up front.
+
+``datapool run`` and the container check each ``KEY=VALUE`` and then the whole
+params file before any stage runs, so a typo or an out-of-range value is refused
+with the key and value named instead of failing minutes later inside a stage (or
+not at all). Text values also end up in the shell commands DVC runs: dvc.yaml
+single-quotes every value, and these rules refuse the characters single quotes
+cannot carry (``'``, ``\\`` for fish, control characters). Pool names become
+folder names, so they are plain names: :func:`check_pool_name`.
+
+Nothing here imports torch, typer or dvc; ``tests/test_settings.py`` keeps the
+lists of models and precisions in step with :mod:`datapool.embedding.model`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from datapool.errors import InputError
+
+POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_]+")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# Characters a single-quoted shell word cannot carry verbatim: the quote itself,
+# the backslash (an escape inside quotes in fish, a shell DVC supports), control codes.
+UNQUOTABLE = re.compile(r"['\\\x00-\x1f\x7f]")
+
+
+def check_pool_name(name: str) -> str:
+    """Return ``name`` if it is a usable pool name: a plain folder name of letters,
+    digits, ``.``, ``_`` and ``-`` starting with a letter or digit, at most 100
+    characters, not ending in ``.dvc`` (that is where a parked pool's record lives).
+
+    Raises :class:`InputError` otherwise.
+    """
+    if not POOL_NAME.fullmatch(name) or name.endswith(".dvc"):
+        raise InputError(
+            f"{name!r} is not a usable pool name: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (at most 100 characters, not ending in .dvc)"
+        )
+    return name
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting accepts.
+
+    Attributes:
+        kind: ``bool``, ``int``, ``float`` or ``str``.
+        low, high: inclusive bounds for numbers (None = unbounded).
+        above: exclusive lower bound instead of ``low`` (``learning_rate > 0``).
+        choices: the allowed texts, when there is a fixed list.
+        check: for other texts, returns the problem or None.
+    """
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    choices: tuple[str, ...] = ()
+    check: Callable[[str], str | None] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not acceptable (the text after the key), or None."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+        if self.kind is str:
+            return self._text_problem(value)
+        return self._number_problem(value)
+
+    def _number_problem(self, value: Any) -> str | None:
+        whole = self.kind is int
+        if whole:
+            ok = _number(value) and float(value).is_integer()
+            what = "a whole number"
+        else:
+            ok = _number(value) and math.isfinite(value)
+            what = "a number"
+        if ok and self.low is not None and value < self.low:
+            ok = False
+        if ok and self.high is not None and value > self.high:
+            ok = False
+        if ok and self.above is not None and value <= self.above:
+            ok = False
+        if ok:
+            return None
+        if self.above is not None:
+            bounds = f"> {self.above:g}"
+        elif self.high is not None:
+            bounds = f"in [{self.low:g}, {self.high:g}]"
+        else:
+            bounds = f">= {self.low:g}"
+        return f"must be {what} {bounds}, got {value!r}"
+
+    def _text_problem(self, value: Any) -> str | None:
+        if not isinstance(value, str):
+            return f"must be text, got {value!r}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.check is not None:
+            return self.check(value)
+        return None
+
+
+def _input_dir(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    if UNQUOTABLE.search(value):
+        return (
+            f"{value!r} holds a character the pipeline's shell commands cannot carry "
+            "(', \\ or a control character); rename the folder or link to it from a "
+            "path without one"
+        )
+    return None
+
+
+def _pool_name(value: str) -> str | None:
+    try:
+        check_pool_name(value)
+    except InputError as err:
+        return str(err)
+    return None
+
+
+def _weights(value: str) -> str | None:
+    if WEIGHTS_NAME.fullmatch(value):
+        return None
+    return f"must be a torchvision weights name or none (e.g. DEFAULT), got {value!r}"
+
+
+def _device(value: str) -> str | None:
+    return None if DEVICE.fullmatch(value) else f"must be auto, cpu, cuda or cuda:N, got {value!r}"
+
+
+SETTINGS: dict[str, Rule] = {
+    "input_dir": Rule(str, check=_input_dir),
+    "datapool.name": Rule(str, check=_pool_name),
+    "datapool.keep_history": Rule(bool),
+    "stopping_condition.n_samples": Rule(int, low=0),
+    # Embeddings are unit vectors: no two are farther apart than 2.
+    "stopping_condition.min_distance": Rule(float, low=0, high=2),
+    "append_weak_labels": Rule(bool),
+    "embed.model": Rule(str, choices=("mobilenet_v3_small", "resnet18", "resnet34", "resnet50")),
+    "embed.weights": Rule(str, check=_weights),
+    "embed.embedding_dim": Rule(int, low=1),
+    "embed.image_size": Rule(int, low=16),
+    "embed.batch_size": Rule(int, low=1),
+    "embed.num_workers": Rule(int, low=0),
+    "embed.device": Rule(str, check=_device),
+    "embed.precision": Rule(str, choices=("fp32", "bf16")),
+    "embed.seed": Rule(int, low=0),
+    "embed.bootstrap_epochs": Rule(int, low=0),
+    "embed.train_epochs": Rule(int, low=0),
+    # Contrastive training needs another image in the batch as a negative.
+    "embed.train_batch_size": Rule(int, low=2),
+    "embed.learning_rate": Rule(float, above=0),
+}
+REQUIRED = ("input_dir", "datapool.name")
+
+
+def check_value(key: str, value: Any) -> Any:
+    """``value`` for setting ``key``, checked (whole floats become ints).
+
+    Raises :class:`InputError` naming the key and value, or listing the known keys.
+    """
+    rule = SETTINGS.get(key)
+    if rule is None:
+        raise InputError(f"unknown setting {key!r}; known: {', '.join(SETTINGS)}")
+    problem = rule.problem(value)
+    if problem is not None:
+        raise InputError(f"{key} {problem}")
+    if rule.kind is int:
+        return int(value)
+    if rule.kind is float:
+        return float(value)
+    return value
+
+
+def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=0.1", ...]`` -> ``{"a.b": 0.1, ...}``, each value read as its setting's type.
+
+    Text settings take the text verbatim (``datapool.name=2024`` is the name
+    ``"2024"``); the others are read as YAML scalars (``true``, ``1e3``, ``.nan``).
+    Raises :class:`InputError` for an item without ``=``, an unknown key, or a bad value.
+    """
+    from ruamel.yaml import YAML
+
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"expected KEY=VALUE, got {pair!r}")
+        rule = SETTINGS.get(key)
+        if rule is None or rule.kind is str:
+            value: Any = text
+        else:
+            value = YAML(typ="safe").load(text) if text.strip() else ""
+        parsed[key] = check_value(key, value)
+    return parsed
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run needs to know of the checked params: pool, input folder, history."""
+
+    name: str
+    input_dir: str
+    keep_history: bool
+
+
+def check_params(params: Mapping[str, Any], *, source: str) -> RunSettings:
+    """Check every known setting present in a params mapping, and the pair of stopping conditions.
+
+    Keys this version does not know are left alone (the workspace's own dvc.yaml
+    decides what it reads). Raises :class:`InputError` prefixed by ``source``
+    (the file), naming the key and value.
+    """
+    flat = dict(_flatten(params))
+    for key in REQUIRED:
+        if key not in flat:
+            raise InputError(f"{source} lacks {key}")
+    try:
+        for key, value in flat.items():
+            if key in SETTINGS:
+                check_value(key, value)
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
+    n_samples = flat.get("stopping_condition.n_samples", 0)
+    min_distance = flat.get("stopping_condition.min_distance", 0.0)
+    if n_samples == 0 and min_distance == 0:
+        raise InputError(
+            f"{source}: set stopping_condition.n_samples > 0 or stopping_condition.min_distance "
+            "> 0; with neither, selection would never stop"
+        )
+    return RunSettings(
+        name=flat["datapool.name"],
+        input_dir=flat["input_dir"],
+        keep_history=bool(flat.get("datapool.keep_history", True)),
+    )
+
+
+def _flatten(node: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
