@@ -33,6 +33,15 @@ def test_every_interpolated_key_exists_in_params() -> None:
         _lookup(key)
 
 
+def test_every_value_in_a_stage_command_is_single_quoted() -> None:
+    # DVC pastes values into a shell command line: unquoted, an input folder named
+    # `in box` splits in two and one named `x$(touch PWNED)` runs a command. Inside
+    # single quotes only a quote itself is special, and datapool.settings refuses those.
+    for name, stage in PIPELINE["stages"].items():
+        outside_quotes = re.sub(r"'[^']*'", "", stage["cmd"])
+        assert "${" not in outside_quotes, f"stage {name}: {outside_quotes}"
+
+
 def test_declared_params_exist() -> None:
     for stage in PIPELINE["stages"].values():
         for entry in stage.get("params", []):
@@ -66,7 +75,8 @@ def test_library_imports_without_typer_or_dvc() -> None:
         "import sys, datapool, datapool.pool, datapool.increment, datapool.selection, "
         "datapool.images, datapool.embedding.model, datapool.embedding.inference, "
         "datapool.workspace, datapool.revisions, datapool.combine, datapool.exchange, "
-        "datapool.container, datapool.tools, datapool.transaction, datapool.embedding.pool_model; "
+        "datapool.container, datapool.tools, datapool.settings, datapool.transaction, "
+        "datapool.embedding.pool_model; "
         "bad = [m for m in ('typer', 'dvc', 'click') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
