@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,9 +286,44 @@ def adopt(workspace: Path, name: str) -> None:
             park(workspace, previous)
     except BaseException:
         if saved is not None:
-            with atomic_open(record, "w") as handle:
-                handle.write(saved)
+            _put_back(record, saved)
         raise
+
+
+@contextmanager
+def switch_to(workspace: Path, name: str) -> Iterator[None]:
+    """:func:`adopt` ``name`` for a run (the ``with`` body), undone if the run fails first.
+
+    When the body raises while dvc.lock does not record ``name`` yet (the
+    pipeline never got to merge), NAME's ``.dvc`` record, the previous pool's
+    and ``pools/.gitignore`` are put back as they were, so a failed run leaves
+    every pool recorded as before (the caller puts params.yaml back). Once
+    dvc.lock records ``name`` the switch has happened and is kept.
+    Raises what :func:`adopt` raises, and whatever the body raises.
+    """
+    current = lock_pool(_read(workspace / LOCK))
+    touched = [parked_file(workspace, name), workspace / "pools" / ".gitignore"]
+    if current is not None and current[0] != name:
+        touched.append(parked_file(workspace, current[0]))
+    saved = {path: _read(path) for path in touched}
+    adopt(workspace, name)
+    try:
+        yield
+    except BaseException:
+        now = lock_pool(_read(workspace / LOCK))
+        if now is None or now[0] != name:
+            for path, text in saved.items():
+                _put_back(path, text)
+        raise
+
+
+def _put_back(path: Path, text: str | None) -> None:
+    """Make ``path`` hold ``text`` again (atomically), or not exist when ``text`` is None."""
+    if text is None:
+        path.unlink(missing_ok=True)
+    elif _read(path) != text:
+        with atomic_open(path, "w") as handle:
+            handle.write(text)
 
 
 def _repark_lost(workspace: Path, name: str) -> None:

@@ -28,6 +28,7 @@ from datapool.revisions import (
     record_at,
     resolve,
     restore,
+    switch_to,
 )
 from datapool.tools import git_commit, git_output, run_tool
 
@@ -178,6 +179,8 @@ def _two_pools(repo: Path) -> Path:
         row = f"{name}.png,1.0,,{sha(name)},b,m,/in,1,1\n"
         (folder / "datapool_latest.csv").write_text(CSV + row)
     run_tool(["dvc", "add", "pools/B"], cwd=repo, quiet=True)
+    with (repo / "pools" / ".gitignore").open("a") as ignore:
+        ignore.write("/A\n")  # as DVC does for the merge stage's output
     lock = LOCK.format(name="A", digest="0" * 32 + ".dir")
     (repo / "dvc.lock").write_text(lock)
     git_commit(repo, "A is the pipeline's pool, B is parked")
@@ -196,7 +199,7 @@ def test_a_failed_switch_leaves_both_pools_recorded(repo: Path) -> None:
     record = _two_pools(repo)
     before = record.read_text()
     _corrupt_cache_object(repo, repo / "pools" / "A" / "datapool_latest.csv")
-    with pytest.raises(InputError, match="dvc add"):
+    with pytest.raises(InputError, match="dvc add pools/A.*Is a directory"):
         adopt(repo, "B")
     assert record.read_text() == before
     assert current_record(repo, "A") is not None and not parked_file(repo, "A").exists()
@@ -290,3 +293,33 @@ with repo.lock:
     print("locked", flush=True)
     sys.stdin.read()
 """
+
+
+FAILING_MERGE = """stages:
+  merge:
+    cmd: python -c "raise SystemExit('merge failed')"
+    outs:
+    - pools/B:
+        persist: true
+"""
+
+
+def test_a_run_that_fails_after_the_switch_undoes_it(repo: Path) -> None:
+    # params.yaml names B (so dvc.yaml declares pools/B); the pipeline then fails
+    # for real. Until dvc.lock records B the switch has not happened: both
+    # pools' records and pools/.gitignore must be as HEAD has them.
+    _two_pools(repo)
+    (repo / "dvc.yaml").write_text(FAILING_MERGE)
+    with pytest.raises(InputError, match="merge failed"), switch_to(repo, "B"):
+        assert not parked_file(repo, "B").exists() and parked_file(repo, "A").exists()
+        run_tool(["dvc", "repro"], cwd=repo, quiet=True)
+    assert git_output(repo, "status", "--porcelain", "pools") == ""
+    assert record_at(repo, "HEAD", "B") == current_record(repo, "B")
+
+
+def test_a_switch_that_took_effect_is_kept(repo: Path) -> None:
+    _two_pools(repo)
+    with pytest.raises(RuntimeError), switch_to(repo, "B"):
+        (repo / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
+        raise RuntimeError("failed after the merge stage recorded pool B")
+    assert not parked_file(repo, "B").exists() and parked_file(repo, "A").exists()
