@@ -8,6 +8,8 @@ that imports typer; ``import datapool`` does not load it.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,15 +19,17 @@ from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import StoppingCondition
 from datapool.revisions import Revision, check_new_name, history, park, restore
+from datapool.settings import check_pool_name, check_value, parse_settings
 from datapool.sharing import fetch_all_versions, push_all_versions
 from datapool.tools import git_commit, head, run_tool
 from datapool.workspace import (
+    check_workspace,
     create_workspace,
-    current_settings,
-    parse_overrides,
     pool_size,
     run_increment,
+    run_with_settings,
     set_params,
+    workspace_lock,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -33,6 +37,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 EXAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "digits"
 Workspace = Annotated[Path, typer.Option(help="the workspace folder")]
 Remote = Annotated[str | None, typer.Option(help="DVC remote (default: the default remote)")]
+
+
+@contextmanager
+def _locked(workspace: Path, *names: str) -> Iterator[None]:
+    """Check the workspace and the pool names, then hold the workspace's lock."""
+    check_workspace(workspace)
+    for name in names:
+        check_pool_name(name)
+    with workspace_lock(workspace):
+        yield
 
 
 @app.command()
@@ -54,18 +68,21 @@ def run(
 ) -> None:
     """Write settings to params.yaml, run the pipeline, and commit the pool as a revision.
 
-    With datapool.keep_history=false nothing is committed and the pool's earlier
+    Every setting is checked before anything runs; a failed run leaves params.yaml
+    as it was. One command at a time per workspace: a second is refused. With
+    datapool.keep_history=false nothing is committed and the pool's earlier
     versions are dropped from the DVC cache.
     """
     with user_errors("run"):
-        settings = parse_overrides(overrides or [])
+        check_workspace(workspace)
+        settings = parse_settings(overrides or [])
         if input_dir is not None:
             settings["input_dir"] = str(input_dir.resolve())
-        set_params(workspace / "params.yaml", settings)
-        name, source, keep = current_settings(workspace)
-        step = run_increment(workspace, name=name, input_dir=source, keep_history=keep)
+            check_value("input_dir", settings["input_dir"])
+        step, done = run_with_settings(workspace, settings)
+    keep = done.keep_history
     note = "" if keep else " (keep_history=false: not committed, earlier versions dropped)"
-    print(f"run: {step.message(source)}{note}")
+    print(f"run: {step.message(done.input_dir)}{note}")
 
 
 def _changes(changed: dict[str, tuple[Any, Any]]) -> str:
@@ -96,7 +113,8 @@ def history_command(
 ) -> None:
     """List every revision of a pool: revision, date, rows, added, parameters that changed."""
     with user_errors("history"):
-        revisions = history(workspace, name)
+        check_workspace(workspace)
+        revisions = history(workspace, check_pool_name(name))
         if not revisions:
             raise InputError(f"pool {name} has no revisions in {workspace}")
     print("\n".join(format_history(revisions)))
@@ -110,10 +128,13 @@ def restore_command(
 ) -> None:
     """Bring a pool's version at REV back, recorded as a new revision (nothing is lost)."""
     with user_errors("restore"):
-        restore(workspace, name, rev)
-        rows = pool_size(workspace, name)
-        git_commit(workspace, f"pool {name}: {rows} rows, restored from {rev}")
-        now = head(workspace)
+        check_workspace(workspace)
+        check_pool_name(name)
+        with workspace_lock(workspace):
+            restore(workspace, name, rev)
+            rows = pool_size(workspace, name)
+            git_commit(workspace, f"pool {name}: {rows} rows, restored from {rev}")
+            now = head(workspace)
     print(f"restore: pool {name} is back at its {rev} version ({rows} rows), revision {now[:7]}")
 
 
@@ -136,7 +157,7 @@ def combine(
     from datapool.combine import combine_pools, images_of
     from datapool.transaction import create_pool
 
-    with user_errors("combine"):
+    with user_errors("combine"), _locked(workspace, first, second, into):
         check_new_name(workspace, into)
         pools = workspace / "pools"
         stop = (
@@ -169,7 +190,8 @@ def export_command(
     from datapool.exchange import export_pool
 
     with user_errors("export"):
-        done = export_pool(workspace / "pools" / name, out)
+        check_workspace(workspace)
+        done = export_pool(workspace / "pools" / check_pool_name(name), out)
     print(f"export: {done.rows} rows of pool {name} -> {done.csv}, {done.file_list}, {done.images}")
 
 
@@ -189,7 +211,7 @@ def import_command(
     """Create a pool from a Lightly embeddings CSV and its images."""
     from datapool.exchange import IMAGES, import_pool
 
-    with user_errors("import"):
+    with user_errors("import"), _locked(workspace, name):
         check_new_name(workspace, name)
         folder = images or (csv.parent / IMAGES if (csv.parent / IMAGES).is_dir() else csv.parent)
         rows, duplicates = import_pool(csv, folder, workspace / "pools" / name)
@@ -208,6 +230,7 @@ def push(
 ) -> None:
     """Upload every committed pool version to the DVC remote (not only the current one)."""
     with user_errors("push"):
+        check_workspace(workspace)
         sent, failed = push_all_versions(workspace, remote=remote)
     print(f"push: {sent} objects uploaded, {failed} failed")
     if failed:
@@ -222,7 +245,7 @@ def pull(
     workspace: Workspace = Path(),
 ) -> None:
     """Download every committed pool version, then check out the current one."""
-    with user_errors("pull"):
+    with user_errors("pull"), _locked(workspace):
         received, failed = fetch_all_versions(workspace, remote=remote)
         run_tool(["dvc", "checkout"], cwd=workspace)
     print(f"pull: {received} objects downloaded, {failed} failed")

@@ -26,14 +26,13 @@ from datapool.errors import InputError
 from datapool.increment import read_picks
 from datapool.pool import POOL_CSV, read_table
 from datapool.revisions import flat_params
+from datapool.settings import check_value, parse_settings
 from datapool.tools import head
 from datapool.workspace import (
     Increment,
     create_workspace,
-    current_settings,
-    parse_overrides,
-    run_increment,
-    set_params,
+    run_with_settings,
+    workspace_problem,
 )
 
 DEFAULT_DIRS = {
@@ -50,12 +49,19 @@ def folder(role: str) -> Path:
 
 
 def ensure_workspace(shared_dir: Path) -> None:
-    """Make ``shared_dir`` a workspace unless it is one. InputError if it holds other files."""
-    if (shared_dir / ".dvc").is_dir() and (shared_dir / "dvc.yaml").is_file():
+    """Make ``shared_dir`` a workspace unless it is one.
+
+    Anything else is refused, another DVC project included: its pipeline would
+    run, and its files be committed, as if they were ours (see
+    :func:`datapool.workspace.workspace_problem` for what counts as a workspace).
+    Raises :class:`InputError` naming the folder and what it lacks.
+    """
+    problem = workspace_problem(shared_dir)
+    if problem is None:
         return
     if shared_dir.exists() and any(shared_dir.iterdir()):
         raise InputError(
-            f"{shared_dir} is neither empty nor a datapool workspace; mount an empty folder "
+            f"not a datapool workspace: {shared_dir} ({problem}); mount an empty folder "
             "(it becomes the workspace) or one a previous run used"
         )
     create_workspace(shared_dir)
@@ -66,20 +72,21 @@ def run_container(
 ) -> Increment:
     """Run one increment of ``input_dir`` in the workspace ``shared_dir``; fill ``output_dir``.
 
-    ``overrides`` are ``KEY=VALUE`` settings (``datapool.name=my_datapool``).
-    Raises :class:`InputError` for a missing input folder or bad settings.
+    ``overrides`` are ``KEY=VALUE`` settings (``datapool.name=my_datapool``),
+    each checked before the shared folder is touched. Raises :class:`InputError`
+    for a missing input folder, bad settings, a shared folder that is not a
+    workspace (nor empty), or a failing run (params.yaml is then left as it was).
     """
     if not input_dir.is_dir():
         raise InputError(
             f"input folder {input_dir} does not exist; mount one with -v IN:{input_dir}:ro"
         )
+    settings = parse_settings(overrides)
+    settings["input_dir"] = check_value("input_dir", str(input_dir.resolve()))
     ensure_workspace(shared_dir)
-    settings = parse_overrides(overrides)
-    settings["input_dir"] = str(input_dir.resolve())
-    set_params(shared_dir / "params.yaml", settings)
-    name, source, keep = current_settings(shared_dir)
-    step = run_increment(shared_dir, name=name, input_dir=source, keep_history=keep)
-    write_outputs(shared_dir, step, output_dir, revision=head(shared_dir) if keep else None)
+    step, done = run_with_settings(shared_dir, settings)
+    revision = head(shared_dir) if done.keep_history else None
+    write_outputs(shared_dir, step, output_dir, revision=revision)
     return step
 
 

@@ -7,27 +7,37 @@ so what happens here is exactly what ``git log`` and ``dvc`` show afterwards.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datapool.atomic import atomic_open
 from datapool.errors import InputError
 from datapool.pool import read_pool
 from datapool.revisions import adopt, forget_history
-from datapool.tools import git_commit, run_tool, tool_env
+from datapool.settings import RunSettings, check_params
+from datapool.tools import git_commit, git_output, run_tool, tool_env
 
 __all__ = [
+    "MARKER",
     "Increment",
+    "check_workspace",
     "create_workspace",
     "current_settings",
     "git_commit",
     "parse_overrides",
     "run_increment",
     "run_tool",
+    "run_with_settings",
     "set_params",
     "tool_env",
+    "workspace_lock",
 ]
 
 # What a workspace is made of; copied from the source tree that holds this package.
@@ -40,6 +50,20 @@ TEMPLATE_FILES = (
     "stages/merge.py",
 )
 GITIGNORE = "/work/\n"
+# What tells a datapool workspace from any other DVC project: `datapool init` writes it.
+MARKER = ".datapool"
+MARKER_TEXT = (
+    "datapool workspace 1\n"
+    "# Written by `datapool init`: datapool and its container run the pipeline only in\n"
+    "# folders that hold this file (or were made by `datapool init` before it existed).\n"
+)
+# The first commit `datapool init` makes; how workspaces made before MARKER are recognised.
+FIRST_COMMIT = "datapool workspace"
+# What an input_dir may hold when the workspace's dvc.yaml predates quoted values.
+PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+@,:=-]+")
+# Held for the whole params-edit -> repro -> commit of a run (see workspace_lock);
+# under .dvc/tmp, which DVC's own .gitignore keeps out of every commit.
+LOCK_FILE = Path(".dvc") / "tmp" / "datapool.lock"
 
 
 def template_dir() -> Path:
@@ -71,22 +95,145 @@ def create_workspace(dest: Path) -> None:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / name, dest / name)
     (dest / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
+    (dest / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     run_tool(["git", "init", "-q"], cwd=dest, quiet=True)
     run_tool(["dvc", "init", "-q"], cwd=dest, quiet=True)
     run_tool(["dvc", "config", "core.analytics", "false"], cwd=dest, quiet=True)
-    git_commit(dest, "datapool workspace")
+    git_commit(dest, FIRST_COMMIT)
+
+
+def workspace_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a datapool workspace, or None if it is one.
+
+    A workspace is a git + DVC repository holding the pipeline (dvc.yaml,
+    params.yaml, stages/) and the :data:`MARKER` that ``datapool init`` writes;
+    one without the marker counts when its first commit is ``datapool init``'s
+    (workspaces made before the marker existed).
+    """
+    if not folder.is_dir():
+        return "no such folder"
+    expected = [".git", ".dvc", *TEMPLATE_FILES]
+    missing = [name for name in expected if not (folder / name).exists()]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    marker = folder / MARKER
+    if marker.is_file():
+        first = marker.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
+        return None if first.startswith("datapool workspace") else f"{marker} is not ours"
+    roots = (git_output(folder, "log", "--max-parents=0", "--format=%s", "HEAD") or "").split("\n")
+    if FIRST_COMMIT in roots:
+        return None
+    return f"a DVC project with no {MARKER} marker, not made by `datapool init`"
+
+
+def check_workspace(folder: Path) -> None:
+    """Raise :class:`InputError` ``not a datapool workspace: FOLDER (why)`` unless it is one."""
+    problem = workspace_problem(folder)
+    if problem is not None:
+        raise InputError(
+            f"not a datapool workspace: {folder.resolve()} ({problem}); "
+            "make one with `datapool init DIR`, or pass --workspace DIR"
+        )
+
+
+def has_unquoted_values(workspace: Path) -> bool:
+    """True when a stage command of the workspace's dvc.yaml has a value outside quotes.
+
+    ``datapool init`` before issue 15 wrote such commands; the shell then splits
+    and expands whatever the value holds.
+    """
+    import yaml
+
+    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text(encoding="utf-8")) or {}).get(
+        "stages"
+    ) or {}
+    commands = [str(stage.get("cmd", "")) for stage in stages.values() if isinstance(stage, dict)]
+    return any("${" in re.sub(r"'[^']*'", "", cmd) for cmd in commands)
+
+
+def check_shell_safe(workspace: Path, input_dir: str) -> None:
+    """Refuse an input folder an older, unquoted dvc.yaml would hand to the shell mangled.
+
+    Raises :class:`InputError` naming the folder and the fix.
+    """
+    if PLAIN_PATH.fullmatch(input_dir) or not has_unquoted_values(workspace):
+        return
+    raise InputError(
+        f"input_dir {input_dir!r} holds characters the shell would split or run, and "
+        f"{workspace / 'dvc.yaml'} (from an older datapool) passes values unquoted; copy "
+        "dvc.yaml from a new `datapool init`, or use a folder named with letters, digits "
+        "and ._/+@,:=- only"
+    )
+
+
+@contextmanager
+def workspace_lock(workspace: Path) -> Iterator[None]:
+    """Hold the workspace's lock for a command that edits params.yaml or commits.
+
+    Two runs at once would otherwise commit each other's settings (the second
+    rewrites params.yaml while the first is inside ``dvc repro``). A second
+    command is refused at once rather than queued: it would run on settings the
+    first one is about to change. The lock is an ``flock`` on :data:`LOCK_FILE`,
+    so the kernel releases it when its process ends, even by SIGKILL.
+
+    Raises :class:`InputError` when another process holds it.
+    """
+    path = workspace / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise InputError(
+                f"another datapool command is in progress in {workspace.resolve()} "
+                f"(process {holder} holds {path}); wait for it to finish, then run again"
+            ) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def set_params(params_file: Path, overrides: Mapping[str, Any]) -> None:
     """Set dotted keys (``stopping_condition.n_samples``) in params.yaml, keeping its comments.
 
+    The file is replaced atomically. Raises :class:`InputError` for an unknown
+    key (see :func:`with_overrides`); values are not checked here (see
+    :func:`run_with_settings`).
+    """
+    text = with_overrides(params_file.read_text(encoding="utf-8"), overrides)
+    replace_file(params_file, text.encode("utf-8"))
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically, keeping its permission bits."""
+    mode = path.stat().st_mode & 0o7777
+    with atomic_open(path, "wb") as handle:
+        os.fchmod(handle.fileno(), mode)
+        handle.write(data)
+
+
+def with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
+    """params.yaml ``text`` with dotted keys set, comments and layout kept.
+
     Every key must already exist, so a typo cannot silently add a new setting.
     Raises :class:`InputError` naming the unknown key and the known ones.
     """
+    import io
+
     from ruamel.yaml import YAML
 
     yaml = YAML()
-    data = yaml.load(params_file.read_text(encoding="utf-8"))
+    try:
+        data = yaml.load(text)
+    except Exception as err:  # ruamel's parser errors share no public base class
+        raise InputError(f"params.yaml is not valid YAML: {err}") from None
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -97,8 +244,9 @@ def set_params(params_file: Path, overrides: Mapping[str, Any]) -> None:
         if node is None or not hasattr(node, "keys") or leaf not in node:
             raise InputError(f"unknown setting {dotted!r}; known: {', '.join(dotted_keys(data))}")
         node[leaf] = value
-    with params_file.open("w", encoding="utf-8") as handle:
-        yaml.dump(data, handle)
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
@@ -172,12 +320,58 @@ def run_increment(
     is committed as a revision; without, nothing is committed and the pool's
     earlier versions are deleted from the DVC cache (:func:`forget_history`).
     """
+    before = reproduce(workspace, name=name)
+    return record(workspace, before, input_dir=input_dir, keep_history=keep_history)
+
+
+def reproduce(workspace: Path, *, name: str) -> Increment:
+    """Adopt pool ``name`` and run ``dvc repro``; returns the increment (rows before/after)."""
     adopt(workspace, name)
     before = pool_size(workspace, name)
     run_tool(["dvc", "repro"], cwd=workspace)
-    step = Increment(pool=name, before=before, after=pool_size(workspace, name))
+    return Increment(pool=name, before=before, after=pool_size(workspace, name))
+
+
+def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bool) -> Increment:
+    """Commit the increment as a revision, or (without history) drop the pool's old versions."""
     if keep_history:
         git_commit(workspace, step.message(input_dir))
     else:
-        forget_history(workspace, name)
+        forget_history(workspace, step.pool)
     return step
+
+
+def run_with_settings(
+    workspace: Path, overrides: Mapping[str, Any]
+) -> tuple[Increment, RunSettings]:
+    """One increment with ``overrides`` (checked ``KEY=VALUE`` settings, see
+    :func:`datapool.settings.parse_settings`) written to params.yaml.
+
+    Under :func:`workspace_lock`: the whole params file is checked with the
+    overrides applied before anything is written or run; if ``dvc repro`` then
+    fails (or is interrupted), params.yaml is put back byte for byte, so a failed
+    run changes no setting. Once the pipeline has succeeded the new settings
+    describe the pool and stay, even if recording it fails.
+
+    Raises :class:`InputError` for a folder that is not a workspace, a bad
+    setting, a missing input folder, a held lock or a failing pipeline.
+    """
+    import yaml
+
+    check_workspace(workspace)
+    params_file = workspace / "params.yaml"
+    with workspace_lock(workspace):
+        original = params_file.read_bytes()
+        text = with_overrides(original.decode("utf-8"), overrides)
+        settings = check_params(yaml.safe_load(text) or {}, source=str(params_file))
+        if not (workspace / settings.input_dir).is_dir():
+            raise InputError(f"input_dir {settings.input_dir} is not a folder")
+        check_shell_safe(workspace, settings.input_dir)
+        replace_file(params_file, text.encode("utf-8"))
+        try:
+            step = reproduce(workspace, name=settings.name)
+        except BaseException:
+            replace_file(params_file, original)
+            raise
+        record(workspace, step, input_dir=settings.input_dir, keep_history=settings.keep_history)
+    return step, settings

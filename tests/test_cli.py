@@ -8,10 +8,12 @@ the workspace work on a copy.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from datapool.images import content_hash
 from datapool.pool import POOL_CSV, embeddings_of, read_pool, read_table, stored_image
@@ -291,3 +294,67 @@ def test_push_and_pull_share_pools_and_their_history(story: dict[str, Any], tmp_
     ]
     cli(clone, "restore", "A", story["v1"])
     assert pool_bytes(clone, "A") == story["v1_csv"]
+
+
+def fresh_workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    cli(tmp_path, "init", str(ws))
+    return ws
+
+
+def test_an_inbox_named_like_a_shell_command_is_just_a_folder(tmp_path: Path, digits: Path) -> None:
+    # dvc.yaml pastes input_dir into a shell command: it must arrive as one argument, verbatim.
+    inbox = tmp_path / "in box x$(touch PWNED)"
+    shutil.copytree(digits / "batch_1", inbox)
+    ws = fresh_workspace(tmp_path)
+    out = cli(ws, "run", "--input-dir", str(inbox), *FAST)
+    assert f"pool my_datapool: 12 rows (+12) after adding from {inbox}" in out.stdout
+    pool = read_pool(ws / "pools" / "my_datapool")
+    assert pool is not None and set(pool["source"]) == {str(inbox)}
+    assert not list(tmp_path.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
+
+
+def test_a_failing_repro_leaves_params_untouched(tmp_path: Path) -> None:
+    ws = fresh_workspace(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    params, rev = (ws / "params.yaml").read_bytes(), head(ws)
+    failed = cli(ws, "run", "--input-dir", str(empty), *FAST, ok=False)
+    assert "no images found" in failed.stderr
+    assert (ws / "params.yaml").read_bytes() == params and head(ws) == rev
+
+
+def _repro_is_running(ws: Path) -> bool:
+    """True once DVC holds a write lock on a stage output (its rwlock lists one)."""
+    try:
+        locks = json.loads((ws / ".dvc" / "tmp" / "rwlock").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(locks.get("write"))
+
+
+def test_a_second_run_never_lands_in_the_first_runs_revision(tmp_path: Path, digits: Path) -> None:
+    ws = fresh_workspace(tmp_path)
+    b1, b2 = str(digits / "batch_1"), str(digits / "batch_2")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "datapool", "run", "--input-dir", b1, *FAST],
+        cwd=ws,
+        env=tool_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        while not _repro_is_running(ws) and first.poll() is None:
+            time.sleep(0.05)  # waiting for the first run to be inside `dvc repro`
+        second = cli(ws, "run", "--input-dir", b2, "stopping_condition.n_samples=3", ok=False)
+        output, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, output
+    assert "another datapool command is in progress" in second.stderr
+    committed = yaml.safe_load(run_tool(["git", "show", "HEAD:params.yaml"], cwd=ws, quiet=True))
+    assert committed["input_dir"] == b1
+    assert committed["stopping_condition"]["n_samples"] == 12
+    assert run_tool(["git", "status", "--porcelain"], cwd=ws, quiet=True) == ""

@@ -18,7 +18,8 @@ import pytest
 from datapool.container import container_env, ensure_workspace, run_container
 from datapool.errors import InputError
 from datapool.pool import POOL_CSV, read_pool
-from datapool.tools import run_tool, tool_env
+from datapool.tools import git_commit, head, run_tool, tool_env
+from datapool.workspace import TEMPLATE_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_ARGS = ["datapool.name=my_datapool", "stopping_condition.min_distance=0.1"]
@@ -74,8 +75,44 @@ def test_seed_invocation_grows_a_pool_in_the_shared_dir(tmp_path: Path, digits: 
 
 def test_a_non_empty_folder_is_not_made_a_workspace(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="neither empty nor a datapool workspace"):
+    with pytest.raises(InputError, match=r"not a datapool workspace: .*mount an empty folder"):
         ensure_workspace(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_foreign_dvc_project_is_refused_and_nothing_of_it_runs(tmp_path: Path) -> None:
+    # Someone else's DVC project mounted by mistake: its pipeline must not run.
+    shared, inbox = tmp_path / "shared", tmp_path / "inbox"
+    inbox.mkdir()
+    shared.mkdir()
+    run_tool(["git", "init", "-q"], cwd=shared, quiet=True)
+    run_tool(["dvc", "init", "-q"], cwd=shared, quiet=True)
+    (shared / "dvc.yaml").write_text("stages:\n  s:\n    cmd: touch PWNED\n")
+    (shared / "params.yaml").write_text("input_dir: x\n")
+    for name in [n for n in TEMPLATE_FILES if n.startswith("stages/")]:  # named like ours
+        (shared / name).parent.mkdir(exist_ok=True)
+        (shared / name).write_text("print('not datapool')\n")
+    git_commit(shared, "another project")
+    params, rev = (shared / "params.yaml").read_bytes(), head(shared)
+    with pytest.raises(InputError, match=r"not a datapool workspace: .* no \.datapool marker"):
+        run_container([], input_dir=inbox, shared_dir=shared, output_dir=tmp_path / "out")
+    assert not (shared / "PWNED").exists() and head(shared) == rev
+    assert (shared / "params.yaml").read_bytes() == params
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["stopping_condition.min_distance=3", "datapool.name=../../x", "embed.bogus=1"],
+)
+def test_bad_settings_are_refused_before_the_shared_folder_is_touched(
+    tmp_path: Path, setting: str
+) -> None:
+    shared, inbox = tmp_path / "shared", tmp_path / "inbox"
+    shared.mkdir()
+    inbox.mkdir()
+    with pytest.raises(InputError, match=setting.split("=")[0]):
+        run_container([setting], input_dir=inbox, shared_dir=shared, output_dir=tmp_path / "o")
+    assert list(shared.iterdir()) == []
 
 
 def test_a_missing_input_folder_is_reported(tmp_path: Path) -> None:

@@ -1,0 +1,208 @@
+"""What a workspace is, and the checks `datapool` makes before it touches one.
+
+Real git and DVC repositories (``datapool init``); the CLI runs in-process through
+Typer's runner. None of these tests reaches a stage: each case is refused first.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from datapool.cli import app
+from datapool.errors import InputError
+from datapool.tools import head, run_tool
+from datapool.workspace import (
+    MARKER,
+    TEMPLATE_FILES,
+    check_workspace,
+    create_workspace,
+    git_commit,
+    workspace_lock,
+)
+
+RUNNER = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh workspace, made once; tests work on copies of it."""
+    ws = tmp_path_factory.mktemp("made") / "ws"
+    create_workspace(ws)
+    return ws
+
+
+@pytest.fixture
+def ws(made: Path, tmp_path: Path) -> Iterator[Path]:
+    copy = tmp_path / "ws"
+    shutil.copytree(made, copy, symlinks=True)
+    yield copy
+
+
+def cli(*args: str) -> Result:
+    return RUNNER.invoke(app, list(args))
+
+
+def refused(result: Result, message: str) -> None:
+    """Exit 1 with ``message`` on the output, and no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_init_marks_the_workspace_and_commits_the_marker(ws: Path) -> None:
+    assert (ws / MARKER).is_file()
+    tracked = run_tool(["git", "ls-files"], cwd=ws, quiet=True).split()
+    assert MARKER in tracked
+    check_workspace(ws)
+
+
+def test_this_checkout_is_a_workspace() -> None:
+    # The README offers the source checkout itself as a workspace.
+    check_workspace(Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["run", "--input-dir", "."],
+        ["history", "A"],
+        ["restore", "A", "HEAD"],
+        ["combine", "A", "B", "--into", "C"],
+        ["export", "A", "--out", "out"],
+        ["import", "x.csv", "--name", "C"],
+        ["push"],
+        ["pull"],
+    ],
+)
+def test_outside_a_workspace_every_command_says_so(tmp_path: Path, command: list[str]) -> None:
+    result = cli(*command, "--workspace", str(tmp_path))
+    refused(result, f"not a datapool workspace: {tmp_path}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_foreign_dvc_project_is_not_a_workspace(tmp_path: Path) -> None:
+    run_tool(["git", "init", "-q"], cwd=tmp_path, quiet=True)
+    run_tool(["dvc", "init", "-q"], cwd=tmp_path, quiet=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: touch PWNED\n")
+    (tmp_path / "params.yaml").write_text("input_dir: x\n")
+    for name in [n for n in TEMPLATE_FILES if n.startswith("stages/")]:  # named like ours
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("print('not datapool')\n")
+    git_commit(tmp_path, "someone else's project")
+    with pytest.raises(InputError, match=r"not a datapool workspace: .* no \.datapool marker"):
+        check_workspace(tmp_path)
+    refused(cli("run", "--workspace", str(tmp_path)), "not a datapool workspace")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_workspace_made_before_the_marker_is_still_one(ws: Path) -> None:
+    # Older `datapool init` wrote no marker; its first commit says what made it.
+    (ws / MARKER).unlink()
+    git_commit(ws, "drop the marker")
+    check_workspace(ws)
+
+
+def test_a_workspace_missing_its_pipeline_is_not_one(ws: Path) -> None:
+    (ws / "stages" / "merge.py").unlink()
+    with pytest.raises(InputError, match=r"not a datapool workspace: .*stages/merge.py"):
+        check_workspace(ws)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("stopping_condition.min_distance=2.5", "min_distance must be a number in [0, 2]"),
+        ("stopping_condition.n_samples=-1", "n_samples must be a whole number >= 0"),
+        ("datapool.name=x$(touch PWNED)", "is not a usable pool name"),
+        ("embed.device=gpu", "embed.device must be auto, cpu, cuda or cuda:N"),
+        ("stopping_condition.n_sample=3", "unknown setting"),
+    ],
+)
+def test_a_bad_setting_is_refused_before_anything_runs(
+    ws: Path, tmp_path: Path, setting: str, message: str
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    params, rev = (ws / "params.yaml").read_bytes(), head(ws)
+    result = cli("run", "--input-dir", str(inbox), setting, "--workspace", str(ws))
+    refused(result, message)
+    assert (ws / "params.yaml").read_bytes() == params
+    assert head(ws) == rev and not (ws / "work").exists() and not (ws / "dvc.lock").exists()
+    assert not list(ws.rglob("PWNED"))
+
+
+def test_a_bad_params_file_is_refused_before_anything_runs(ws: Path, tmp_path: Path) -> None:
+    text = (ws / "params.yaml").read_text().replace("n_samples: 30", "n_samples: 0")
+    (ws / "params.yaml").write_text(text)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    result = cli("run", "--input-dir", str(inbox), "--workspace", str(ws))
+    refused(result, "with neither, selection would never stop")
+    assert (ws / "params.yaml").read_text() == text and not (ws / "work").exists()
+
+
+def test_a_missing_input_folder_is_refused_before_anything_runs(ws: Path, tmp_path: Path) -> None:
+    params = (ws / "params.yaml").read_bytes()
+    result = cli("run", "--input-dir", str(tmp_path / "nope"), "--workspace", str(ws))
+    refused(result, f"input_dir {tmp_path / 'nope'} is not a folder")
+    assert (ws / "params.yaml").read_bytes() == params and not (ws / "work").exists()
+
+
+def test_an_input_folder_with_a_quote_is_refused(ws: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "it's here"
+    inbox.mkdir()
+    params = (ws / "params.yaml").read_bytes()
+    result = cli("run", "--input-dir", str(inbox), "--workspace", str(ws))
+    refused(result, "the pipeline's shell commands cannot carry")
+    assert (ws / "params.yaml").read_bytes() == params
+
+
+@pytest.mark.parametrize(
+    "command", [["run", "--input-dir", "."], ["restore", "A", "HEAD"], ["pull"]]
+)
+def test_a_second_run_is_refused_while_another_holds_the_workspace(
+    ws: Path, command: list[str]
+) -> None:
+    params, rev = (ws / "params.yaml").read_bytes(), head(ws)
+    with workspace_lock(ws):
+        result = cli(*command, "--workspace", str(ws))
+    refused(result, "another datapool command is in progress in")
+    assert (ws / "params.yaml").read_bytes() == params and head(ws) == rev
+    with workspace_lock(ws):  # released: the next one gets it
+        pass
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["history", "../x"],
+        ["export", "a/../../x", "--out", "out"],
+        ["import", "x.csv", "--name", "../x"],
+        ["combine", "A", "B", "--into", ".hidden"],
+        ["restore", "a b", "HEAD"],
+    ],
+)
+def test_pool_names_are_checked_where_they_enter(ws: Path, command: list[str]) -> None:
+    result = cli(*command, "--workspace", str(ws))
+    refused(result, "is not a usable pool name")
+
+
+def test_an_older_unquoted_pipeline_gets_only_plain_input_folders(ws: Path, tmp_path: Path) -> None:
+    # Workspaces made before dvc.yaml quoted its values keep their own dvc.yaml.
+    dvc_yaml = ws / "dvc.yaml"
+    dvc_yaml.write_text(re.sub(r"'(\S*\$\{[^}]+\}\S*)'", r"\1", dvc_yaml.read_text()))
+    git_commit(ws, "an older pipeline")
+    inbox = tmp_path / "x$(touch PWNED)"
+    inbox.mkdir()
+    params = (ws / "params.yaml").read_bytes()
+    result = cli("run", "--input-dir", str(inbox), "--workspace", str(ws))
+    refused(result, "passes values unquoted; copy dvc.yaml from a new `datapool init`")
+    assert (ws / "params.yaml").read_bytes() == params and not list(tmp_path.rglob("PWNED"))
