@@ -20,7 +20,7 @@ from typing import Any
 from datapool.atomic import atomic_open
 from datapool.errors import InputError
 from datapool.pool import read_pool
-from datapool.revisions import adopt, forget_history
+from datapool.revisions import forget_history, switch_to
 from datapool.settings import RunSettings, check_params
 from datapool.tools import git_commit, git_output, run_tool, tool_env
 
@@ -320,15 +320,19 @@ def run_increment(
     is committed as a revision; without, nothing is committed and the pool's
     earlier versions are deleted from the DVC cache (:func:`forget_history`).
     """
-    before = reproduce(workspace, name=name)
-    return record(workspace, before, input_dir=input_dir, keep_history=keep_history)
+    step = reproduce(workspace, name=name)
+    return record(workspace, step, input_dir=input_dir, keep_history=keep_history)
 
 
 def reproduce(workspace: Path, *, name: str) -> Increment:
-    """Adopt pool ``name`` and run ``dvc repro``; returns the increment (rows before/after)."""
-    adopt(workspace, name)
-    before = pool_size(workspace, name)
-    run_tool(["dvc", "repro"], cwd=workspace)
+    """Make ``name`` the pipeline's pool and run ``dvc repro``; returns rows before/after.
+
+    The switch of pools is undone if the pipeline fails before merge records
+    ``name`` (:func:`datapool.revisions.switch_to`).
+    """
+    with switch_to(workspace, name):
+        before = pool_size(workspace, name)
+        run_tool(["dvc", "repro"], cwd=workspace)
     return Increment(pool=name, before=before, after=pool_size(workspace, name))
 
 
@@ -362,7 +366,10 @@ def run_with_settings(
     params_file = workspace / "params.yaml"
     with workspace_lock(workspace):
         original = params_file.read_bytes()
-        text = with_overrides(original.decode("utf-8"), overrides)
+        try:
+            text = with_overrides(original.decode("utf-8"), overrides)
+        except UnicodeDecodeError as err:
+            raise InputError(f"{params_file} is not UTF-8 text: {err}") from None
         settings = check_params(yaml.safe_load(text) or {}, source=str(params_file))
         if not (workspace / settings.input_dir).is_dir():
             raise InputError(f"input_dir {settings.input_dir} is not a folder")
