@@ -3,7 +3,10 @@
 Both steps are idempotent per batch: rows of the pool that the current batch
 added earlier are ignored when choosing and replaced when merging, so re-running
 an increment (``dvc repro -f``, a changed stopping condition) redoes it rather
-than stacking a second copy on top.
+than stacking a second copy on top. Which rows are "the current batch's" is
+decided by :func:`batch_identity`: only the increment that added the pool's last
+rows can be redone; an inbox identical to an earlier one is a new increment.
+Every other row is kept as the user left it: labels they edited, columns they added.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import numpy as np
 import pandas as pd
 
 from datapool.errors import InputError, PoolError
-from datapool.pool import EXTRA_COLUMNS, column_order, embedding_dim, embeddings_of, read_table
+from datapool.pool import (
+    EXTRA_COLUMNS,
+    column_order,
+    embedding_columns,
+    embedding_dim,
+    embeddings_of,
+    read_table,
+)
 from datapool.selection import k_center_greedy
 
 CANDIDATE_COLUMNS = ("content_hash", "batch_id", "model_id", "source")
@@ -53,6 +63,36 @@ def batch_of(candidates: pd.DataFrame) -> str:
     if len(ids) != 1:
         raise PoolError(f"candidates must come from one batch, found batch ids {sorted(ids)}")
     return str(ids[0])
+
+
+def batch_identity(*, content_id: str, pool: pd.DataFrame | None) -> str:
+    """The batch id of an increment whose inbox content is named ``content_id``.
+
+    An increment's rows are replaced when it runs again, so the id decides what a
+    run may overwrite. ``content_id`` itself when no row of the pool came from
+    that content; the id of the pool's last rows when they did (the same increment
+    run again: ``dvc repro -f``, a changed stopping condition); otherwise, when an
+    earlier increment had identical content, a new id ``content_id-N``, so that
+    increment's rows are left alone and its images not picked then can be now.
+    (An increment that picked nothing leaves no rows, so nothing marks it as the
+    latest; running its content again is then a new increment too.)
+    """
+    if pool is None or pool.empty:
+        return content_id
+    same = {str(b) for b in pool["batch_id"].unique() if _content_of(str(b)) == content_id}
+    latest = str(pool["batch_id"].iloc[-1])
+    if latest in same:
+        return latest
+    if not same:
+        return content_id
+    repeats = [int(b.rpartition("-")[2]) if b != content_id else 1 for b in same]
+    return f"{content_id}-{max(repeats) + 1}"
+
+
+def _content_of(batch_id: str) -> str:
+    """``"abc-3"`` -> ``"abc"``: the content part of a :func:`batch_identity` id."""
+    head, dash, tail = batch_id.rpartition("-")
+    return head if dash and tail.isdigit() else batch_id
 
 
 def prior_rows(pool: pd.DataFrame | None, batch_id: str) -> pd.DataFrame | None:
@@ -163,9 +203,30 @@ def merge_increment(
     if not weak_labels:
         added["labels"] = ""
     dim = embedding_dim(candidates) if prior is None or prior.empty else embedding_dim(prior)
+    ours = column_order(dim, EXTRA_COLUMNS)
+    user = [c for c in (pool.columns if pool is not None else []) if c not in ours]
+    if user and pool is not None:
+        added = _with_user_columns(added, pool, user)
+        prior = None if prior is None else _with_user_columns(prior, pool, user)
     parts = [p for p in (prior, added) if p is not None and not p.empty]
     merged = pd.concat(parts, ignore_index=True) if parts else added
-    return merged.reindex(columns=column_order(dim, EXTRA_COLUMNS))
+    return merged.reindex(columns=[*ours, *user])
+
+
+def _with_user_columns(rows: pd.DataFrame, pool: pd.DataFrame, user: list[str]) -> pd.DataFrame:
+    """``rows`` with the pool's values of the user's own ``user`` columns, by content hash.
+
+    Rows the pool does not hold get ``""``. Values become Python objects, so a
+    column of integers does not turn into floats (``12345678901`` into ``1.23e+10``)
+    when new rows leave gaps in it.
+    """
+    values = pool.drop_duplicates("content_hash").set_index("content_hash")[user].astype(object)
+    found = values.reindex(rows["content_hash"])
+    out = rows.copy()
+    for column in user:
+        column_values = found[column].to_numpy(dtype=object)
+        out[column] = np.where(pd.isna(column_values), "", column_values)
+    return out
 
 
 def describe_stop(picks: pd.DataFrame, *, n_fresh: int, stop: StoppingCondition) -> str:
@@ -193,6 +254,29 @@ def effective_pool(pool: pd.DataFrame | None, reembedded: Path) -> pd.DataFrame 
     """The pool as this run must see it: re-embedded by ``embed`` if it wrote that file.
 
     ``embed`` writes ``reembedded`` only when this run's model differs from the
-    one that embedded the pool; then those rows replace the pool's own.
+    one that embedded the pool. Only its embeddings and ``model_id`` are taken,
+    matched by content hash: everything else comes from the pool as it is now,
+    because ``sample`` and ``merge`` may run again long after ``embed`` (a changed
+    ``n_samples``), and labels the user edited or columns they added in between
+    must not be reverted to ``embed``'s copy. Raises :class:`PoolError` if the
+    file is malformed or its dimension is not the pool's.
     """
-    return read_table(reembedded) if reembedded.exists() else pool
+    if not reembedded.exists():
+        return pool
+    fresh = read_table(reembedded)
+    if pool is None:
+        return fresh
+    dim = embedding_dim(fresh)
+    if embedding_dim(pool) != dim:
+        raise PoolError(
+            f"{reembedded} has embeddings of dimension {dim} but the pool's have "
+            f"{embedding_dim(pool)}; run `dvc repro -f` to embed again"
+        )
+    by_hash = fresh.drop_duplicates("content_hash").set_index("content_hash")
+    known = pool["content_hash"].isin(by_hash.index).to_numpy()
+    hashes = pool.loc[known, "content_hash"]
+    out = pool.copy()
+    columns = embedding_columns(dim)
+    out.loc[known, columns] = by_hash.loc[hashes, columns].to_numpy(dtype=np.float32)
+    out.loc[known, "model_id"] = by_hash.loc[hashes, "model_id"].to_numpy()
+    return out

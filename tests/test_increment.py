@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,14 +11,16 @@ import pytest
 from datapool.errors import InputError, PoolError
 from datapool.increment import (
     StoppingCondition,
+    batch_identity,
     describe_stop,
+    effective_pool,
     merge_increment,
     new_candidates,
     select_increment,
 )
-from datapool.pool import embeddings_of
+from datapool.pool import embedding_columns, embeddings_of, read_table, write_table
 
-from .test_pool import pool_table
+from .test_pool import pool_table, stored_table
 
 
 def candidates(n: int, dim: int = 3, *, seed: int = 1, batch: str = "b2") -> pd.DataFrame:
@@ -129,3 +133,81 @@ def test_unknown_pick_is_refused() -> None:
     )
     with pytest.raises(PoolError, match="not among the candidates"):
         merge_increment(None, cands, picks, weak_labels=True)
+
+
+def test_only_the_latest_increment_is_redone_an_identical_inbox_is_new() -> None:
+    pool = pd.concat([pool_table(3, seed=0, batch="aaaa"), pool_table(2, seed=1, batch="bbbb")])
+    assert batch_identity(content_id="bbbb", pool=pool) == "bbbb"  # run again: a redo
+    assert batch_identity(content_id="cccc", pool=pool) == "cccc"  # new content
+    assert batch_identity(content_id="aaaa", pool=None) == "aaaa"
+    # week1's inbox again after week2: its own increment, whose rows are not week1's.
+    again = batch_identity(content_id="aaaa", pool=pool)
+    assert again == "aaaa-2"
+    grown = pd.concat([pool, pool_table(1, seed=2, batch=again)], ignore_index=True)
+    assert batch_identity(content_id="aaaa", pool=grown) == "aaaa-2"  # and that one redone
+    later = pd.concat([grown, pool_table(1, seed=3, batch="dddd")], ignore_index=True)
+    assert batch_identity(content_id="aaaa", pool=later) == "aaaa-3"
+
+
+def test_identical_inbox_leaves_the_earlier_batch_alone() -> None:
+    week1 = candidates(4, seed=0, batch="aaaa")
+    stop = StoppingCondition(n_samples=2, min_distance=0.0)
+    pool = merge_increment(None, week1, select_increment(week1, None, stop), weak_labels=True)
+    week2 = candidates(2, seed=1, batch="bbbb")
+    pool = merge_increment(pool, week2, select_increment(week2, pool, stop), weak_labels=True)
+    pool.loc[0, "labels"] = "edited"
+    repeat = week1.assign(batch_id=batch_identity(content_id="aaaa", pool=pool))
+    picks = select_increment(repeat, pool, stop)
+    grown = merge_increment(pool, repeat, picks, weak_labels=True)
+    pd.testing.assert_frame_equal(grown.iloc[: len(pool)], pool)
+    assert len(grown) == 6  # the two week1 images not picked the first time
+    assert set(picks["content_hash"]).isdisjoint(pool["content_hash"])
+
+
+def _reembedded(pool: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """What ``embed`` writes after training: the pool's rows, new embeddings, new model."""
+    fresh = pool.copy()
+    columns = embedding_columns(3)
+    fresh[columns] = -fresh[columns].to_numpy()
+    fresh["model_id"] = "m2"
+    write_table(fresh, path)
+    return fresh
+
+
+def test_effective_pool_keeps_edits_made_after_embed(tmp_path: Path) -> None:
+    write_table(stored_table(4), tmp_path / "pool.csv")
+    pool = read_table(tmp_path / "pool.csv")
+    fresh = _reembedded(pool, tmp_path / "reembedded.csv")
+    # After embed ran, the user relabels a row, adds a column and deletes a row.
+    pool.loc[1, "labels"] = "dog"
+    pool["reviewed"] = ["yes", "no", "", "yes"]
+    pool = pool.drop(index=3).reset_index(drop=True)
+
+    seen = effective_pool(pool, tmp_path / "reembedded.csv")
+
+    assert seen is not None
+    assert list(seen["labels"]) == ["cat", "dog", "cat"]
+    assert list(seen["reviewed"]) == ["yes", "no", ""]
+    np.testing.assert_array_equal(embeddings_of(seen), embeddings_of(fresh)[:3])
+    assert set(seen["model_id"]) == {"m2"}
+    assert effective_pool(pool, tmp_path / "absent.csv") is pool
+
+
+def test_user_columns_survive_merges_exactly(tmp_path: Path) -> None:
+    pool = pool_table(2, seed=0, batch="b1")
+    pool["score"] = [12345678901, 7]  # integers a float column would mangle
+    pool["note"] = ["keep", ""]
+    cands = candidates(2, seed=1, batch="b2")
+    stop = StoppingCondition(n_samples=2, min_distance=0.0)
+
+    merged = merge_increment(pool, cands, select_increment(cands, pool, stop), weak_labels=True)
+
+    assert list(merged.columns[-2:]) == ["score", "note"]
+    write_table(merged, tmp_path / "pool.csv")
+    text = pd.read_csv(tmp_path / "pool.csv", dtype=str, keep_default_na=False)
+    assert list(text["score"]) == ["12345678901", "7", "", ""]
+    assert list(text["note"]) == ["keep", "", "", ""]
+    # Redoing the increment keeps the values of its own rows picked again, too.
+    merged.loc[2, "note"] = "mine"
+    redone = merge_increment(merged, cands, select_increment(cands, merged, stop), weak_labels=True)
+    assert list(redone["note"]) == ["keep", "", "mine", ""]

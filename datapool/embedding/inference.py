@@ -54,7 +54,8 @@ class EmbeddedBatch:
         corrupt: ``{relpath: reason}`` for entries skipped by discovery (not a regular
             file, name not UTF-8, unreadable folder) or that could not be read or decoded.
         duplicates: ``{relpath: relpath of the first file with identical bytes}``.
-        batch_id: 16 hex digits naming the folder's content (not its paths).
+        batch_id: 16 hex digits naming the folder's content (not its paths); an
+            increment's id may add a suffix (see :func:`datapool.increment.batch_identity`).
         reused: how many embeddings were taken from ``known`` instead of computed.
     """
 

@@ -8,7 +8,7 @@ never compared with each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from datapool.embedding.model import EmbeddingModel, ModelConfig, model_for_pool
 from datapool.embedding.training import train_contrastive
 from datapool.errors import PoolError
 from datapool.images import ImageFile
+from datapool.increment import batch_identity
 from datapool.pool import CHECKPOINT, embedding_columns, known_embeddings, stored_image
 
 
@@ -185,6 +186,7 @@ def embed_increment(
 ) -> IncrementEmbeddings:
     """Choose (and train) the model, save it to ``checkpoint``, re-embed the pool if the
     model changed, then embed ``input_dir`` reusing the pool's embeddings of the same images.
+    The batch's id is the increment's (:func:`~datapool.increment.batch_identity`).
 
     Raises :class:`~datapool.errors.DatapoolError` subclasses with the cause.
     """
@@ -218,4 +220,7 @@ def embed_increment(
         num_workers=num_workers,
         device=device,
     )
+    # The folder's content names the batch, unless an earlier increment had that content.
+    increment_id = batch_identity(content_id=batch.batch_id, pool=current)
+    batch = replace(batch, batch_id=increment_id)
     return IncrementEmbeddings(model_id=mid, batch=batch, reembedded=refreshed)

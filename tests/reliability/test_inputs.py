@@ -6,6 +6,7 @@ runner, in-process) on a real pool folder whose bytes are compared before and af
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -355,3 +356,79 @@ def test_hostile_inbox_through_real_dvc_repro(tmp_path: Path) -> None:
     assert "Running stage 'embed'" in third.stdout
     pool = read_pool(ws / "pools" / "my_datapool")
     assert pool is not None and "new.png" in set(pool["filenames"])
+
+
+def _increment(tmp_path: Path, inbox: Path, pool: Path, *, n: int, train: int = 0) -> None:
+    """embed (unless ``train`` < 0: keep the last embed's output), sample, merge, as DVC would."""
+    out = tmp_path / "out"
+    if train >= 0:
+        shutil.rmtree(out, ignore_errors=True)  # DVC removes a stage's outputs before it runs
+        embedded = RUNNER.invoke(
+            embed_app,
+            [
+                *("--input-dir", str(inbox), "--pool-dir", str(pool), "--out-dir", str(out)),
+                *("--lock-file", str(tmp_path / "dvc.lock"), "--embedding-dim", "8"),
+                *("--image-size", "32", "--device", "cpu", "--bootstrap-epochs", "1"),
+                *("--train-epochs", str(train), "--train-batch-size", "4"),
+            ],
+        )
+        assert embedded.exit_code == 0, embedded.output
+    common = [
+        *("--pool-dir", str(pool), "--lock-file", str(tmp_path / "dvc.lock")),
+        *("--reembedded-pool", str(out / "pool_reembedded.csv")),
+        *("--candidates", str(out / "candidates.csv")),
+    ]
+    picks = str(tmp_path / "picks.csv")
+    sampled = RUNNER.invoke(sample_app, [*common, "--out", picks, "--n-samples", str(n)])
+    assert sampled.exit_code == 0, sampled.output
+    merged = RUNNER.invoke(
+        merge_app,
+        [*common, "--picks", picks, "--checkpoint", str(out / "model.ckpt")],
+    )
+    assert merged.exit_code == 0, merged.output
+
+
+def _edit_pool(pool: Path, edit: Callable[[pd.DataFrame], None]) -> pd.DataFrame:
+    """Change the pool's CSV as a person would, in a spreadsheet; returns the edited table."""
+    table = pd.read_csv(pool / POOL_CSV, dtype=str, keep_default_na=False)
+    edit(table)
+    table.to_csv(pool / POOL_CSV, index=False)
+    return table
+
+
+@pytest.mark.slow
+def test_user_edits_and_earlier_batches_survive_later_increments(
+    tmp_path: Path, make_images: Callable[..., Path]
+) -> None:
+    first = make_images("week1", {f"a/{i}.png": i for i in range(4)})
+    second = make_images("week2", {f"b/{i}.png": 10 + i for i in range(4)})
+    pool = tmp_path / "pools" / "p"
+    _increment(tmp_path, first, pool, n=2)
+
+    def review(table: pd.DataFrame) -> None:
+        table["reviewed"] = "yes"  # a column of the user's own
+        table.loc[0, "labels"] = "cat"
+
+    _edit_pool(pool, review)
+    # Training on: week2 retrains the model, so embed re-embeds the pool into a copy.
+    _increment(tmp_path, second, pool, n=2, train=1)
+    after = pd.read_csv(pool / POOL_CSV, dtype=str, keep_default_na=False)
+    assert list(after["reviewed"]) == ["yes", "yes", "", ""]
+    assert after.loc[0, "labels"] == "cat"
+
+    def relabel(table: pd.DataFrame) -> None:
+        table.loc[1, "labels"] = "dog"
+
+    _edit_pool(pool, relabel)
+    # A changed n_samples re-runs sample and merge only, on embed's earlier copy.
+    _increment(tmp_path, second, pool, n=1, train=-1)
+    redone = pd.read_csv(pool / POOL_CSV, dtype=str, keep_default_na=False)
+    assert list(redone["labels"][:2]) == ["cat", "dog"]
+    assert list(redone["reviewed"]) == ["yes", "yes", ""]
+    # week1's inbox again, unchanged: a new increment, not a redo of week1's batch.
+    _increment(tmp_path, first, pool, n=2)
+    again = pd.read_csv(pool / POOL_CSV, dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(again.iloc[:3], redone)
+    assert len(again) == 5  # week1's two images not picked the first time
+    assert again.loc[3, "batch_id"] != again.loc[0, "batch_id"]
+    assert set(again.loc[3:, "content_hash"]).isdisjoint(again.loc[:2, "content_hash"])
