@@ -53,7 +53,7 @@ def save_pool(
     except BaseException:
         recover(pool_dir)  # no COMPLETE mark yet: drops the stage and the images it copied
         raise
-    _apply(pool_dir)
+    _apply(pool_dir, table)
 
 
 def _stage(
@@ -98,41 +98,49 @@ def create_pool(
         raise
 
 
-def recover(pool_dir: Path) -> None:
+def recover(pool_dir: Path) -> pd.DataFrame | None:
     """Bring a pool left by an interrupted :func:`save_pool` to a whole version.
 
-    Every table is validated before any image is deleted, and a stored image
-    goes only when no valid version references it: after the roll forward or
-    back, images the current table does not name (an abandoned stage's copies).
+    Returns the pool's rows, validated (:func:`~datapool.pool.read_pool`), or
+    None when it has no table. Every table is validated before any image is
+    deleted, and an image goes only when the version it ends with does not
+    reference it (an abandoned stage's copies, a previous version's images).
     Raises :class:`PoolError` naming the file (and row) and deletes nothing when
-    the current table or a staged one marked complete does not validate -- it
-    is not a version, and sweeping by it would drop the recorded version's images.
+    the current table or a staged one marked complete does not validate: it is
+    not a version, and sweeping by it would drop the recorded version's images.
     """
     staging = pool_dir / INCOMING
-    abandoned = staging.exists() and not (staging / COMPLETE).exists()
-    if staging.exists() and not abandoned:
-        _valid_table(
-            staging,
-            advice=f"it was not applied; remove {staging} to keep the current version",
-        )
-        _apply(pool_dir)
-        return
+    if (staging / COMPLETE).exists():
+        # Roll forward; the staged table may already be in place (killed mid-apply).
+        source = staging if (staging / POOL_CSV).exists() else pool_dir
+        table = _valid_table(source, advice=f"remove {staging} to keep the current version")
+        if table is None:
+            raise PoolError(f"{staging} is marked complete but holds no table; remove it")
+        _apply(pool_dir, table)
+        return table
+    abandoned = staging.exists()
     if abandoned:
         shutil.rmtree(staging)
-    if abandoned or (pool_dir / POOL_CSV).exists():
-        # Without a table and without an abandoned stage, the images are not
-        # a stage's leftovers (a table deleted by hand?): keep them.
-        _sweep_images(pool_dir)
+    elif not (pool_dir / POOL_CSV).exists():
+        return None  # no table and no stage: the images are no stage's leftovers, keep them
+    table = _valid_table(
+        pool_dir,
+        advice=f"bring back the recorded version with `dvc checkout {pool_dir.parent.name}/"
+        f"{pool_dir.name}` (or delete {pool_dir / POOL_CSV} if no commit recorded it)",
+    )
+    _sweep_images(pool_dir, table)
+    return table
 
 
-def _apply(pool_dir: Path) -> None:
-    """Rename the staged files into place (checkpoint, then CSV); idempotent."""
+def _apply(pool_dir: Path, table: pd.DataFrame) -> None:
+    """Rename the staged files into place (checkpoint, then CSV) and sweep by ``table``,
+    the staged rows; idempotent."""
     staging = pool_dir / INCOMING
     for name in (CHECKPOINT, POOL_CSV):
         if (staging / name).exists():
             (staging / name).replace(pool_dir / name)
     fsync_dir(pool_dir)
-    _sweep_images(pool_dir)
+    _sweep_images(pool_dir, table)
     shutil.rmtree(staging)
 
 
@@ -141,27 +149,18 @@ def _valid_table(folder: Path, *, advice: str) -> pd.DataFrame | None:
     try:
         return read_pool(folder)
     except PoolError as err:
-        raise PoolError(f"{err}; no pool image was deleted, {advice}") from err
+        raise PoolError(f"{err}; no pool image was deleted: {advice}") from err
 
 
-def _sweep_images(pool_dir: Path) -> None:
-    """Delete stored images that the current table, once validated, does not reference.
-
-    No table means no version: every image goes. Raises :class:`PoolError`
-    when the table does not validate (nothing deleted).
-    """
+def _sweep_images(pool_dir: Path, table: pd.DataFrame | None) -> None:
+    """Delete stored images the validated ``table`` does not reference (all, for None)."""
     images = pool_dir / IMAGES_DIR
     if not images.is_dir():
         return
-    table = _valid_table(
-        pool_dir,
-        advice=f"bring back the recorded version with `dvc checkout {pool_dir.parent.name}/"
-        f"{pool_dir.name}` (or delete {pool_dir / POOL_CSV} if no commit recorded it)",
-    )
     keep: set[str] = set()
     if table is not None:
         keep = {
-            stored_image(pool_dir, content_hash=h, filename=f).name
+            stored_image(pool_dir, content_hash=str(h), filename=str(f)).name
             for h, f in zip(table["content_hash"], table["filenames"], strict=True)
         }
     for stale in images.iterdir():
@@ -193,7 +192,6 @@ def open_pool(pool_dir: Path, *, lock_file: Path) -> pd.DataFrame | None:
     Raises :class:`PoolError` (see :func:`~datapool.pool.ensure_pool_present`
     and :func:`~datapool.pool.read_pool`).
     """
-    if pool_dir.is_dir():
-        recover(pool_dir)
+    table = recover(pool_dir) if pool_dir.is_dir() else None
     ensure_pool_present(pool_dir, lock_file=lock_file)
-    return read_pool(pool_dir)
+    return table

@@ -98,6 +98,16 @@ def test_crash_after_the_mark_rolls_forward(tmp_path: Path) -> None:
     assert old != new
 
 
+def test_crash_after_both_renames_rolls_forward(tmp_path: Path) -> None:
+    pool, _, new = _two_versions(tmp_path)
+    _stage_v2(tmp_path, pool, new, complete=True)
+    # Killed after the CSV was renamed in, before the stage was removed.
+    for name in (CHECKPOINT, POOL_CSV):
+        (pool / INCOMING / name).replace(pool / name)
+    assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is not None
+    assert snapshot(pool) == new
+
+
 def test_crash_during_the_first_version_leaves_no_pool(tmp_path: Path) -> None:
     table, sources = _pool_with_images(tmp_path, 2)
     (tmp_path / "m.ckpt").write_bytes(b"m")
