@@ -81,7 +81,7 @@ def run(
             check_value("input_dir", settings["input_dir"])
         step, done = run_with_settings(workspace, settings)
     keep = done.keep_history
-    note = "" if keep else " (keep_history=false: not committed, earlier versions dropped)"
+    note = "" if keep else f" (keep_history=false: not committed; {step.history_note})"
     print(f"run: {step.message(done.input_dir)}{note}")
 
 

@@ -475,9 +475,8 @@ class Forgotten:
         if self.shared_cache is None:
             return f"{self.deleted} cache objects of earlier versions dropped"
         return (
-            f"earlier versions kept: the DVC cache {self.shared_cache} is shared (cache.dir), "
-            "and what other workspaces use of it cannot be known; drop them there with "
-            "`dvc gc --projects` naming every workspace that uses it"
+            f"earlier versions kept: the DVC cache {self.shared_cache} is set by cache.dir, "
+            "so other workspaces may share it, and which objects they use cannot be known"
         )
 
 

@@ -13,7 +13,7 @@ import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,11 +290,13 @@ def dotted_keys(data: Any, prefix: str = "") -> list[str]:
 
 @dataclass(frozen=True)
 class Increment:
-    """What one run did to a pool: its name, rows before and after."""
+    """What one run did to a pool: its name, rows before and after, and (with
+    keep_history=false) what became of its earlier versions."""
 
     pool: str
     before: int
     after: int
+    history_note: str = ""
 
     def message(self, input_dir: str) -> str:
         """The revision's commit message."""
@@ -341,7 +343,7 @@ def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bo
     if keep_history:
         git_commit(workspace, step.message(input_dir))
     else:
-        forget_history(workspace, step.pool)
+        step = replace(step, history_note=forget_history(workspace, step.pool).note)
     return step
 
 
