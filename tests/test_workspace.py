@@ -111,9 +111,15 @@ def test_a_workspace_made_before_the_marker_is_still_one(ws: Path) -> None:
 
 
 def test_a_workspace_missing_its_pipeline_is_not_one(ws: Path) -> None:
-    (ws / "stages" / "merge.py").unlink()
-    with pytest.raises(InputError, match=r"not a datapool workspace: .*stages/merge.py"):
+    (ws / "dvc.yaml").unlink()
+    with pytest.raises(InputError, match=r"not a datapool workspace: .*lacks dvc.yaml"):
         check_workspace(ws)
+
+
+def test_a_workspace_with_the_stages_of_an_older_datapool_is_still_one(ws: Path) -> None:
+    (ws / "stages" / "inbox.py").unlink(missing_ok=True)  # added to the template later
+    git_commit(ws, "the pipeline of an older datapool")
+    check_workspace(ws)
 
 
 @pytest.mark.parametrize(
