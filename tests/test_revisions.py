@@ -199,7 +199,7 @@ def test_a_failed_switch_leaves_both_pools_recorded(repo: Path) -> None:
     record = _two_pools(repo)
     before = record.read_text()
     _corrupt_cache_object(repo, repo / "pools" / "A" / "datapool_latest.csv")
-    with pytest.raises(InputError, match="dvc add pools/A.*Is a directory"):
+    with pytest.raises(InputError, match=r"dvc add pools/A.*Is a directory"):
         adopt(repo, "B")
     assert record.read_text() == before
     assert current_record(repo, "A") is not None and not parked_file(repo, "A").exists()
