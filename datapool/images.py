@@ -32,7 +32,8 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -50,12 +51,14 @@ __all__ = [
     "CorruptImageError",
     "ImageFile",
     "InboxManifest",
+    "Signature",
     "check_image",
     "content_hash",
     "discover_images",
     "inbox_manifest",
     "load_rgb",
     "printable_relpath",
+    "read_hash_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -270,17 +273,25 @@ def printable_relpath(path: Path, *, root: Path) -> str:
     return os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
 
 
+#: What ``stat`` says of a file: (size, mtime_ns, inode). The inbox stage trusts an
+#: unchanged signature to mean unchanged bytes, as DVC's own hash cache does.
+Signature = tuple[int, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class InboxManifest:
     """What the pipeline tracks of an inbox in place of its bytes (see :func:`inbox_manifest`).
 
     Attributes:
-        images: ``(relpath, size, mtime_ns)`` of every image file, sorted by relpath.
-        skipped: ``{entry: reason}`` of every entry discovery skipped.
+        images: ``(relpath, content hash)`` of every image file, sorted by relpath.
+        skipped: ``{entry: reason}`` of every entry skipped or unreadable.
+        signatures: ``{relpath: (signature, content hash)}``, the cache for the next
+            listing; not part of the manifest, so a touched file changes nothing.
     """
 
-    images: list[tuple[str, int, int]]
+    images: list[tuple[str, str]]
     skipped: dict[str, str]
+    signatures: dict[str, tuple[Signature, str]]
 
     def to_json(self) -> str:
         """One line per image, then the skipped entries: diffs of the file stay readable."""
@@ -289,35 +300,83 @@ class InboxManifest:
         skipped = json.dumps(self.skipped, ensure_ascii=False, indent=1)
         return f'{{"images": [\n{body}\n],\n"skipped": {skipped}}}\n'
 
+    def cache_json(self) -> str:
+        """:attr:`signatures` as JSON, for :func:`read_hash_cache`."""
+        cache = {rel: [*sig, digest] for rel, (sig, digest) in self.signatures.items()}
+        return json.dumps(cache, ensure_ascii=False) + "\n"
 
-def inbox_manifest(root: Path) -> InboxManifest:
-    """List ``root`` for the pipeline's ``inbox`` stage, calling only ``stat``, never ``open``.
 
-    Every image file :func:`discover_images` finds comes with the size and
-    modification time its ``stat`` gives (the signature DVC itself trusts to reuse a
-    file's hash), and every entry it skips with the reason. DVC hashing the folder
-    instead would open every entry: a named pipe there hangs ``dvc repro`` forever, a
-    link to ``/dev/zero`` reads without end, and a socket or a name that is not UTF-8
-    stops it with an error.
+def read_hash_cache(path: Path) -> dict[str, tuple[Signature, str]]:
+    """The signatures a previous :meth:`InboxManifest.cache_json` wrote; ``{}`` if unusable.
+
+    It is only a cache: a missing, unreadable or hand-edited file, or any entry
+    that is not ``[size, mtime_ns, inode, 64 hex digits]``, just means hashing again.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    cache: dict[str, tuple[Signature, str]] = {}
+    for rel, entry in data.items():
+        if (
+            isinstance(entry, list)
+            and len(entry) == 4
+            and all(type(v) is int for v in entry[:3])
+            and isinstance(entry[3], str)
+            and _SHA256.fullmatch(entry[3])
+        ):
+            cache[rel] = ((entry[0], entry[1], entry[2]), entry[3])
+    return cache
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def inbox_manifest(
+    root: Path, *, known: Mapping[str, tuple[Signature, str]] | None = None, threads: int = 8
+) -> InboxManifest:
+    """List ``root`` for the pipeline's ``inbox`` stage: each image's content hash.
+
+    Files are found by :func:`discover_images` and hashed by :func:`content_hash`,
+    which opens regular files only; a file whose ``stat`` signature equals its entry
+    in ``known`` (a previous listing's cache) is not read again. DVC hashing the
+    folder itself would open every entry: a named pipe there hangs ``dvc repro``
+    forever, a link to ``/dev/zero`` reads without end, and a socket or a name that
+    is not UTF-8 stops it. Here those are skipped and listed with their reason.
 
     Raises:
         InputError: ``root`` does not exist, is not a folder, or cannot be read.
     """
     root_path = Path(root).absolute()
+    known = known or {}
     skipped: dict[str, str] = {}
 
     def on_skip(path: Path, reason: str) -> None:
         skipped[printable_relpath(path, root=root_path)] = reason
 
-    images: list[tuple[str, int, int]] = []
-    for item in discover_images(root_path, on_skip=on_skip):
+    def one(item: ImageFile) -> tuple[Signature, str] | None:
         try:
             st = item.path.stat()
-        except OSError as exc:  # vanished or became unreadable since it was listed
+            signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+            cached = known.get(item.relpath)
+            if cached is not None and cached[0] == signature:
+                return cached
+            return signature, content_hash(item.path)
+        except OSError as exc:  # vanished, unreadable, or swapped for a pipe since listed
             skipped[item.relpath] = exc.strerror or str(exc)
-            continue
-        images.append((item.relpath, st.st_size, st.st_mtime_ns))
-    return InboxManifest(images=images, skipped=dict(sorted(skipped.items())))
+            return None
+
+    files = discover_images(root_path, on_skip=on_skip)
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL
+        results = list(pool.map(one, files))
+    signatures = {f.relpath: r for f, r in zip(files, results, strict=True) if r is not None}
+    return InboxManifest(
+        images=[(rel, digest) for rel, (_, digest) in signatures.items()],
+        skipped=dict(sorted(skipped.items())),
+        signatures=signatures,
+    )
 
 
 # --------------------------------------------------------------------------- hashing

@@ -859,21 +859,53 @@ def test_pipes_and_devices_are_refused_without_blocking(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
-def test_inbox_manifest_stats_images_and_lists_skipped_entries_without_opening(
-    tmp_path: Path,
-) -> None:
-    _touch(tmp_path, "b/two.jpg", "one.png", "notes.txt")
-    os.mkfifo(tmp_path / "pipe.png")  # would block an open(): the manifest never opens
-    st = (tmp_path / "one.png").stat()
+def test_inbox_manifest_hashes_images_and_lists_skipped_entries(tmp_path: Path) -> None:
+    _touch(tmp_path, "b/two.jpg", "notes.txt")
+    (tmp_path / "one.png").write_bytes(b"one")
+    os.mkfifo(tmp_path / "pipe.png")  # would block an open(): never opened
 
     manifest = inbox_manifest(tmp_path)
 
-    assert [name for name, _, _ in manifest.images] == ["b/two.jpg", "one.png"]
-    assert manifest.images[1] == ("one.png", st.st_size, st.st_mtime_ns)
+    assert manifest.images == [
+        ("b/two.jpg", content_hash(tmp_path / "b" / "two.jpg")),
+        ("one.png", hashlib.sha256(b"one").hexdigest()),
+    ]
     assert manifest.skipped == {"pipe.png": "not a regular file"}
     assert json.loads(manifest.to_json()) == {
         "images": [list(image) for image in manifest.images],
         "skipped": manifest.skipped,
     }
-    os.utime(tmp_path / "one.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    assert inbox_manifest(tmp_path) != manifest  # a rewritten file changes the listing
+
+
+def test_inbox_manifest_follows_content_not_timestamps(tmp_path: Path) -> None:
+    one = tmp_path / "one.png"
+    one.write_bytes(b"one")
+    first = inbox_manifest(tmp_path)
+    st = one.stat()
+    os.utime(one, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    touched = inbox_manifest(tmp_path, known=first.signatures)
+    assert touched.to_json() == first.to_json()
+    one.write_bytes(b"two")
+    assert inbox_manifest(tmp_path, known=touched.signatures).to_json() != first.to_json()
+
+
+def test_inbox_manifest_reads_only_files_whose_signature_changed(tmp_path: Path) -> None:
+    (tmp_path / "one.png").write_bytes(b"one")
+    (tmp_path / "two.png").write_bytes(b"two")
+    listing = inbox_manifest(tmp_path)
+    cache_file = tmp_path / "cache.json"
+    cache_file.write_text(listing.cache_json(), encoding="utf-8")
+    cache = images.read_hash_cache(cache_file)
+    assert cache == listing.signatures
+    # A cached hash is trusted while size, mtime and inode match: proof it was not re-read.
+    signature, _ = cache["one.png"]
+    cache["one.png"] = (signature, "f" * 64)
+
+    assert dict(inbox_manifest(tmp_path, known=cache).images)["one.png"] == "f" * 64
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[1, 2]", '{"a.png": [1, 2, 3, "xyz"]}'])
+def test_a_broken_hash_cache_only_means_hashing_again(tmp_path: Path, text: str) -> None:
+    (tmp_path / "cache.json").write_text(text, encoding="utf-8")
+    assert images.read_hash_cache(tmp_path / "cache.json") == {}
+    assert images.read_hash_cache(tmp_path / "absent.json") == {}
