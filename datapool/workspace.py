@@ -384,5 +384,7 @@ def run_with_settings(
         except BaseException:
             replace_file(params_file, original)
             raise
-        record(workspace, step, input_dir=settings.input_dir, keep_history=settings.keep_history)
+        step = record(
+            workspace, step, input_dir=settings.input_dir, keep_history=settings.keep_history
+        )
     return step, settings

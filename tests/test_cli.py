@@ -251,7 +251,8 @@ def test_keep_history_false_commits_nothing_and_drops_old_versions(
     ws = copy_of(story, tmp_path)
     before = head(ws)
     out = cli(ws, "run", "--input-dir", str(digits / "batch_2"), "datapool.keep_history=False")
-    assert "keep_history=false" in out.stdout
+    assert "keep_history=false: not committed; " in out.stdout
+    assert "cache objects of earlier versions dropped" in out.stdout
     assert head(ws) == before  # no revision recorded
     assert "dvc.lock" in run_tool(["git", "status", "--porcelain"], cwd=ws, quiet=True)
     pool = read_pool(ws / "pools" / "A")
