@@ -44,3 +44,24 @@ def make_images(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+def foreign_dvc_project(root: Path) -> Path:
+    """A committed git + DVC project that is not a datapool workspace, at ``root``.
+
+    Its stage files are named like ours and its only stage would create
+    ``root/PWNED``, so a test can see that its pipeline never ran.
+    """
+    from datapool.tools import git_commit, run_tool
+    from datapool.workspace import TEMPLATE_FILES
+
+    root.mkdir(parents=True, exist_ok=True)
+    run_tool(["git", "init", "-q"], cwd=root, quiet=True)
+    run_tool(["dvc", "init", "-q"], cwd=root, quiet=True)
+    (root / "dvc.yaml").write_text("stages:\n  s:\n    cmd: touch PWNED\n")
+    (root / "params.yaml").write_text("input_dir: x\n")
+    for name in [n for n in TEMPLATE_FILES if n.startswith("stages/")]:
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_text("print('not datapool')\n")
+    git_commit(root, "someone else's project")
+    return root

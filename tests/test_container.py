@@ -18,8 +18,8 @@ import pytest
 from datapool.container import container_env, ensure_workspace, run_container
 from datapool.errors import InputError
 from datapool.pool import POOL_CSV, read_pool
-from datapool.tools import git_commit, head, run_tool, tool_env
-from datapool.workspace import TEMPLATE_FILES
+from datapool.tools import head, run_tool, tool_env
+from tests.conftest import foreign_dvc_project
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_ARGS = ["datapool.name=my_datapool", "stopping_condition.min_distance=0.1"]
@@ -84,15 +84,7 @@ def test_a_foreign_dvc_project_is_refused_and_nothing_of_it_runs(tmp_path: Path)
     # Someone else's DVC project mounted by mistake: its pipeline must not run.
     shared, inbox = tmp_path / "shared", tmp_path / "inbox"
     inbox.mkdir()
-    shared.mkdir()
-    run_tool(["git", "init", "-q"], cwd=shared, quiet=True)
-    run_tool(["dvc", "init", "-q"], cwd=shared, quiet=True)
-    (shared / "dvc.yaml").write_text("stages:\n  s:\n    cmd: touch PWNED\n")
-    (shared / "params.yaml").write_text("input_dir: x\n")
-    for name in [n for n in TEMPLATE_FILES if n.startswith("stages/")]:  # named like ours
-        (shared / name).parent.mkdir(exist_ok=True)
-        (shared / name).write_text("print('not datapool')\n")
-    git_commit(shared, "another project")
+    foreign_dvc_project(shared)
     params, rev = (shared / "params.yaml").read_bytes(), head(shared)
     with pytest.raises(InputError, match=r"not a datapool workspace: .* no \.datapool marker"):
         run_container([], input_dir=inbox, shared_dir=shared, output_dir=tmp_path / "out")

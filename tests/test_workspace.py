@@ -19,12 +19,12 @@ from datapool.errors import InputError
 from datapool.tools import head, run_tool
 from datapool.workspace import (
     MARKER,
-    TEMPLATE_FILES,
     check_workspace,
     create_workspace,
     git_commit,
     workspace_lock,
 )
+from tests.conftest import foreign_dvc_project
 
 RUNNER = CliRunner()
 
@@ -89,14 +89,7 @@ def test_outside_a_workspace_every_command_says_so(tmp_path: Path, command: list
 
 
 def test_a_foreign_dvc_project_is_not_a_workspace(tmp_path: Path) -> None:
-    run_tool(["git", "init", "-q"], cwd=tmp_path, quiet=True)
-    run_tool(["dvc", "init", "-q"], cwd=tmp_path, quiet=True)
-    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: touch PWNED\n")
-    (tmp_path / "params.yaml").write_text("input_dir: x\n")
-    for name in [n for n in TEMPLATE_FILES if n.startswith("stages/")]:  # named like ours
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("print('not datapool')\n")
-    git_commit(tmp_path, "someone else's project")
+    foreign_dvc_project(tmp_path)
     with pytest.raises(InputError, match=r"not a datapool workspace: .* no \.datapool marker"):
         check_workspace(tmp_path)
     refused(cli("run", "--workspace", str(tmp_path)), "not a datapool workspace")
