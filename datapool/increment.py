@@ -27,7 +27,6 @@ from datapool.pool import (
     embeddings_of,
     read_table,
 )
-from datapool.selection import k_center_greedy
 
 CANDIDATE_COLUMNS = ("content_hash", "batch_id", "model_id", "source")
 PICK_COLUMNS = ("filenames", "content_hash", "pick_rank", "pick_distance")
@@ -163,6 +162,10 @@ def select_increment(
     pool_embeddings = None if prior is None or prior.empty else embeddings_of(prior)
     if fresh.empty:
         return pd.DataFrame({c: [] for c in PICK_COLUMNS})
+    # Imported here, not at the top: selection needs torch (seconds to import), and
+    # the CLI and workspace modules use this module's pandas helpers without it.
+    from datapool.selection import k_center_greedy
+
     chosen = k_center_greedy(
         embeddings_of(fresh),
         pool=pool_embeddings,

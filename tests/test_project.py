@@ -86,6 +86,51 @@ def test_library_imports_without_typer_or_dvc() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _modules_loaded_by(code: str) -> set[str]:
+    """Top-level names of the modules a fresh interpreter holds after running ``code``."""
+    report = "; import sys; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    result = subprocess.run(
+        [sys.executable, "-c", code + report], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return set(result.stdout.split())
+
+
+def test_bare_package_imports_no_heavy_or_command_line_dependency() -> None:
+    loaded = _modules_loaded_by("import datapool")
+    assert loaded & {"torch", "torchvision", "typer", "click", "dvc", "pandas"} == set()
+
+
+def test_command_line_and_workspace_modules_import_without_torch() -> None:
+    # torch alone costs seconds; only `datapool run`'s stages and combine's re-embedding
+    # need it, so `datapool --help` and the light commands must not pay for it.
+    loaded = _modules_loaded_by(
+        "import datapool.cli, datapool.workspace, datapool.settings, datapool.revisions, "
+        "datapool.increment, datapool.combine, datapool.exchange, datapool.container"
+    )
+    assert "datapool" in loaded
+    assert loaded & {"torch", "torchvision", "dvc"} == set()
+
+
+def test_help_runs_without_importing_torch() -> None:
+    # -X importtime names every module the command imports, on stderr, one per line.
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "datapool", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "restore" in result.stdout  # the usage text, listing the commands
+    imported = {
+        line.rpartition("|")[2].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"datapool", "typer"} <= imported
+    assert imported & {"torch", "torchvision", "dvc"} == set()
+
+
 def test_torch_and_torchvision_import_together() -> None:
     # The pinned pair must load torchvision's compiled ops on a CPU-only machine.
     import torch
