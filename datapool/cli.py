@@ -18,7 +18,15 @@ import typer
 from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import StoppingCondition
-from datapool.revisions import Revision, check_new_name, history, park, restore
+from datapool.revisions import (
+    Revision,
+    check_new_name,
+    history,
+    park,
+    parked_paths,
+    restore,
+    version_paths,
+)
 from datapool.settings import check_pool_name, check_value, parse_settings
 from datapool.sharing import fetch_all_versions, push_all_versions
 from datapool.tools import git_commit, head, run_tool
@@ -131,9 +139,10 @@ def restore_command(
         check_workspace(workspace)
         check_pool_name(name)
         with workspace_lock(workspace):
-            restore(workspace, name, rev)
+            record = restore(workspace, name, rev)
             rows = pool_size(workspace, name)
-            git_commit(workspace, f"pool {name}: {rows} rows, restored from {rev}")
+            paths = parked_paths(name) if record.parked else version_paths(workspace)
+            git_commit(workspace, f"pool {name}: {rows} rows, restored from {rev}", paths=paths)
             now = head(workspace)
     print(f"restore: pool {name} is back at its {rev} version ({rows} rows), revision {now[:7]}")
 
@@ -176,7 +185,7 @@ def combine(
             f"({done.duplicates} duplicates dropped, {done.reembedded} re-embedded, "
             f"{done.thinned} thinned out)"
         )
-        git_commit(workspace, summary)
+        git_commit(workspace, summary, paths=parked_paths(into))
     print(f"combine: {summary}")
 
 
@@ -217,7 +226,7 @@ def import_command(
         rows, duplicates = import_pool(csv, folder, workspace / "pools" / name)
         park(workspace, name)
         summary = f"pool {name}: {rows} rows imported from {csv.name} ({duplicates} duplicates)"
-        git_commit(workspace, summary)
+        git_commit(workspace, summary, paths=parked_paths(name))
     print(f"import: {summary}")
 
 

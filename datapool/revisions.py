@@ -36,6 +36,8 @@ from datapool.tools import git_output, run_tool
 
 LOCK = "dvc.lock"
 PARAMS = "params.yaml"
+# Where DVC lists the pool folders it tracks, so git ignores their files.
+POOL_IGNORE = "pools/.gitignore"
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,28 @@ def pipeline_pool(workspace: Path) -> str:
     """``datapool.name`` as params.yaml has it now."""
     params = yaml.safe_load((workspace / PARAMS).read_text(encoding="utf-8")) or {}
     return str(params["datapool"]["name"])
+
+
+def parked_paths(name: str) -> list[str]:
+    """What parking pool ``name`` changes, relative to the workspace: ``pools/NAME.dvc``
+    and ``pools/.gitignore`` (where ``dvc add`` lists the folder). All that an import,
+    a combine or the restore of a parked version commits."""
+    return [f"pools/{name}.dvc", POOL_IGNORE]
+
+
+def version_paths(workspace: Path) -> list[str]:
+    """Every file a version of the workspace's pools consists of, relative to it:
+    dvc.lock, params.yaml, ``pools/.gitignore`` and each ``pools/NAME.dvc`` that
+    exists now or that HEAD or the index tracks. What a run or the restore of a
+    pipeline version commits: one that adopted NAME deleted NAME's ``.dvc``, and
+    :func:`datapool.tools.git_commit` records that as a deletion."""
+    tracked = (git_output(workspace, "ls-files", "-z", "--", "pools") or "").split("\0")
+    tracked += (
+        git_output(workspace, "ls-tree", "-z", "--name-only", "HEAD", "--", "pools/") or ""
+    ).split("\0")
+    records = {p for p in tracked if p.startswith("pools/") and p.count("/") == 1}
+    records |= {f"pools/{p.name}" for p in (workspace / "pools").glob("*.dvc")}
+    return [LOCK, PARAMS, POOL_IGNORE, *sorted(p for p in records if p.endswith(".dvc"))]
 
 
 # --- the DVC cache ----------------------------------------------------------------------------

@@ -44,19 +44,79 @@ def git_output(workspace: Path, *args: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def git_commit(workspace: Path, message: str) -> bool:
-    """Commit everything in the workspace; False if there was nothing to commit.
+def git_commit(workspace: Path, message: str, *, paths: Sequence[str]) -> bool:
+    """Commit exactly ``paths`` (relative to ``workspace``) as they are in the working
+    tree; False if none of them changed since HEAD.
 
-    Supplies an identity when git has none configured (fresh machines, CI, containers).
+    Decision: never ``git add -A``. A stray file the user left in the workspace
+    (notes, a scratch image, an edited README) is not ours to commit, and a
+    change the user staged to any other file stays staged, out of this commit:
+    the paths are staged (``git add -A -- PATHS``, which records a deleted
+    path as a deletion) and committed with ``git commit --only -- PATHS``, which
+    takes those paths alone, whatever else the index holds. A path that is
+    neither in the working tree nor tracked is skipped (nothing to record).
+    Paths are literal (no globs). Supplies an identity when git has none
+    configured (fresh machines, CI, containers).
+
+    Raises :class:`InputError` when git fails (e.g. a path the workspace's
+    .gitignore excludes).
     """
-    run_tool(["git", "add", "-A"], cwd=workspace, quiet=True)
-    if not run_tool(["git", "status", "--porcelain"], cwd=workspace, quiet=True).strip():
+    git = ["git", "--literal-pathspecs"]
+    present = _recordable(workspace, paths)
+    if not present:
+        return False
+    run_tool([*git, "add", "-A", "--", *present], cwd=workspace, quiet=True)
+    if _has_head(workspace) and not _differs(workspace, present):
         return False
     ident: list[str] = []
     if not (git_output(workspace, "config", "user.email") or "").strip():
         ident = ["-c", "user.name=datapool", "-c", "user.email=datapool@localhost"]
-    run_tool(["git", *ident, "commit", "-q", "-m", message], cwd=workspace, quiet=True)
+    run_tool(
+        [*git, *ident, "commit", "-q", "-m", message, "--only", "--", *present],
+        cwd=workspace,
+        quiet=True,
+    )
     return True
+
+
+def _recordable(workspace: Path, paths: Sequence[str]) -> list[str]:
+    """The ``paths`` that exist, or that the index or HEAD track (deleted ones)."""
+    git = ["git", "--literal-pathspecs"]
+    tracked = run_tool([*git, "ls-files", "-z", "--", *paths], cwd=workspace, quiet=True)
+    if _has_head(workspace):
+        tracked += run_tool(
+            [*git, "ls-tree", "-r", "-z", "--name-only", "HEAD", "--", *paths],
+            cwd=workspace,
+            quiet=True,
+        )
+    known = [name for name in tracked.split("\0") if name]
+
+    def is_known(path: str) -> bool:
+        folder = path.rstrip("/") + "/"
+        return any(name == path or name.startswith(folder) for name in known)
+
+    return [p for p in paths if (workspace / p).exists() or is_known(p)]
+
+
+def _has_head(workspace: Path) -> bool:
+    """False in a repository with no commit yet."""
+    return git_output(workspace, "rev-parse", "--verify", "--quiet", "HEAD") is not None
+
+
+def _differs(workspace: Path, paths: Sequence[str]) -> bool:
+    """True when the index holds ``paths`` other than HEAD does (``git diff --cached``)."""
+    result = subprocess.run(
+        ["git", "--literal-pathspecs", "diff", "--cached", "--quiet", "HEAD", "--", *paths],
+        cwd=workspace,
+        env=tool_env(),
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode > 1:
+        detail = result.stderr.strip()
+        raise InputError(f"`git diff --cached HEAD` failed in {workspace} ({detail})")
+    return result.returncode == 1
 
 
 def head(workspace: Path) -> str:

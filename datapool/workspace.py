@@ -20,7 +20,7 @@ from typing import Any
 from datapool.atomic import atomic_open
 from datapool.errors import InputError
 from datapool.pool import read_pool
-from datapool.revisions import forget_history, switch_to
+from datapool.revisions import forget_history, switch_to, version_paths
 from datapool.settings import RunSettings, check_params
 from datapool.tools import git_commit, git_output, run_tool, tool_env
 
@@ -50,6 +50,8 @@ TEMPLATE_FILES = (
     "stages/merge.py",
 )
 GITIGNORE = "/work/\n"
+# What `dvc init` writes (and stages); the first commit records them with the template.
+DVC_INIT_FILES = (".dvc/config", ".dvc/.gitignore", ".dvcignore")
 # What tells a datapool workspace from any other DVC project: `datapool init` writes it.
 MARKER = ".datapool"
 MARKER_TEXT = (
@@ -99,7 +101,7 @@ def create_workspace(dest: Path) -> None:
     run_tool(["git", "init", "-q"], cwd=dest, quiet=True)
     run_tool(["dvc", "init", "-q"], cwd=dest, quiet=True)
     run_tool(["dvc", "config", "core.analytics", "false"], cwd=dest, quiet=True)
-    git_commit(dest, FIRST_COMMIT)
+    git_commit(dest, FIRST_COMMIT, paths=[*TEMPLATE_FILES, ".gitignore", MARKER, *DVC_INIT_FILES])
 
 
 def workspace_problem(folder: Path) -> str | None:
@@ -343,7 +345,7 @@ def reproduce(workspace: Path, *, name: str) -> Increment:
 def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bool) -> Increment:
     """Commit the increment as a revision, or (without history) drop the pool's old versions."""
     if keep_history:
-        git_commit(workspace, step.message(input_dir))
+        git_commit(workspace, step.message(input_dir), paths=version_paths(workspace))
     else:
         step = replace(step, history_note=forget_history(workspace, step.pool).note)
     return step

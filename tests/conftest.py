@@ -63,5 +63,5 @@ def foreign_dvc_project(root: Path) -> Path:
     for name in [n for n in TEMPLATE_FILES if n.startswith("stages/")]:
         (root / name).parent.mkdir(exist_ok=True)
         (root / name).write_text("print('not datapool')\n")
-    git_commit(root, "someone else's project")
+    git_commit(root, "someone else's project", paths=["."])
     return root

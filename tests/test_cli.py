@@ -76,6 +76,8 @@ def story(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Iterator[di
     ws = root / "ws"
     s: dict[str, Any] = {"ws": ws, "root": root}
     s["init"] = cli(root, "init", str(ws))
+    s["init_rev"] = head(ws)
+    leave_user_changes(ws)
     b1, b2 = str(digits / "batch_1"), str(digits / "batch_2")
     s["run1"] = cli(ws, "run", "--input-dir", b1, "datapool.name=A", *FAST)
     s["v1"], s["v1_csv"] = head(ws), pool_bytes(ws, "A")
@@ -92,8 +94,48 @@ def story(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Iterator[di
     s["export"] = cli(ws, "export", "C", "--out", str(root / "exported"))
     s["import"] = cli(ws, "import", str(root / "exported" / "embeddings.csv"), "--name", "C2")
     s["history_after"] = cli(ws, "history", "A")
+    s["status_after"] = run_tool(["git", "status", "--porcelain"], cwd=ws, quiet=True)
     yield s
     monkey.undo()
+
+
+def leave_user_changes(ws: Path) -> None:
+    """What a person may leave in a workspace between commands, none of it datapool's:
+    an untracked note, an edited tracked file, a new file staged for their own commit."""
+    (ws / "notes.txt").write_text("ideas for the next batch\n")
+    with (ws / ".dvcignore").open("a") as ignore:
+        ignore.write("# my own comment\n")
+    (ws / "todo.txt").write_text("label the new images\n")
+    run_tool(["git", "add", "todo.txt"], cwd=ws, quiet=True)
+
+
+def changed_by(ws: Path, rev: str) -> list[str]:
+    """``STATUS<tab>PATH`` for each file commit ``rev`` changed."""
+    show = ["git", "show", "--format=", "--name-status", "--no-renames", rev]
+    text = run_tool(show, cwd=ws, quiet=True)
+    return [line for line in text.splitlines() if line]
+
+
+def test_commands_commit_only_the_pools_records(story: dict[str, Any]) -> None:
+    # run, restore, combine and import each commit dvc.lock, params.yaml, pools/.gitignore
+    # and pools/*.dvc; the user's own changes stay as they were, uncommitted.
+    ws = story["ws"]
+    status = sorted(story["status_after"].splitlines())
+    assert status == [" M .dvcignore", "?? notes.txt", "A  todo.txt"]
+    revs = run_tool(
+        ["git", "rev-list", "--reverse", f"{story['init_rev']}..HEAD"], cwd=ws, quiet=True
+    ).split()
+    assert len(revs) == 6  # three runs, restore, combine, import
+    for rev in revs:
+        for change in changed_by(ws, rev):
+            path = change.split("\t")[-1]
+            assert path in ("dvc.lock", "params.yaml", "pools/.gitignore") or (
+                path.startswith("pools/") and path.endswith(".dvc")
+            ), f"{rev[:7]} committed {change}"
+    # B's run parked A; restoring A's pipeline version took it back from the parked record.
+    assert "A\tpools/A.dvc" in changed_by(ws, story["vb"])
+    restored = changed_by(ws, story["restored"])
+    assert "D\tpools/A.dvc" in restored and "A\tpools/B.dvc" in restored
 
 
 def test_init_makes_a_committed_git_and_dvc_workspace(story: dict[str, Any]) -> None:

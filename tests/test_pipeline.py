@@ -190,7 +190,7 @@ def test_every_version_travels_through_a_remote(grown: Grown, tmp_path: Path) ->
     run_tool(
         ["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], cwd=origin, quiet=True
     )
-    git_commit(origin, "remote")
+    git_commit(origin, "remote", paths=[".dvc/config"])
     sent, failed = push_all_versions(origin)
     assert sent > 0 and failed == 0
     clone = tmp_path / "clone"

@@ -29,6 +29,7 @@ from datapool.revisions import (
     resolve,
     restore,
     switch_to,
+    version_paths,
 )
 from datapool.tools import git_commit, git_output, run_tool
 
@@ -75,7 +76,7 @@ def repo(tmp_path: Path) -> Path:
     run_tool(["git", "init", "-q"], cwd=ws, quiet=True)
     run_tool(["dvc", "init", "-q"], cwd=ws, quiet=True)
     (ws / "params.yaml").write_text("datapool:\n  name: A\nstopping_condition:\n  n_samples: 5\n")
-    git_commit(ws, "start")
+    git_commit(ws, "start", paths=[".dvc", ".dvcignore", "params.yaml"])
     return ws
 
 
@@ -86,7 +87,7 @@ def commit_version(
     (ws / "dvc.lock").write_text(LOCK.format(name=name, digest=digest))
     text = f"datapool:\n  name: {name}\nstopping_condition:\n  n_samples: {n_samples}\n"
     (ws / "params.yaml").write_text(text)
-    git_commit(ws, f"pool {name}: {len(hashes)} rows")
+    git_commit(ws, f"pool {name}: {len(hashes)} rows", paths=version_paths(ws))
     return run_tool(["git", "rev-parse", "HEAD"], cwd=ws, quiet=True).strip()
 
 
@@ -183,7 +184,7 @@ def _two_pools(repo: Path) -> Path:
         ignore.write("/A\n")  # as DVC does for the merge stage's output
     lock = LOCK.format(name="A", digest="0" * 32 + ".dir")
     (repo / "dvc.lock").write_text(lock)
-    git_commit(repo, "A is the pipeline's pool, B is parked")
+    git_commit(repo, "A is the pipeline's pool, B is parked", paths=version_paths(repo))
     return repo / "pools" / "B.dvc"
 
 
@@ -224,7 +225,7 @@ def test_a_record_lost_by_an_earlier_failed_switch_is_restored(repo: Path) -> No
     record.unlink()
     adopt(repo, "A")
     assert record.read_text() == before
-    git_commit(repo, "next run")
+    git_commit(repo, "next run", paths=version_paths(repo))
     assert record_at(repo, "HEAD", "B") is not None
 
 
@@ -243,7 +244,7 @@ def test_forget_history_keeps_versions_a_tag_or_branch_uses(repo: Path) -> None:
 
 def _shared(ws: Path, cache: Path) -> None:
     run_tool(["dvc", "cache", "dir", str(cache)], cwd=ws, quiet=True)
-    git_commit(ws, "use the shared cache")
+    git_commit(ws, "use the shared cache", paths=[".dvc/config"])
 
 
 def test_forget_history_leaves_a_shared_cache_alone(repo: Path, tmp_path: Path) -> None:
@@ -323,3 +324,32 @@ def test_a_switch_that_took_effect_is_kept(repo: Path) -> None:
         (repo / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
         raise RuntimeError("failed after the merge stage recorded pool B")
     assert not parked_file(repo, "B").exists() and parked_file(repo, "A").exists()
+
+
+def _leave_user_changes(repo: Path) -> None:
+    """A stray untracked file and an edit to a tracked file that is not a pool record."""
+    (repo / "notes.txt").write_text("a note of the user's\n")
+    with (repo / ".dvcignore").open("a") as ignore:
+        ignore.write("# the user's comment\n")
+
+
+def _changed(repo: Path, rev: str = "HEAD") -> list[str]:
+    text = git_output(repo, "show", "--format=", "--name-status", "--no-renames", rev) or ""
+    return sorted(line for line in text.splitlines() if line)
+
+
+def _user_changes_left(repo: Path) -> list[str]:
+    return sorted((git_output(repo, "status", "--porcelain") or "").splitlines())
+
+
+def test_a_switch_commits_its_records_and_the_dropped_one_as_a_deletion(repo: Path) -> None:
+    _two_pools(repo)
+    _leave_user_changes(repo)
+    adopt(repo, "B")  # parks A, drops pools/B.dvc: merge's output records B from now on
+    (repo / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
+    (repo / "params.yaml").write_text("datapool:\n  name: B\n")
+    paths = version_paths(repo)
+    assert {"pools/A.dvc", "pools/B.dvc", "dvc.lock", "params.yaml"} <= set(paths)
+    assert git_commit(repo, "pool B", paths=paths)
+    assert _changed(repo) == ["A\tpools/A.dvc", "D\tpools/B.dvc", "M\tdvc.lock", "M\tparams.yaml"]
+    assert _user_changes_left(repo) == [" M .dvcignore", "?? notes.txt"]

@@ -1,7 +1,9 @@
 """What a workspace is, and the checks `datapool` makes before it touches one.
 
 Real git and DVC repositories (``datapool init``); the CLI runs in-process through
-Typer's runner. None of these tests reaches a stage: each case is refused first.
+Typer's runner. None of these tests reaches a stage: each case is refused first,
+or is a command without a pipeline run (import, combine, restore of a parked pool)
+whose commit must leave the user's own files alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typer.testing import CliRunner, Result
 
 from datapool.cli import app
 from datapool.errors import InputError
+from datapool.exchange import export_pool
+from datapool.revisions import park, parked_paths
 from datapool.tools import head, run_tool
 from datapool.workspace import (
     MARKER,
@@ -24,7 +28,8 @@ from datapool.workspace import (
     git_commit,
     workspace_lock,
 )
-from tests.conftest import foreign_dvc_project
+from tests.conftest import draw_image, foreign_dvc_project
+from tests.test_combine import make_pool
 
 RUNNER = CliRunner()
 
@@ -99,7 +104,7 @@ def test_a_foreign_dvc_project_is_not_a_workspace(tmp_path: Path) -> None:
 def test_a_workspace_made_before_the_marker_is_still_one(ws: Path) -> None:
     # Older `datapool init` wrote no marker; its first commit says what made it.
     (ws / MARKER).unlink()
-    git_commit(ws, "drop the marker")
+    git_commit(ws, "drop the marker", paths=[MARKER])
     check_workspace(ws)
 
 
@@ -111,7 +116,7 @@ def test_a_workspace_missing_its_pipeline_is_not_one(ws: Path) -> None:
 
 def test_a_workspace_with_the_stages_of_an_older_datapool_is_still_one(ws: Path) -> None:
     (ws / "stages" / "inbox.py").unlink(missing_ok=True)  # added to the template later
-    git_commit(ws, "the pipeline of an older datapool")
+    git_commit(ws, "the pipeline of an older datapool", paths=["stages/inbox.py"])
     check_workspace(ws)
 
 
@@ -198,10 +203,83 @@ def test_an_older_unquoted_pipeline_gets_only_plain_input_folders(ws: Path, tmp_
     # Workspaces made before dvc.yaml quoted its values keep their own dvc.yaml.
     dvc_yaml = ws / "dvc.yaml"
     dvc_yaml.write_text(re.sub(r"'(\S*\$\{[^}]+\}\S*)'", r"\1", dvc_yaml.read_text()))
-    git_commit(ws, "an older pipeline")
+    git_commit(ws, "an older pipeline", paths=["dvc.yaml"])
     inbox = tmp_path / "x$(touch PWNED)"
     inbox.mkdir()
     params = (ws / "params.yaml").read_bytes()
     result = cli("run", "--input-dir", str(inbox), "--workspace", str(ws))
     refused(result, "passes values unquoted; copy dvc.yaml from a new `datapool init`")
     assert (ws / "params.yaml").read_bytes() == params and not list(tmp_path.rglob("PWNED"))
+
+
+# --- what the commands commit -----------------------------------------------------------------
+
+
+def test_init_commits_every_file_of_the_workspace(ws: Path) -> None:
+    # init names its files one by one; none may be left out of the first commit.
+    assert run_tool(["git", "status", "--porcelain"], cwd=ws, quiet=True) == ""
+    tracked = set(run_tool(["git", "ls-files"], cwd=ws, quiet=True).split())
+    assert {"dvc.yaml", "params.yaml", ".datapool", ".gitignore", ".dvc/config"} <= tracked
+
+
+def leave_user_changes(ws: Path) -> list[str]:
+    """A stray file, an edited tracked file and a change the user staged; their status."""
+    (ws / "notes.txt").write_text("ideas for the next batch\n")
+    draw_image(ws / "scratch.png", seed=7)
+    with (ws / ".dvcignore").open("a") as ignore:
+        ignore.write("# the user's comment\n")
+    (ws / "todo.txt").write_text("label the new images\n")
+    run_tool(["git", "add", "todo.txt"], cwd=ws, quiet=True)
+    return [" M .dvcignore", "?? notes.txt", "?? scratch.png", "A  todo.txt"]
+
+
+def committed(ws: Path) -> list[str]:
+    """``STATUS\\tPATH`` of every file HEAD changed."""
+    show = ["git", "show", "--format=", "--name-status", "--no-renames", "HEAD"]
+    text = run_tool(show, cwd=ws, quiet=True)
+    return sorted(line for line in text.splitlines() if line)
+
+
+def user_changes(ws: Path) -> list[str]:
+    return sorted(run_tool(["git", "status", "--porcelain"], cwd=ws, quiet=True).splitlines())
+
+
+def test_import_commits_the_new_pools_record_only(ws: Path, tmp_path: Path) -> None:
+    exported = export_pool(make_pool(tmp_path, "a", [1, 2, 3]), tmp_path / "out")
+    left = leave_user_changes(ws)
+    result = cli("import", str(exported.csv), "--name", "X", "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    assert committed(ws) == ["A\tpools/.gitignore", "A\tpools/X.dvc"]
+    assert user_changes(ws) == left
+
+
+def parked_pool(ws: Path, tmp_path: Path, name: str, seeds: list[int]) -> None:
+    """A pool of drawn images (model ``m1``) moved into the workspace and parked."""
+    shutil.rmtree(ws / "pools" / name, ignore_errors=True)
+    (ws / "pools").mkdir(exist_ok=True)
+    shutil.move(make_pool(tmp_path / f"v{len(seeds)}", name, seeds), ws / "pools" / name)
+    park(ws, name)
+
+
+def test_combine_commits_the_new_pools_record_only(ws: Path, tmp_path: Path) -> None:
+    for name, seeds in (("P", [1, 2]), ("Q", [2, 3])):
+        parked_pool(ws, tmp_path, name, seeds)
+    git_commit(ws, "two pools", paths=[*parked_paths("P"), *parked_paths("Q")])
+    left = leave_user_changes(ws)
+    result = cli("combine", "P", "Q", "--into", "R", "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    assert committed(ws) == ["A\tpools/R.dvc", "M\tpools/.gitignore"]
+    assert user_changes(ws) == left
+
+
+def test_restoring_a_parked_version_commits_its_record_only(ws: Path, tmp_path: Path) -> None:
+    parked_pool(ws, tmp_path, "P", [1, 2])
+    git_commit(ws, "P", paths=parked_paths("P"))
+    first = head(ws)
+    parked_pool(ws, tmp_path, "P", [3])
+    git_commit(ws, "P again", paths=parked_paths("P"))
+    left = leave_user_changes(ws)
+    result = cli("restore", "P", first, "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    assert committed(ws) == ["M\tpools/P.dvc"]
+    assert user_changes(ws) == left
