@@ -646,6 +646,28 @@ def _select(
     return out
 
 
+def _checked_inputs(
+    candidates: Any, pool: Any, memory_budget: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Candidates [n, d] and pool [m, d] as tensors (pool None if empty) and the budget in bytes.
+
+    Raises InputError for non-2-D or non-float input, mismatched or too large
+    dimension, and NaN/inf values (checked in budget-sized blocks).
+    """
+    x = _as_tensor(candidates, "candidates")
+    p = None if pool is None else _as_tensor(pool, "pool")
+    if p is not None and p.shape[0] > 0 and p.shape[1] != x.shape[1]:
+        raise InputError(f"pool has dimension {p.shape[1]} but candidates have {x.shape[1]}")
+    if x.shape[1] > _MAX_DIM:
+        raise InputError(f"candidates have dimension {x.shape[1]}; at most {_MAX_DIM} is supported")
+    budget = memory_budget or max(_MIN_BUDGET, x.numel() * x.element_size() // 10)
+    check_rows = max(1, budget // max(1, 8 * x.shape[1]))
+    _check_finite(x, "candidates", check_rows)
+    if p is not None:
+        _check_finite(p, "pool", check_rows)
+    return x, (p if p is not None and p.shape[0] > 0 else None), budget
+
+
 def k_center_greedy(
     candidates: Any,
     *,
@@ -696,20 +718,9 @@ def k_center_greedy(
             raises instead of hanging).
     """
     _check_limits(n_samples, min_distance)
-    x = _as_tensor(candidates, "candidates")
-    p = None if pool is None else _as_tensor(pool, "pool")
-    if p is not None and p.shape[0] > 0 and p.shape[1] != x.shape[1]:
-        raise InputError(f"pool has dimension {p.shape[1]} but candidates have {x.shape[1]}")
-    if x.shape[1] > _MAX_DIM:
-        raise InputError(f"candidates have dimension {x.shape[1]}; at most {_MAX_DIM} is supported")
-    budget = memory_budget or max(_MIN_BUDGET, x.numel() * x.element_size() // 10)
-    check_rows = max(1, budget // max(1, 8 * x.shape[1]))
-    _check_finite(x, "candidates", check_rows)
-    if p is not None:
-        _check_finite(p, "pool", check_rows)
+    x, pool_t, budget = _checked_inputs(candidates, pool, memory_budget)
     dev = torch.device(device) if device is not None else x.device
     limit = x.shape[0] if n_samples is None else min(n_samples, x.shape[0])
-    pool_t = p if p is not None and p.shape[0] > 0 else None
     with _pinned_numerics(dev.type, threads):
         out = _select(x, pool_t, dev, limit, min_distance, budget)
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
