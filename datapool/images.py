@@ -32,6 +32,7 @@ import os
 import re
 import stat
 import struct
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
+    "RACY_WINDOW_NS",
     "TRANSPARENT_BACKGROUND",
     "CorruptImageError",
     "ImageFile",
@@ -273,9 +275,20 @@ def printable_relpath(path: Path, *, root: Path) -> str:
     return os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
 
 
-#: What ``stat`` says of a file: (size, mtime_ns, inode). The inbox stage trusts an
-#: unchanged signature to mean unchanged bytes, as DVC's own hash cache does.
-Signature = tuple[int, int, int]
+#: What ``stat`` says of a file: (size, mtime_ns, ctime_ns, inode, device). The inbox
+#: stage trusts an unchanged signature to mean unchanged bytes. The mtime alone is not
+#: enough: ``cp -p``, ``rsync -t``, ``tar -x`` and ``touch -r`` put an old mtime on new
+#: bytes, and images of one format and size (BMP, TIFF) have one file size. The ctime
+#: cannot be set by users: any write or ``utime`` moves it to the present. The device
+#: makes an inode number from another file system (a remounted or swapped disk) differ.
+Signature = tuple[int, int, int, int, int]
+
+#: A file whose mtime or ctime is this close to the listing's start (or later) is hashed
+#: but not cached: on a file system with coarse timestamps (FAT: 2 s, some network
+#: file systems: 1 s) a write just after the listing keeps the same timestamps. This is
+#: git's "racily clean" rule. It assumes the file system's clock is not more than this
+#: behind the machine's; timestamps ahead of it (a clock in the future) are never cached.
+RACY_WINDOW_NS = 2 * 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,13 +298,18 @@ class InboxManifest:
     Attributes:
         images: ``(relpath, content hash)`` of every image file, sorted by relpath.
         skipped: ``{entry: reason}`` of every entry skipped or unreadable.
-        signatures: ``{relpath: (signature, content hash)}``, the cache for the next
-            listing; not part of the manifest, so a touched file changes nothing.
+        signatures: ``{relpath: (signature, content hash)}`` of the files that the next
+            listing may trust without reading them (not those changed just before this
+            listing, see :data:`RACY_WINDOW_NS`); not part of the manifest, so a touched
+            file changes nothing.
+        input_dir: the listed folder, symbolic links resolved: the cache is only used
+            for the folder it was made for.
     """
 
     images: list[tuple[str, str]]
     skipped: dict[str, str]
     signatures: dict[str, tuple[Signature, str]]
+    input_dir: str
 
     def to_json(self) -> str:
         """One line per image, then the skipped entries: diffs of the file stay readable."""
@@ -301,48 +319,71 @@ class InboxManifest:
         return f'{{"images": [\n{body}\n],\n"skipped": {skipped}}}\n'
 
     def cache_json(self) -> str:
-        """:attr:`signatures` as JSON, for :func:`read_hash_cache`."""
-        cache = {rel: [*sig, digest] for rel, (sig, digest) in self.signatures.items()}
-        return json.dumps(cache, ensure_ascii=False) + "\n"
+        """:attr:`signatures` and :attr:`input_dir` as JSON, for :func:`read_hash_cache`."""
+        files = {rel: [*sig, digest] for rel, (sig, digest) in self.signatures.items()}
+        return json.dumps({"input_dir": self.input_dir, "files": files}, ensure_ascii=False) + "\n"
 
 
-def read_hash_cache(path: Path) -> dict[str, tuple[Signature, str]]:
-    """The signatures a previous :meth:`InboxManifest.cache_json` wrote; ``{}`` if unusable.
+def read_hash_cache(path: Path, *, root: Path) -> dict[str, tuple[Signature, str]]:
+    """The signatures a previous :meth:`InboxManifest.cache_json` wrote for ``root``.
 
-    It is only a cache: a missing, unreadable or hand-edited file, or any entry
-    that is not ``[size, mtime_ns, inode, 64 hex digits]``, just means hashing again.
+    It is only a cache, so nothing here raises: ``{}`` (hash everything again) when
+    the file is missing, unreadable, not JSON (or nested too deep to parse), not of
+    the expected shape, or made for another folder than ``root`` (compared with
+    symbolic links resolved). An entry other than ``[size, mtime_ns, ctime_ns, inode,
+    device, 64 lowercase hex digits]`` with integer fields, size, inode and device
+    >= 0 (timestamps before 1970 are negative), is dropped on its own.
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested deep
         return {}
-    if not isinstance(data, dict):
+    if (
+        not isinstance(data, dict)
+        or data.get("input_dir") != str(Path(root).resolve())
+        or not isinstance(data.get("files"), dict)
+    ):
         return {}
     cache: dict[str, tuple[Signature, str]] = {}
-    for rel, entry in data.items():
-        if (
-            isinstance(entry, list)
-            and len(entry) == 4
-            and all(type(v) is int for v in entry[:3])
-            and isinstance(entry[3], str)
-            and _SHA256.fullmatch(entry[3])
-        ):
-            cache[rel] = ((entry[0], entry[1], entry[2]), entry[3])
+    for rel, entry in data["files"].items():
+        if _valid_cache_entry(entry):
+            size, mtime, ctime, inode, device, digest = entry
+            cache[rel] = ((size, mtime, ctime, inode, device), digest)
     return cache
+
+
+def _valid_cache_entry(entry: object) -> bool:
+    """True if ``entry`` has the shape :meth:`InboxManifest.cache_json` writes."""
+    if not isinstance(entry, list) or len(entry) != 6:
+        return False
+    numbers, digest = entry[:5], entry[5]
+    if not all(type(v) is int for v in numbers):  # type(), not isinstance: no bools
+        return False
+    size, _, _, inode, device = numbers
+    return (
+        min(size, inode, device) >= 0
+        and isinstance(digest, str)
+        and bool(_SHA256.fullmatch(digest))
+    )
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def inbox_manifest(
-    root: Path, *, known: Mapping[str, tuple[Signature, str]] | None = None, threads: int = 8
+    root: Path,
+    *,
+    known: Mapping[str, tuple[Signature, str]] | None = None,
+    threads: int = 8,
+    listed_at_ns: int | None = None,
 ) -> InboxManifest:
     """List ``root`` for the pipeline's ``inbox`` stage: each image's content hash.
 
     Files are found by :func:`discover_images` and hashed by :func:`content_hash`,
-    which opens regular files only; a file whose ``stat`` signature equals its entry
-    in ``known`` (a previous listing's cache) is not read again. DVC hashing the
-    folder itself would open every entry: a named pipe there hangs ``dvc repro``
+    which opens regular files only; a file whose :data:`Signature` equals its entry
+    in ``known`` (a previous listing's cache) is not read again. ``listed_at_ns`` is
+    when the listing started (default: now), for :data:`RACY_WINDOW_NS`. DVC hashing
+    the folder itself would open every entry: a named pipe there hangs ``dvc repro``
     forever, a link to ``/dev/zero`` reads without end, and a socket or a name that
     is not UTF-8 stops it. Here those are skipped and listed with their reason.
 
@@ -351,6 +392,7 @@ def inbox_manifest(
     """
     root_path = Path(root).absolute()
     known = known or {}
+    settled_before = (time.time_ns() if listed_at_ns is None else listed_at_ns) - RACY_WINDOW_NS
     skipped: dict[str, str] = {}
 
     def on_skip(path: Path, reason: str) -> None:
@@ -359,7 +401,7 @@ def inbox_manifest(
     def one(item: ImageFile) -> tuple[Signature, str] | None:
         try:
             st = item.path.stat()
-            signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+            signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
             cached = known.get(item.relpath)
             if cached is not None and cached[0] == signature:
                 return cached
@@ -371,11 +413,16 @@ def inbox_manifest(
     files = discover_images(root_path, on_skip=on_skip)
     with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL
         results = list(pool.map(one, files))
-    signatures = {f.relpath: r for f, r in zip(files, results, strict=True) if r is not None}
+    hashed = {f.relpath: r for f, r in zip(files, results, strict=True) if r is not None}
     return InboxManifest(
-        images=[(rel, digest) for rel, (_, digest) in signatures.items()],
+        images=[(rel, digest) for rel, (_, digest) in hashed.items()],
         skipped=dict(sorted(skipped.items())),
-        signatures=signatures,
+        signatures={
+            rel: entry
+            for rel, entry in hashed.items()
+            if max(entry[0][1], entry[0][2]) < settled_before  # mtime, ctime
+        },
+        input_dir=str(root_path.resolve()),
     )
 
 

@@ -14,6 +14,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -880,24 +881,26 @@ def test_inbox_manifest_hashes_images_and_lists_skipped_entries(tmp_path: Path) 
 def test_inbox_manifest_follows_content_not_timestamps(tmp_path: Path) -> None:
     one = tmp_path / "one.png"
     one.write_bytes(b"one")
-    first = inbox_manifest(tmp_path)
+    first = inbox_manifest(tmp_path, listed_at_ns=_later())
     st = one.stat()
     os.utime(one, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
-    touched = inbox_manifest(tmp_path, known=first.signatures)
+    touched = inbox_manifest(tmp_path, known=first.signatures, listed_at_ns=_later())
     assert touched.to_json() == first.to_json()
     one.write_bytes(b"two")
-    assert inbox_manifest(tmp_path, known=touched.signatures).to_json() != first.to_json()
+    changed = inbox_manifest(tmp_path, known=touched.signatures, listed_at_ns=_later())
+    assert changed.to_json() != first.to_json()
 
 
 def test_inbox_manifest_reads_only_files_whose_signature_changed(tmp_path: Path) -> None:
     (tmp_path / "one.png").write_bytes(b"one")
     (tmp_path / "two.png").write_bytes(b"two")
-    listing = inbox_manifest(tmp_path)
+    listing = inbox_manifest(tmp_path, listed_at_ns=_later())
     cache_file = tmp_path / "cache.json"
     cache_file.write_text(listing.cache_json(), encoding="utf-8")
-    cache = images.read_hash_cache(cache_file)
+    cache = images.read_hash_cache(cache_file, root=tmp_path)
     assert cache == listing.signatures
-    # A cached hash is trusted while size, mtime and inode match: proof it was not re-read.
+    assert set(cache) == {"one.png", "two.png"}
+    # A cached hash is trusted while the signature matches: proof it was not re-read.
     signature, _ = cache["one.png"]
     cache["one.png"] = (signature, "f" * 64)
 
@@ -907,5 +910,128 @@ def test_inbox_manifest_reads_only_files_whose_signature_changed(tmp_path: Path)
 @pytest.mark.parametrize("text", ["", "not json", "[1, 2]", '{"a.png": [1, 2, 3, "xyz"]}'])
 def test_a_broken_hash_cache_only_means_hashing_again(tmp_path: Path, text: str) -> None:
     (tmp_path / "cache.json").write_text(text, encoding="utf-8")
-    assert images.read_hash_cache(tmp_path / "cache.json") == {}
-    assert images.read_hash_cache(tmp_path / "absent.json") == {}
+    assert images.read_hash_cache(tmp_path / "cache.json", root=tmp_path) == {}
+    assert images.read_hash_cache(tmp_path / "absent.json", root=tmp_path) == {}
+    assert images.read_hash_cache(tmp_path, root=tmp_path) == {}  # a folder
+
+
+# A listing time well after every file of a test was written: their timestamps are then
+# outside the "racily clean" window, so the listing may cache them.
+def _later() -> int:
+    return time.time_ns() + 60 * 10**9
+
+
+def _rewrite_keeping_mtime(path: Path, colour: str) -> None:
+    """Replace ``path`` in place by an image of the same size, its mtime restored (``cp -p``)."""
+    before = path.stat()
+    Image.new("RGB", (8, 8), colour).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+
+
+def test_a_same_size_rewrite_with_its_mtime_restored_is_hashed_again(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    image = inbox / "x.bmp"  # BMPs of one size have one file size
+    Image.new("RGB", (8, 8), "red").save(image)
+    first = inbox_manifest(inbox)
+    cache_file = tmp_path / "cache.json"
+    cache_file.write_text(first.cache_json(), encoding="utf-8")
+
+    _rewrite_keeping_mtime(image, "blue")
+    again = inbox_manifest(inbox, known=images.read_hash_cache(cache_file, root=inbox))
+
+    assert again.images == [("x.bmp", content_hash(image))]
+    assert again.to_json() != first.to_json()
+
+
+def test_the_cache_signature_includes_ctime_which_no_one_can_restore(tmp_path: Path) -> None:
+    image = tmp_path / "x.bmp"
+    Image.new("RGB", (8, 8), "red").save(image)
+    first = inbox_manifest(tmp_path, listed_at_ns=_later())
+    assert set(first.signatures) == {"x.bmp"}  # cached: listed long after it was written
+
+    _rewrite_keeping_mtime(image, "blue")
+    again = inbox_manifest(tmp_path, known=first.signatures, listed_at_ns=_later())
+
+    assert again.images == [("x.bmp", content_hash(image))] != first.images
+    st = image.stat()
+    signature, _ = again.signatures["x.bmp"]
+    assert signature == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def test_files_changed_within_two_seconds_of_the_listing_are_not_cached(tmp_path: Path) -> None:
+    # On a file system with coarse timestamps (FAT: 2 s) a file rewritten right after
+    # the listing keeps its mtime; git's "racily clean" rule: such entries are re-read.
+    (tmp_path / "old.png").write_bytes(b"old")
+    now = time.time_ns()
+    os.utime(tmp_path / "old.png", ns=(now, now))
+    (tmp_path / "new.png").write_bytes(b"new")
+
+    listing = inbox_manifest(tmp_path, listed_at_ns=now + 10**9)
+    assert [rel for rel, _ in listing.images] == ["new.png", "old.png"]
+    assert listing.signatures == {}
+    cache = json.loads(listing.cache_json())
+    assert cache["files"] == {}
+
+    later = inbox_manifest(tmp_path, listed_at_ns=now + 3 * 10**9)
+    assert set(later.signatures) == {"new.png", "old.png"}
+
+
+def test_a_cache_made_for_another_input_folder_is_ignored(tmp_path: Path) -> None:
+    for folder in ("week1", "week2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "one.png").write_bytes(folder.encode())
+    listing = inbox_manifest(tmp_path / "week1", listed_at_ns=_later())
+    cache_file = tmp_path / "cache.json"
+    cache_file.write_text(listing.cache_json(), encoding="utf-8")
+
+    assert images.read_hash_cache(cache_file, root=tmp_path / "week1") == listing.signatures
+    assert images.read_hash_cache(cache_file, root=tmp_path / "week2") == {}
+    # The same folder reached through a link is the same folder.
+    (tmp_path / "link").symlink_to(tmp_path / "week1")
+    assert images.read_hash_cache(cache_file, root=tmp_path / "link") == listing.signatures
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000,  # nesting deeper than the recursion limit: RecursionError
+        '{"files": ' + "[" * 100_000,
+        '{"input_dir": 3, "files": {}}',
+        '{"input_dir": "ROOT", "files": []}',
+        '{"input_dir": "ROOT", "files": {"a.png": {"size": 1}}}',
+        '{"input_dir": "ROOT", "files": {"a.png": [1, 2, 3, 4, 5, "' + "A" * 64 + '"]}}',
+        '{"input_dir": "ROOT", "files": {"a.png": [1, 2, 3, 4, 5, "' + "g" * 64 + '"]}}',
+        '{"input_dir": "ROOT", "files": {"a.png": [-1, 2, 3, 4, 5, "' + "a" * 64 + '"]}}',
+        '{"input_dir": "ROOT", "files": {"a.png": [1, 2, 3, -4, 5, "' + "a" * 64 + '"]}}',
+        '{"input_dir": "ROOT", "files": {"a.png": [1, 2.5, 3, 4, 5, "' + "a" * 64 + '"]}}',
+        '{"input_dir": "ROOT", "files": {"a.png": [true, 2, 3, 4, 5, "' + "a" * 64 + '"]}}',
+        '{"input_dir": "ROOT", "files": {"a.png": [1, 2, 3, 4, "' + "a" * 64 + '"]}}',
+        '{"a.png": [1, 2, 3, "' + "a" * 64 + '"]}',  # the cache of an earlier version
+    ],
+)
+def test_a_crafted_hash_cache_only_means_hashing_again(tmp_path: Path, text: str) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(b"a")
+    cache_file = tmp_path / "cache.json"
+    cache_file.write_text(text.replace("ROOT", str(inbox.resolve())), encoding="utf-8")
+
+    assert images.read_hash_cache(cache_file, root=inbox) == {}
+    known = images.read_hash_cache(cache_file, root=inbox)
+    assert inbox_manifest(inbox, known=known).images == [("a.png", content_hash(inbox / "a.png"))]
+
+
+def test_a_valid_entry_is_kept_beside_a_malformed_one(tmp_path: Path) -> None:
+    entry = [1, -2, -3, 4, 5, "a" * 64]  # timestamps before 1970 are real
+    cache = {"input_dir": str(tmp_path.resolve()), "files": {"a.png": entry, "b.png": [1]}}
+    (tmp_path / "cache.json").write_text(json.dumps(cache), encoding="utf-8")
+    assert images.read_hash_cache(tmp_path / "cache.json", root=tmp_path) == {
+        "a.png": ((1, -2, -3, 4, 5), "a" * 64)
+    }
