@@ -187,10 +187,12 @@ def merge_increment(
 ) -> pd.DataFrame:
     """``pool := (pool minus this batch's earlier rows) + picks``, in Lightly's column order.
 
-    ``picks`` name candidates by ``content_hash``. With ``weak_labels`` the
-    candidate's sub-folder name becomes its label, otherwise labels are empty.
-    Raises :class:`PoolError` if a pick is not among the candidates or the
-    embeddings don't fit the pool.
+    ``picks`` name candidates by ``content_hash``. A pick the pool already holds
+    (a redo picking its own batch's image again) keeps the pool row's labels and
+    user columns, so edits made since the first run survive; only its pick rank
+    and distance are new. Other picks get their sub-folder name as label with
+    ``weak_labels``, else ``""``. Raises :class:`PoolError` if a pick is not
+    among the candidates or the embeddings don't fit the pool.
     """
     prior = prior_rows(pool, batch_of(candidates)) if not candidates.empty else pool
     check_compatible(prior, candidates)
@@ -205,6 +207,8 @@ def merge_increment(
     added["pick_distance"] = picks["pick_distance"].to_numpy()
     if not weak_labels:
         added["labels"] = ""
+    if pool is not None:
+        added = _with_pool_labels(added, pool)
     dim = embedding_dim(candidates) if prior is None or prior.empty else embedding_dim(prior)
     ours = column_order(dim, EXTRA_COLUMNS)
     user = [c for c in (pool.columns if pool is not None else []) if c not in ours]
@@ -214,6 +218,20 @@ def merge_increment(
     parts = [p for p in (prior, added) if p is not None and not p.empty]
     merged = pd.concat(parts, ignore_index=True) if parts else added
     return merged.reindex(columns=[*ours, *user])
+
+
+def _with_pool_labels(rows: pd.DataFrame, pool: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with the pool's labels for the images the pool holds, by content hash.
+
+    On a redo these are the batch's own rows of the previous run: the user may
+    have corrected their labels (or emptied them) since, and a redo must not put
+    the sub-folder name back.
+    """
+    labels = pool.drop_duplicates("content_hash").set_index("content_hash")["labels"]
+    found = labels.reindex(rows["content_hash"]).to_numpy(dtype=object)
+    out = rows.copy()
+    out["labels"] = np.where(pd.isna(found), out["labels"].to_numpy(dtype=object), found)
+    return out
 
 
 def _with_user_columns(rows: pd.DataFrame, pool: pd.DataFrame, user: list[str]) -> pd.DataFrame:

@@ -211,3 +211,31 @@ def test_user_columns_survive_merges_exactly(tmp_path: Path) -> None:
     merged.loc[2, "note"] = "mine"
     redone = merge_increment(merged, cands, select_increment(cands, merged, stop), weak_labels=True)
     assert list(redone["note"]) == ["keep", "", "mine", ""]
+
+
+def test_redoing_the_latest_increment_keeps_the_labels_edited_on_it() -> None:
+    pool = pool_table(2, seed=0, batch="b1")
+    cands = candidates(4, seed=1, batch="b2")
+    two = StoppingCondition(n_samples=2, min_distance=0.0)
+    merged = merge_increment(pool, cands, select_increment(cands, pool, two), weak_labels=True)
+    merged.loc[2, "labels"] = "dog-fixed-by-user"
+    merged.loc[3, "labels"] = ""  # a label removed on purpose stays removed
+    assert batch_identity(content_id="b2", pool=merged) == "b2"
+
+    # The user raises n_samples: the same batch is redone, its rows replaced.
+    three = StoppingCondition(n_samples=3, min_distance=0.0)
+    redone = merge_increment(
+        merged, cands, select_increment(cands, merged, three), weak_labels=True
+    )
+
+    assert len(redone) == 5
+    pd.testing.assert_frame_equal(
+        redone.iloc[:4].drop(columns=["pick_rank", "pick_distance"]),
+        merged.drop(columns=["pick_rank", "pick_distance"]),
+    )
+    assert list(redone["labels"]) == ["cat", "cat", "dog-fixed-by-user", "", "cat"]
+    # Without weak labels a redo still keeps what the pool's rows were given.
+    plain = merge_increment(
+        merged, cands, select_increment(cands, merged, three), weak_labels=False
+    )
+    assert list(plain["labels"]) == ["cat", "cat", "dog-fixed-by-user", "", ""]

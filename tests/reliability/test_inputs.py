@@ -436,3 +436,25 @@ def test_user_edits_and_earlier_batches_survive_later_increments(
     assert len(again) == 5  # week1's two images not picked the first time
     assert again.loc[3, "batch_id"] != again.loc[0, "batch_id"]
     assert set(again.loc[3:, "content_hash"]).isdisjoint(again.loc[:2, "content_hash"])
+
+
+@pytest.mark.slow
+def test_a_raised_n_samples_keeps_the_labels_edited_on_the_latest_increment(
+    tmp_path: Path, make_images: Callable[..., Path]
+) -> None:
+    inbox = make_images("week1", {f"cats/{i}.png": i for i in range(5)})
+    pool = tmp_path / "pools" / "p"
+    _increment(tmp_path, inbox, pool, n=2)
+
+    def review(table: pd.DataFrame) -> None:
+        table.loc[0, "labels"] = "tabby"  # corrected
+        table.loc[1, "labels"] = ""  # unsure: label removed on purpose
+
+    edited = _edit_pool(pool, review)
+    # A raised n_samples re-runs sample and merge on the same batch: a redo of it.
+    _increment(tmp_path, inbox, pool, n=3, train=-1)
+
+    redone = pd.read_csv(pool / POOL_CSV, dtype=str, keep_default_na=False)
+    assert len(redone) == 3 and redone["batch_id"].nunique() == 1
+    assert list(redone["content_hash"][:2]) == list(edited["content_hash"])
+    assert list(redone["labels"]) == ["tabby", "", "cats"]
