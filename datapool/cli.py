@@ -27,16 +27,14 @@ from datapool.revisions import (
     restore,
     version_paths,
 )
-from datapool.settings import check_pool_name, check_value, parse_settings
+from datapool.settings import check_existing_pool_name, check_value, parse_settings
 from datapool.sharing import fetch_all_versions, push_all_versions
 from datapool.tools import git_commit, head, run_tool
 from datapool.workspace import (
     check_workspace,
     create_workspace,
     pool_size,
-    run_increment,
     run_with_settings,
-    set_params,
     workspace_lock,
 )
 
@@ -49,10 +47,11 @@ Remote = Annotated[str | None, typer.Option(help="DVC remote (default: the defau
 
 @contextmanager
 def _locked(workspace: Path, *names: str) -> Iterator[None]:
-    """Check the workspace and the pool names, then hold the workspace's lock."""
+    """Check the workspace and that the pool names stay inside pools/, then hold the
+    workspace's lock. New names get the strict rule from check_new_name."""
     check_workspace(workspace)
     for name in names:
-        check_pool_name(name)
+        check_existing_pool_name(name)
     with workspace_lock(workspace):
         yield
 
@@ -122,7 +121,7 @@ def history_command(
     """List every revision of a pool: revision, date, rows, added, parameters that changed."""
     with user_errors("history"):
         check_workspace(workspace)
-        revisions = history(workspace, check_pool_name(name))
+        revisions = history(workspace, check_existing_pool_name(name))
         if not revisions:
             raise InputError(f"pool {name} has no revisions in {workspace}")
     print("\n".join(format_history(revisions)))
@@ -137,7 +136,8 @@ def restore_command(
     """Bring a pool's version at REV back, recorded as a new revision (nothing is lost)."""
     with user_errors("restore"):
         check_workspace(workspace)
-        check_pool_name(name)
+        # An existing pool: names from before the strict rule (`my pool`) stay restorable.
+        check_existing_pool_name(name)
         with workspace_lock(workspace):
             record = restore(workspace, name, rev)
             rows = pool_size(workspace, name)
@@ -200,7 +200,7 @@ def export_command(
 
     with user_errors("export"):
         check_workspace(workspace)
-        done = export_pool(workspace / "pools" / check_pool_name(name), out)
+        done = export_pool(workspace / "pools" / check_existing_pool_name(name), out)
     print(f"export: {done.rows} rows of pool {name} -> {done.csv}, {done.file_list}, {done.images}")
 
 
@@ -273,12 +273,16 @@ def demo(
     with user_errors("demo"):
         where = workspace or Path(tempfile.mkdtemp(prefix="datapool-demo-"))
         create_workspace(where)
-        # The digits are 32 px: a 64 px crop keeps the example quick on a laptop CPU.
-        set_params(where / "params.yaml", {"embed.image_size": 64})
         for batch in ("batch_1", "batch_2"):
-            source = str(EXAMPLE_DIR / batch)
-            set_params(where / "params.yaml", {"input_dir": source})
-            step = run_increment(where, name="my_datapool", input_dir=source)
+            # As `datapool run` does: settings checked, workspace locked, params.yaml
+            # put back if the run fails. The digits are 32 px: a 64 px crop keeps
+            # the example quick on a laptop CPU.
+            settings = {
+                "datapool.name": "my_datapool",
+                "embed.image_size": 64,
+                "input_dir": str(EXAMPLE_DIR / batch),
+            }
+            step, _ = run_with_settings(where, settings)
             print(f"demo: {step.message(batch)}")
     print(
         f"demo: done. The workspace is {where}: see `datapool history my_datapool`, "

@@ -14,24 +14,26 @@ and ``DATAPOOL_OUTPUT_DIR`` (the tests run this module on plain folders).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import read_picks
 from datapool.pool import POOL_CSV, read_table
-from datapool.revisions import flat_params
-from datapool.settings import check_value, parse_settings
+from datapool.settings import check_value, flatten, load_params, parse_settings
 from datapool.tools import head
 from datapool.workspace import (
     Increment,
     create_workspace,
-    run_with_settings,
+    run_locked,
+    workspace_lock,
     workspace_problem,
 )
 
@@ -67,6 +69,34 @@ def ensure_workspace(shared_dir: Path) -> None:
     create_workspace(shared_dir)
 
 
+@contextmanager
+def shared_folder_lock(shared_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the shared folder itself (its directory).
+
+    The workspace's own lock (:func:`datapool.workspace.workspace_lock`) is a
+    file in ``.dvc/tmp``, which an empty folder does not have yet; a lock file
+    put in the folder first would make it non-empty, and one beside it may not
+    be writable (the parent is outside the mount). So two containers started on
+    one empty folder meet here, on the directory, before either makes it a
+    workspace. The kernel drops the lock when the process ends, even by SIGKILL.
+
+    Raises :class:`InputError` when another process holds it.
+    """
+    shared_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another datapool run is in progress in {shared_dir} (it holds a lock on "
+                "the folder); wait for it to finish, then run again"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_container(
     overrides: Sequence[str], *, input_dir: Path, shared_dir: Path, output_dir: Path
 ) -> Increment:
@@ -75,7 +105,8 @@ def run_container(
     ``overrides`` are ``KEY=VALUE`` settings (``datapool.name=my_datapool``),
     each checked before the shared folder is touched. Raises :class:`InputError`
     for a missing input folder, bad settings, a shared folder that is not a
-    workspace (nor empty), or a failing run (params.yaml is then left as it was).
+    workspace (nor empty), another run holding it (:func:`shared_folder_lock`,
+    then the workspace's lock), or a failing run (params.yaml is then left as it was).
     """
     if not input_dir.is_dir():
         raise InputError(
@@ -83,10 +114,14 @@ def run_container(
         )
     settings = parse_settings(overrides)
     settings["input_dir"] = check_value("input_dir", str(input_dir.resolve()))
-    ensure_workspace(shared_dir)
-    step, done = run_with_settings(shared_dir, settings)
-    revision = head(shared_dir) if done.keep_history else None
-    write_outputs(shared_dir, step, output_dir, revision=revision)
+    # Both locks span the whole run: making the workspace (two containers on one empty
+    # folder) and reading HEAD for the report (another run could commit in between).
+    with shared_folder_lock(shared_dir):
+        ensure_workspace(shared_dir)
+        with workspace_lock(shared_dir):
+            step, done = run_locked(shared_dir, settings)
+            revision = head(shared_dir) if done.keep_history else None
+            write_outputs(shared_dir, step, output_dir, revision=revision)
     return step
 
 
@@ -117,7 +152,7 @@ def write_outputs(
         "rows_after": step.after,
         "sampled": len(picked),
         "revision": revision,
-        "params": flat_params((workspace / "params.yaml").read_text(encoding="utf-8")),
+        "params": flatten(load_params((workspace / "params.yaml").read_text(encoding="utf-8"))),
     }
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     (output_dir / "report.json").write_text(text, encoding="utf-8")

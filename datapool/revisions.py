@@ -32,6 +32,7 @@ import yaml
 from datapool.atomic import atomic_open
 from datapool.errors import InputError, PoolError
 from datapool.pool import POOL_CSV, read_table
+from datapool.settings import check_pool_name, flatten, load_params
 from datapool.tools import git_output, run_tool
 
 LOCK = "dvc.lock"
@@ -120,7 +121,7 @@ def current_record(workspace: Path, name: str) -> Record | None:
 
 def pipeline_pool(workspace: Path) -> str:
     """``datapool.name`` as params.yaml has it now."""
-    params = yaml.safe_load((workspace / PARAMS).read_text(encoding="utf-8")) or {}
+    params = load_params((workspace / PARAMS).read_text(encoding="utf-8")) or {}
     return str(params["datapool"]["name"])
 
 
@@ -202,17 +203,9 @@ def _commits(workspace: Path, *paths: str) -> list[tuple[str, str, str]]:
 
 
 def flat_params(text: str | None) -> dict[str, Any]:
-    """A params.yaml text as ``{dotted key: value}``."""
-
-    def walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    data = yaml.safe_load(text) if text else None
-    return dict(walk(data, "")) if isinstance(data, dict) else {}
+    """A params.yaml text as ``{dotted key: value}`` (read as DVC reads it, YAML 1.2)."""
+    data = load_params(text) if text else None
+    return flatten(data) if isinstance(data, dict) else {}
 
 
 def param_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -364,10 +357,10 @@ def _repark_lost(workspace: Path, name: str) -> None:
 
 
 def check_new_name(workspace: Path, name: str) -> None:
-    """Refuse a pool name that is taken: an existing folder, a parked record, or the
-    pipeline's pool (which dvc.yaml already declares as merge's output)."""
-    if not name or "/" in name or name.startswith("."):
-        raise InputError(f"{name!r} is not a usable pool name (a plain folder name)")
+    """Refuse a name a new pool cannot take: one :func:`check_pool_name` refuses, an
+    existing folder, a parked record, or the pipeline's pool (which dvc.yaml already
+    declares as merge's output). Raises :class:`InputError`."""
+    check_pool_name(name)
     taken = (workspace / "pools" / name).exists() or parked_file(workspace, name).exists()
     if taken or pipeline_pool(workspace) == name:
         raise InputError(

@@ -23,8 +23,12 @@ from typing import Any
 from datapool.errors import InputError
 
 POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_]+")
-DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# A torchvision weights name, alone (DEFAULT) or with its enum (ResNet18_Weights.IMAGENET1K_V1).
+WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+# auto, or a torch device type with an optional index; tests/test_settings.py checks
+# that torch knows each type. A typo (gpu) is refused here rather than inside embed.
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")
+DEVICE = re.compile(rf"auto|({'|'.join(DEVICE_TYPES)})(:[0-9]+)?")
 # Characters a single-quoted shell word cannot carry verbatim: the quote itself,
 # the backslash (an escape inside quotes in fish, a shell DVC supports), control codes.
 UNQUOTABLE = re.compile(r"['\\\x00-\x1f\x7f]")
@@ -45,6 +49,50 @@ def check_pool_name(name: str) -> str:
     return name
 
 
+def check_existing_pool_name(name: str) -> str:
+    """Return ``name`` if it can only name a folder inside ``pools/``: not empty, no
+    ``/``, no NUL, not starting with ``.`` (so not ``..``).
+
+    For commands that read or restore a pool that already exists: before
+    :func:`check_pool_name`, import and combine accepted any such name
+    (``my pool``, ``données``), and those pools stay usable. New names get the
+    strict rule. Raises :class:`InputError` otherwise.
+    """
+    if not name or "/" in name or "\0" in name or name.startswith("."):
+        raise InputError(
+            f"{name!r} is not a usable pool name: a pool is a folder of pools/ "
+            "(no '/', not starting with '.')"
+        )
+    return name
+
+
+def load_params(text: str) -> Any:
+    """A params.yaml text as plain Python data, read as YAML 1.2 like DVC and ruamel
+    (which writes params.yaml) read it: ``1e-05`` is a number, not the text PyYAML's
+    YAML 1.1 makes of it. Every reader of params.yaml goes through here.
+
+    Raises :class:`InputError` naming the parser's complaint for text that is not YAML.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError as err:
+        raise InputError(f"params.yaml is not valid YAML: {err}") from None
+
+
+def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted key: leaf value}``: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -59,6 +107,8 @@ class Rule:
         above: exclusive lower bound instead of ``low`` (``learning_rate > 0``).
         choices: the allowed texts, when there is a fixed list.
         check: for other texts, returns the problem or None.
+        whole_numbers_as_text: a whole number is taken as its text (a hand-written
+            ``name: 2024`` is the pool ``"2024"``, as datapool always read it).
     """
 
     kind: type
@@ -67,6 +117,7 @@ class Rule:
     above: float | None = None
     choices: tuple[str, ...] = ()
     check: Callable[[str], str | None] | None = None
+    whole_numbers_as_text: bool = False
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not acceptable (the text after the key), or None."""
@@ -137,12 +188,15 @@ def _weights(value: str) -> str | None:
 
 
 def _device(value: str) -> str | None:
-    return None if DEVICE.fullmatch(value) else f"must be auto, cpu, cuda or cuda:N, got {value!r}"
+    if DEVICE.fullmatch(value):
+        return None
+    kinds = ", ".join(DEVICE_TYPES)
+    return f"must be auto or a torch device ({kinds}, optionally :N), got {value!r}"
 
 
 SETTINGS: dict[str, Rule] = {
     "input_dir": Rule(str, check=_input_dir),
-    "datapool.name": Rule(str, check=_pool_name),
+    "datapool.name": Rule(str, check=_pool_name, whole_numbers_as_text=True),
     "datapool.keep_history": Rule(bool),
     "stopping_condition.n_samples": Rule(int, low=0),
     # Embeddings are unit vectors: no two are farther apart than 2.
@@ -167,13 +221,16 @@ REQUIRED = ("input_dir", "datapool.name")
 
 
 def check_value(key: str, value: Any) -> Any:
-    """``value`` for setting ``key``, checked (whole floats become ints).
+    """``value`` for setting ``key``, checked (whole floats become ints, a whole number
+    becomes text where the setting says so).
 
     Raises :class:`InputError` naming the key and value, or listing the known keys.
     """
     rule = SETTINGS.get(key)
     if rule is None:
         raise InputError(f"unknown setting {key!r}; known: {', '.join(SETTINGS)}")
+    if rule.whole_numbers_as_text and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
     problem = rule.problem(value)
     if problem is not None:
         raise InputError(f"{key} {problem}")
@@ -224,14 +281,14 @@ def check_params(params: Mapping[str, Any], *, source: str) -> RunSettings:
     decides what it reads). Raises :class:`InputError` prefixed by ``source``
     (the file), naming the key and value.
     """
-    flat = dict(_flatten(params))
+    flat = flatten(params)
     for key in REQUIRED:
         if key not in flat:
             raise InputError(f"{source} lacks {key}")
     try:
         for key, value in flat.items():
             if key in SETTINGS:
-                check_value(key, value)
+                flat[key] = check_value(key, value)
     except InputError as err:
         raise InputError(f"{source}: {err}") from None
     n_samples = flat.get("stopping_condition.n_samples", 0)
@@ -247,12 +304,3 @@ def check_params(params: Mapping[str, Any], *, source: str) -> RunSettings:
         keep_history=bool(flat.get("datapool.keep_history", True)),
     )
 
-
-def _flatten(node: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for key, value in node.items():
-        if isinstance(value, Mapping):
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items

@@ -11,7 +11,7 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +21,7 @@ from datapool.atomic import atomic_open
 from datapool.errors import InputError
 from datapool.pool import read_pool
 from datapool.revisions import forget_history, switch_to, version_paths
-from datapool.settings import RunSettings, check_params
+from datapool.settings import RunSettings, check_params, flatten, load_params
 from datapool.tools import git_commit, git_output, run_tool, tool_env
 
 __all__ = [
@@ -29,10 +29,9 @@ __all__ = [
     "Increment",
     "check_workspace",
     "create_workspace",
-    "current_settings",
     "git_commit",
-    "parse_overrides",
     "run_increment",
+    "run_locked",
     "run_tool",
     "run_with_settings",
     "set_params",
@@ -246,50 +245,11 @@ def with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
             if node is None:
                 break
         if node is None or not hasattr(node, "keys") or leaf not in node:
-            raise InputError(f"unknown setting {dotted!r}; known: {', '.join(dotted_keys(data))}")
+            raise InputError(f"unknown setting {dotted!r}; known: {', '.join(flatten(data))}")
         node[leaf] = value
     out = io.StringIO()
     yaml.dump(data, out)
     return out.getvalue()
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
-    """``["a.b=0.1", "c=true"]`` -> ``{"a.b": 0.1, "c": True}`` (values parsed as YAML scalars).
-
-    Raises :class:`InputError` for an item without ``=`` or without a key.
-    """
-    from ruamel.yaml import YAML
-
-    parsed: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"expected KEY=VALUE, got {pair!r}")
-        parsed[key.strip()] = YAML(typ="safe").load(text) if text.strip() else ""
-    return parsed
-
-
-def current_settings(workspace: Path) -> tuple[str, str, bool]:
-    """``(datapool.name, input_dir, datapool.keep_history)`` as params.yaml has them now."""
-    import yaml
-
-    params = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8")) or {}
-    pool = params.get("datapool") or {}
-    keep = pool.get("keep_history", True)
-    if isinstance(keep, str):
-        keep = keep.strip().lower() not in ("false", "no", "off", "0")
-    return str(pool.get("name")), str(params.get("input_dir")), bool(keep)
-
-
-def dotted_keys(data: Any, prefix: str = "") -> list[str]:
-    """All leaf keys of a nested mapping, dotted: ``["datapool.name", ...]``."""
-    keys: list[str] = []
-    for key, value in data.items():
-        if hasattr(value, "items"):
-            keys += dotted_keys(value, f"{prefix}{key}.")
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 @dataclass(frozen=True)
@@ -351,42 +311,67 @@ def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bo
     return step
 
 
+def merge_record(workspace: Path) -> Any:
+    """merge's entry in dvc.lock (None without one). DVC rewrites it exactly when a
+    run gets through merge, so a change tells a run that recorded its pool from
+    one that stopped before."""
+    import yaml
+
+    lock = workspace / "dvc.lock"
+    if not lock.is_file():
+        return None
+    data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    return (data.get("stages") or {}).get("merge") if isinstance(data, dict) else None
+
+
 def run_with_settings(
     workspace: Path, overrides: Mapping[str, Any]
 ) -> tuple[Increment, RunSettings]:
     """One increment with ``overrides`` (checked ``KEY=VALUE`` settings, see
-    :func:`datapool.settings.parse_settings`) written to params.yaml.
+    :func:`datapool.settings.parse_settings`) written to params.yaml, under
+    :func:`workspace_lock` (see :func:`run_locked`).
 
-    Under :func:`workspace_lock`: the whole params file is checked with the
-    overrides applied before anything is written or run; if ``dvc repro`` then
-    fails (or is interrupted), params.yaml is put back byte for byte, so a failed
-    run changes no setting. Once the pipeline has succeeded the new settings
-    describe the pool and stay, even if recording it fails.
-
-    Raises :class:`InputError` for a folder that is not a workspace, a bad
-    setting, a missing input folder, a held lock or a failing pipeline.
+    Raises :class:`InputError` for a folder that is not a workspace, a held lock,
+    and what :func:`run_locked` raises.
     """
-    import yaml
-
     check_workspace(workspace)
-    params_file = workspace / "params.yaml"
     with workspace_lock(workspace):
-        original = params_file.read_bytes()
-        try:
-            text = with_overrides(original.decode("utf-8"), overrides)
-        except UnicodeDecodeError as err:
-            raise InputError(f"{params_file} is not UTF-8 text: {err}") from None
-        settings = check_params(yaml.safe_load(text) or {}, source=str(params_file))
-        if not (workspace / settings.input_dir).is_dir():
-            raise InputError(f"input_dir {settings.input_dir} is not a folder")
-        check_shell_safe(workspace, settings.input_dir)
-        replace_file(params_file, text.encode("utf-8"))
-        try:
-            step = reproduce(workspace, name=settings.name)
-        except BaseException:
+        return run_locked(workspace, overrides)
+
+
+def run_locked(workspace: Path, overrides: Mapping[str, Any]) -> tuple[Increment, RunSettings]:
+    """:func:`run_with_settings` for a caller that already holds :func:`workspace_lock`.
+
+    The whole params file is checked with the overrides applied before anything
+    is written or run. If ``dvc repro`` then fails (or is interrupted) before
+    merge recorded the pool in dvc.lock, params.yaml is put back byte for byte,
+    so a failed run changes no setting. Once merge has recorded it, dvc.lock
+    describes the pool with the new settings, so they stay (even if a later
+    stage, the commit or a Ctrl-C fails the run).
+
+    Raises :class:`InputError` for a bad setting or params file, a missing input
+    folder, or a failing pipeline.
+    """
+    params_file = workspace / "params.yaml"
+    original = params_file.read_bytes()
+    try:
+        text = with_overrides(original.decode("utf-8"), overrides)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{params_file} is not UTF-8 text: {err}") from None
+    params = load_params(text)
+    if not isinstance(params, dict):
+        raise InputError(f"{params_file} must map settings to values, got {type(params).__name__}")
+    settings = check_params(params, source=str(params_file))
+    if not (workspace / settings.input_dir).is_dir():
+        raise InputError(f"input_dir {settings.input_dir} is not a folder")
+    check_shell_safe(workspace, settings.input_dir)
+    merged = merge_record(workspace)
+    replace_file(params_file, text.encode("utf-8"))
+    try:
+        step = reproduce(workspace, name=settings.name)
+    except BaseException:
+        if merge_record(workspace) == merged:
             replace_file(params_file, original)
-            raise
-        step = record(
-            workspace, step, input_dir=settings.input_dir, keep_history=settings.keep_history
-        )
+        raise
+    step = record(workspace, step, input_dir=settings.input_dir, keep_history=settings.keep_history)
     return step, settings

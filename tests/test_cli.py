@@ -27,7 +27,6 @@ from datapool.images import content_hash
 from datapool.pool import POOL_CSV, embeddings_of, read_pool, read_table, stored_image
 from datapool.revisions import cache_dir, read_version, record_at
 from datapool.tools import head, run_tool, tool_env
-from datapool.workspace import parse_overrides
 
 pytestmark = pytest.mark.slow  # four `dvc repro` runs: about two minutes
 
@@ -268,17 +267,6 @@ def test_export_and_import_round_trip_through_lightly_csv(story: dict[str, Any])
     assert list(c2["content_hash"]) == list(c["content_hash"])
     np.testing.assert_allclose(embeddings_of(c2), embeddings_of(c), atol=1e-6)
     assert "24 rows imported" in story["import"].stdout
-
-
-def test_parse_overrides_reads_yaml_scalars() -> None:
-    parsed = parse_overrides(
-        ["stopping_condition.min_distance=0.1", "datapool.keep_history=False", "datapool.name=x"]
-    )
-    assert parsed == {
-        "stopping_condition.min_distance": 0.1,
-        "datapool.keep_history": False,
-        "datapool.name": "x",
-    }
 
 
 def copy_of(story: dict[str, Any], tmp_path: Path) -> Path:

@@ -7,7 +7,9 @@ DATAPOOL_INPUT_DIR / _SHARED_DIR / _OUTPUT_DIR.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,6 +107,22 @@ def test_bad_settings_are_refused_before_the_shared_folder_is_touched(
     with pytest.raises(InputError, match=setting.split("=")[0]):
         run_container([setting], input_dir=inbox, shared_dir=shared, output_dir=tmp_path / "o")
     assert list(shared.iterdir()) == []
+
+
+def test_a_run_on_a_shared_folder_another_run_holds_is_refused_untouched(tmp_path: Path) -> None:
+    # Two containers on one empty folder: the one that holds the folder's lock makes
+    # the workspace; the other is refused before it creates or runs anything.
+    shared, inbox = tmp_path / "shared", tmp_path / "inbox"
+    shared.mkdir()
+    inbox.mkdir()
+    holder = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running container holds
+        with pytest.raises(InputError, match="another datapool run is in progress in"):
+            run_container([], input_dir=inbox, shared_dir=shared, output_dir=tmp_path / "out")
+    finally:
+        os.close(holder)
+    assert list(shared.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
 def test_a_missing_input_folder_is_reported(tmp_path: Path) -> None:

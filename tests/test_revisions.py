@@ -97,6 +97,13 @@ def test_lock_pool_reads_merges_output() -> None:
     assert lock_pool(None) is None
 
 
+def test_flat_params_reads_yaml_1_2_like_dvc() -> None:
+    assert flat_params("embed:\n  learning_rate: 1e-05\n  on: on\n") == {
+        "embed.learning_rate": 1e-05,
+        "embed.on": "on",
+    }
+
+
 def test_flat_params_and_changes() -> None:
     before = flat_params("a:\n  b: 1\n  c: x\nd: true\n")
     assert before == {"a.b": 1, "a.c": "x", "d": True}
@@ -153,7 +160,8 @@ def test_forget_history_drops_only_this_pools_old_versions(repo: Path) -> None:
 def test_check_new_name(repo: Path) -> None:
     (repo / "pools" / "taken").mkdir(parents=True)
     check_new_name(repo, "fresh")
-    for name in ("taken", "A", "a/b", ".hidden"):
+    # New names get check_pool_name's rule, as datapool.name of a run does.
+    for name in ("taken", "A", "a/b", ".hidden", "my pool", "données", "a+b", "x.dvc"):
         with pytest.raises(InputError):
             check_new_name(repo, name)
 

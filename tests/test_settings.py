@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from datapool.errors import InputError
-from datapool.settings import SETTINGS, check_params, check_pool_name, parse_settings
+from datapool.settings import (
+    DEVICE_TYPES,
+    SETTINGS,
+    check_existing_pool_name,
+    check_params,
+    check_pool_name,
+    flatten,
+    load_params,
+    parse_settings,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -73,7 +83,9 @@ def test_values_are_parsed_by_the_type_of_their_setting() -> None:
         ("append_weak_labels=1", "append_weak_labels must be true or false, got 1"),
         ("embed.model=vgg16", "embed.model must be one of mobilenet_v3_small, resnet18"),
         ("embed.precision=fp16", "embed.precision must be one of fp32, bf16"),
-        ("embed.device=gpu", "embed.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("embed.device=gpu", "embed.device must be auto or a torch device (cpu, cuda"),
+        ("embed.device=cuda:x", "embed.device must be auto or a torch device"),
+        ("embed.weights=a..b", "embed.weights must be a torchvision weights name"),
         ("embed.weights=x;rm", "embed.weights must be a torchvision weights name"),
         ("embed.embedding_dim=0", "embed.embedding_dim must be a whole number >= 1, got 0"),
         ("embed.image_size=8", "embed.image_size must be a whole number >= 16, got 8"),
@@ -109,8 +121,8 @@ def test_a_bad_params_file_is_refused_naming_it() -> None:
     with pytest.raises(InputError, match=r"ws/params.yaml: stopping_condition.min_distance must"):
         check_params(params, source="ws/params.yaml")
     params["stopping_condition"]["min_distance"] = 0
-    params["datapool"]["name"] = 7  # a number where the file must hold text
-    with pytest.raises(InputError, match=r"datapool.name must be text, got 7"):
+    params["datapool"]["name"] = 7.5  # a number where the file must hold text
+    with pytest.raises(InputError, match=r"datapool.name must be text, got 7.5"):
         check_params(params, source="ws/params.yaml")
     del params["datapool"]["name"]
     with pytest.raises(InputError, match=r"ws/params.yaml lacks datapool.name"):
@@ -128,3 +140,63 @@ def test_plain_pool_names_pass(name: str) -> None:
 def test_other_pool_names_are_refused(name: str) -> None:
     with pytest.raises(InputError, match="is not a usable pool name"):
         check_pool_name(name)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        "embed.device=mps",
+        "embed.device=xpu",
+        "embed.device=xpu:1",
+        "embed.device=cuda:0",
+        "embed.weights=ResNet18_Weights.IMAGENET1K_V1",
+        "embed.weights=IMAGENET1K_V2",
+    ],
+)
+def test_devices_and_weights_torch_accepts_pass(pair: str) -> None:
+    key, _, value = pair.partition("=")
+    assert parse_settings([pair]) == {key: value}
+
+
+def test_every_accepted_device_type_is_one_torch_knows() -> None:
+    import torch
+
+    for kind in DEVICE_TYPES:
+        assert torch.device(f"{kind}:0").type == kind
+
+
+def test_a_hand_written_numeric_pool_name_is_that_text() -> None:
+    # `name: 2024` in params.yaml is a YAML int; the pool is the folder pools/2024.
+    params = load_params((ROOT / "params.yaml").read_text().replace("my_datapool", "2024"))
+    assert check_params(params, source="params.yaml").name == "2024"
+
+
+def test_params_are_read_as_yaml_1_2_like_dvc_reads_them() -> None:
+    # PyYAML (YAML 1.1) reads 1e-4 as the text '1e-4'; DVC and ruamel read a number.
+    text = (ROOT / "params.yaml").read_text()
+    text = re.sub(r"learning_rate: \S+", "learning_rate: 1e-4", text)
+    params = load_params(text)
+    assert params["embed"]["learning_rate"] == 1e-4
+    check_params(params, source="params.yaml")
+    assert load_params("a: on\nb: 1e-05\n") == {"a": "on", "b": 1e-05}
+
+
+def test_a_params_text_that_is_not_yaml_is_refused() -> None:
+    with pytest.raises(InputError, match=r"params\.yaml is not valid YAML"):
+        load_params("a: [1\n")
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    nested = {"a": {"b": 1, "c": {"d": None}}, "e": [1]}
+    assert flatten(nested) == {"a.b": 1, "a.c.d": None, "e": [1]}
+
+
+@pytest.mark.parametrize("name", ["my_datapool", "my pool", "données", "a+b", "a.dvc"])
+def test_existing_pools_with_names_from_before_the_strict_rule_stay_usable(name: str) -> None:
+    assert check_existing_pool_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "../x", "a\0b"])
+def test_existing_pool_names_that_leave_pools_are_refused(name: str) -> None:
+    with pytest.raises(InputError, match="is not a usable pool name"):
+        check_existing_pool_name(name)

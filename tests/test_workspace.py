@@ -126,7 +126,7 @@ def test_a_workspace_with_the_stages_of_an_older_datapool_is_still_one(ws: Path)
         ("stopping_condition.min_distance=2.5", "min_distance must be a number in [0, 2]"),
         ("stopping_condition.n_samples=-1", "n_samples must be a whole number >= 0"),
         ("datapool.name=x$(touch PWNED)", "is not a usable pool name"),
-        ("embed.device=gpu", "embed.device must be auto, cpu, cuda or cuda:N"),
+        ("embed.device=gpu", "embed.device must be auto or a torch device"),
         ("stopping_condition.n_sample=3", "unknown setting"),
     ],
 )
@@ -191,12 +191,71 @@ def test_a_second_run_is_refused_while_another_holds_the_workspace(
         ["export", "a/../../x", "--out", "out"],
         ["import", "x.csv", "--name", "../x"],
         ["combine", "A", "B", "--into", ".hidden"],
-        ["restore", "a b", "HEAD"],
+        ["restore", "../a", "HEAD"],
+        # New names get the strict rule.
+        ["import", "x.csv", "--name", "my pool"],
+        ["combine", "A", "B", "--into", "données"],
     ],
 )
 def test_pool_names_are_checked_where_they_enter(ws: Path, command: list[str]) -> None:
     result = cli(*command, "--workspace", str(ws))
     refused(result, "is not a usable pool name")
+
+
+def test_pools_named_before_the_strict_rule_can_still_be_read_and_restored(
+    ws: Path, tmp_path: Path
+) -> None:
+    # import and combine once took any name without '/' or a leading '.'.
+    name = "my pool"
+    parked_pool(ws, tmp_path, name, [1, 2])
+    git_commit(ws, "one", paths=parked_paths(name))
+    first = head(ws)
+    parked_pool(ws, tmp_path, name, [3])
+    git_commit(ws, "two", paths=parked_paths(name))
+    listed = cli("history", name, "--workspace", str(ws))
+    assert listed.exit_code == 0 and first[:7] in listed.output, listed.output
+    exported = cli("export", name, "--out", str(tmp_path / "out"), "--workspace", str(ws))
+    assert exported.exit_code == 0 and "1 rows of pool my pool" in exported.output, exported.output
+    restored = cli("restore", name, first, "--workspace", str(ws))
+    assert restored.exit_code == 0, restored.output
+    assert "(2 rows)" in restored.output
+
+
+@pytest.mark.parametrize(
+    ("edit", "setting"),
+    [
+        # What ruamel writes for 0.00001, and what a user may write by hand.
+        ("learning_rate: 0.001", "embed.learning_rate=0.00001"),
+        ("learning_rate: 1e-4", "stopping_condition.n_samples=5"),
+    ],
+)
+def test_settings_in_exponent_form_are_numbers(
+    ws: Path, tmp_path: Path, edit: str, setting: str
+) -> None:
+    # Read as YAML 1.2, as DVC reads them; PyYAML would see the text '1e-05'.
+    params = ws / "params.yaml"
+    params.write_text(params.read_text().replace("learning_rate: 0.001", edit))
+    before = params.read_bytes()
+    result = cli("run", "--input-dir", str(tmp_path / "nope"), setting, "--workspace", str(ws))
+    # Past every setting check: the next one refuses the missing folder.
+    refused(result, f"input_dir {tmp_path / 'nope'} is not a folder")
+    assert params.read_bytes() == before
+
+
+def test_demo_checks_its_settings_and_puts_params_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # demo goes the way of `datapool run`: a missing example folder is refused
+    # before the pipeline runs, and params.yaml stays as `datapool init` wrote it.
+    import datapool.cli
+
+    monkeypatch.setattr(datapool.cli, "EXAMPLE_DIR", tmp_path / "no-examples")
+    where = tmp_path / "demo"
+    result = cli("demo", "--workspace", str(where))
+    refused(result, f"input_dir {tmp_path / 'no-examples' / 'batch_1'} is not a folder")
+    template = (Path(datapool.cli.__file__).parent / "pipeline" / "params.yaml").read_bytes()
+    assert (where / "params.yaml").read_bytes() == template
+    assert not (where / "work").exists() and not (where / "dvc.lock").exists()
 
 
 def test_an_older_unquoted_pipeline_gets_only_plain_input_folders(ws: Path, tmp_path: Path) -> None:
