@@ -1,9 +1,10 @@
 """What a workspace is, and the checks `datapool` makes before it touches one.
 
 Real git and DVC repositories (``datapool init``); the CLI runs in-process through
-Typer's runner. None of these tests reaches a stage: each case is refused first,
-or is a command without a pipeline run (import, combine, restore of a parked pool)
-whose commit must leave the user's own files alone.
+Typer's runner. Apart from the one slow test of a run that fails after merge, none
+of these tests reaches a stage: each case is refused first, or is a command without
+a pipeline run (import, combine, restore of a parked pool) whose commit must leave
+the user's own files alone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typer.testing import CliRunner, Result
 from datapool.cli import app
 from datapool.errors import InputError
 from datapool.exchange import export_pool
-from datapool.revisions import park, parked_paths
+from datapool.pool import read_pool
+from datapool.revisions import LOCK, lock_pool, park, parked_paths
+from datapool.settings import load_params
 from datapool.tools import head, run_tool
 from datapool.workspace import (
     MARKER,
@@ -256,6 +259,30 @@ def test_demo_checks_its_settings_and_puts_params_back(
     template = (Path(datapool.cli.__file__).parent / "pipeline" / "params.yaml").read_bytes()
     assert (where / "params.yaml").read_bytes() == template
     assert not (where / "work").exists() and not (where / "dvc.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_after_merge_keeps_the_settings_dvc_lock_records(
+    ws: Path, digits: Path
+) -> None:
+    # A stage after merge fails, as a Ctrl-C landing after merge wrote dvc.lock would:
+    # dvc.lock records the pool made with n_samples=7, so params.yaml must say so too.
+    dvc_yaml = ws / "dvc.yaml"
+    after_merge = "\n  after_merge:\n    cmd: exit 3\n    deps:\n      - pools/${datapool.name}\n"
+    dvc_yaml.write_text(dvc_yaml.read_text() + after_merge)
+    git_commit(ws, "a stage after merge", paths=["dvc.yaml"])
+    fast = ["embed.image_size=32", "embed.num_workers=0", "embed.bootstrap_epochs=0"]
+    result = cli(
+        "run", "--input-dir", str(digits / "batch_1"), *fast, "stopping_condition.n_samples=7",
+        "--workspace", str(ws),
+    )  # fmt: skip
+    refused(result, "dvc repro` failed")
+    assert lock_pool((ws / LOCK).read_text()) is not None
+    pool = read_pool(ws / "pools" / "my_datapool")
+    assert pool is not None and len(pool) == 7
+    params = load_params((ws / "params.yaml").read_text())
+    assert params["stopping_condition"]["n_samples"] == 7
+    assert params["embed"]["image_size"] == 32
 
 
 def test_an_older_unquoted_pipeline_gets_only_plain_input_folders(ws: Path, tmp_path: Path) -> None:
