@@ -5,8 +5,10 @@ added earlier are ignored when choosing and replaced when merging, so re-running
 an increment (``dvc repro -f``, a changed stopping condition) redoes it rather
 than stacking a second copy on top. Which rows are "the current batch's" is
 decided by :func:`batch_identity`: only the increment that added the pool's last
-rows can be redone; an inbox identical to an earlier one is a new increment.
-Every other row is kept as the user left it: labels they edited, columns they added.
+rows can be redone (so the rows' order matters, see there); an inbox identical
+to an earlier one is a new increment. Every other row is kept as the user left
+it: labels they edited, columns they added; a redo keeps those of the rows it
+picks again too.
 """
 
 from __future__ import annotations
@@ -73,8 +75,28 @@ def batch_identity(*, content_id: str, pool: pd.DataFrame | None) -> str:
     run again: ``dvc repro -f``, a changed stopping condition); otherwise, when an
     earlier increment had identical content, a new id ``content_id-N``, so that
     increment's rows are left alone and its images not picked then can be now.
-    (An increment that picked nothing leaves no rows, so nothing marks it as the
-    latest; running its content again is then a new increment too.)
+
+    The latest increment is the batch of the pool's last row (``merge`` appends
+    each increment at the end); nothing else records it. Known limitations:
+
+    * An increment that picked nothing leaves no row, so it is never the latest.
+      Inbox X, then an inbox Y that picks nothing, then X again: the third run is
+      a redo of X (X's rows replaced by the same selection, nothing added), not a
+      new increment picking X's remaining images.
+    * Rows reordered by the user (a spreadsheet's sort) make whichever batch ends
+      up last the latest. That batch's inbox run again is then a redo of it: its
+      rows are chosen again conditioned on all other rows, later increments
+      included, so some of them may be swapped for other images of its inbox
+      (labels and columns of rows picked again are kept; the rows dropped remain
+      in the pool's earlier DVC versions). The true latest inbox run through
+      ``embed`` again (``dvc repro -f``) becomes a new increment ``content_id-N``
+      adding its remaining images; a changed stopping condition alone (no new
+      ``embed``) still redoes it. Keep the rows in the order ``merge`` wrote them.
+
+    Recording the latest batch id in the pool folder would lift both, but the
+    record must be written in the same transaction as the table
+    (:func:`datapool.transaction.save_pool`), or a crash between the two leaves
+    a pool that is neither version.
     """
     if pool is None or pool.empty:
         return content_id

@@ -239,3 +239,15 @@ def test_redoing_the_latest_increment_keeps_the_labels_edited_on_it() -> None:
         merged, cands, select_increment(cands, merged, three), weak_labels=False
     )
     assert list(plain["labels"]) == ["cat", "cat", "dog-fixed-by-user", "", ""]
+
+
+def test_the_latest_increment_is_the_batch_of_the_last_row_a_known_limitation() -> None:
+    # Pins the limitation batch_identity documents, so that lifting it is a deliberate change.
+    week1, week2 = pool_table(2, seed=0, batch="aaaa"), pool_table(2, seed=1, batch="bbbb")
+    # Week 3's inbox picked nothing and left no row: week2's inbox again is its redo.
+    in_order = pd.concat([week1, week2], ignore_index=True)
+    assert batch_identity(content_id="bbbb", pool=in_order) == "bbbb"
+    # The user sorted the CSV and week1's rows came last: week1 now counts as the latest.
+    resorted = pd.concat([week2, week1], ignore_index=True)
+    assert batch_identity(content_id="aaaa", pool=resorted) == "aaaa"
+    assert batch_identity(content_id="bbbb", pool=resorted) == "bbbb-2"
