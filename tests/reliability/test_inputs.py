@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner, Result
 
+from datapool.images import content_hash
 from datapool.pool import CHECKPOINT, POOL_CSV, column_order, write_table
 from datapool.tools import tool_env
 from datapool.transaction import save_pool
@@ -355,11 +356,23 @@ def test_hostile_inbox_through_real_dvc_repro(tmp_path: Path) -> None:
     from PIL import Image
 
     Image.new("RGB", (30, 30), "yellow").save(tmp_path / "inbox" / "new.png")
+    bmp = tmp_path / "inbox" / "new.bmp"
+    Image.new("RGB", (30, 30), "red").save(bmp)
     third = _repro(ws)
     assert third.returncode == 0, third.stdout + third.stderr
     assert "Running stage 'embed'" in third.stdout
     pool = read_pool(ws / "pools" / "my_datapool")
     assert pool is not None and "new.png" in set(pool["filenames"])
+    # Rewritten in place at the same size, its mtime restored (cp -p, tar -x): still seen.
+    before = bmp.stat()
+    Image.new("RGB", (30, 30), "blue").save(bmp)
+    os.utime(bmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (bmp.stat().st_size, bmp.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    fourth = _repro(ws)
+    assert fourth.returncode == 0, fourth.stdout + fourth.stderr
+    assert "Running stage 'embed'" in fourth.stdout
+    listing = json.loads((work / "inbox.json").read_text(encoding="utf-8"))
+    assert ["new.bmp", content_hash(bmp)] in listing["images"]
 
 
 def _increment(tmp_path: Path, inbox: Path, pool: Path, *, n: int, train: int = 0) -> None:
