@@ -497,15 +497,21 @@ class Forgotten:
         )
 
 
-def forget_history(workspace: Path, name: str) -> Forgotten:
+def forget_history(workspace: Path, name: str, *, replaced: Record | None = None) -> Forgotten:
     """Delete earlier versions of pool ``name`` from the DVC cache (``keep_history=false``).
 
     Decision: the run still updates the pool in the workspace (and dvc.lock) but
     makes no commit, and the cache objects only older versions of *this* pool
-    in HEAD's history need go. Kept: what the working tree tracks (the new
-    version, other pools, work/), every other pool's versions, and every
-    version another local branch or a tag uses -- unlike ``dvc gc -w``. Commits
-    that recorded dropped versions stay in git; restoring one says the data is gone.
+    need go: every version of it HEAD's history records, and ``replaced`` -- the
+    version the working tree recorded before the run (:func:`current_record`),
+    which no commit holds when the previous run had ``keep_history=false`` too.
+    Kept, unlike ``dvc gc -w``: what the working tree tracks (the new version,
+    other pools, work/), every version of other pools in HEAD's history, and for
+    each other local branch and each tag the versions its tip records and those
+    of the commits only it reaches. A version of this pool in history such a
+    branch shares with HEAD is deleted all the same, unless its tip records it.
+    Commits that recorded dropped versions stay in git; restoring one says the
+    data is gone.
 
     Only a cache of the workspace's own (``.dvc/cache``) is touched: DVC keeps no
     list of the workspaces that share a cache set elsewhere by ``cache.dir``, so
@@ -519,7 +525,7 @@ def forget_history(workspace: Path, name: str) -> Forgotten:
     with Repo(str(workspace)) as repo:
         try:
             with lock_repo(repo):
-                return _forget_locked(repo, workspace, name)
+                return _forget_locked(repo, workspace, name, replaced)
         except LockError as err:
             raise InputError(
                 f"cannot take DVC's lock in {workspace} to drop the earlier versions of pool "
@@ -528,13 +534,14 @@ def forget_history(workspace: Path, name: str) -> Forgotten:
             ) from err
 
 
-def _forget_locked(repo: Any, workspace: Path, name: str) -> Forgotten:
+def _forget_locked(repo: Any, workspace: Path, name: str, replaced: Record | None) -> Forgotten:
     """:func:`forget_history`'s work, with ``repo`` (a dvc Repo) locked."""
     odb, own = repo.cache.local, repo.cache.default_local_cache_dir
     cache = Path(repo.cache.local_cache_dir)
     if own is None or cache.resolve() != Path(own).resolve():
         return Forgotten(deleted=0, shared_cache=cache)
-    doomed: set[str] = set()
+    # The replaced version may be in no commit at all (an earlier run without history).
+    doomed = objects_of(cache, replaced.digest) if replaced is not None else set()
     keep = _workspace_objects(workspace, cache)
     for pool, record in _all_records(workspace):
         if pool == name:

@@ -20,7 +20,7 @@ from typing import Any
 from datapool.atomic import atomic_open
 from datapool.errors import InputError
 from datapool.pool import read_pool
-from datapool.revisions import forget_history, switch_to, version_paths
+from datapool.revisions import Record, current_record, forget_history, switch_to, version_paths
 from datapool.settings import RunSettings, check_params, flatten, load_params
 from datapool.tools import git_commit, git_output, run_tool, tool_env
 
@@ -254,13 +254,15 @@ def with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Increment:
-    """What one run did to a pool: its name, rows before and after, and (with
-    keep_history=false) what became of its earlier versions."""
+    """What one run did to a pool: its name, rows before and after, the version
+    the working tree recorded before (``replaced``, dropped without history) and
+    (with keep_history=false) what became of its earlier versions."""
 
     pool: str
     before: int
     after: int
     history_note: str = ""
+    replaced: Record | None = None
 
     def message(self, input_dir: str) -> str:
         """The revision's commit message."""
@@ -296,10 +298,13 @@ def reproduce(workspace: Path, *, name: str) -> Increment:
     The switch of pools is undone if the pipeline fails before merge records
     ``name`` (:func:`datapool.revisions.switch_to`).
     """
+    # Read before the run: with keep_history=false it may be in no commit.
+    replaced = current_record(workspace, name)
     with switch_to(workspace, name):
         before = pool_size(workspace, name)
         run_tool(["dvc", "repro"], cwd=workspace)
-    return Increment(pool=name, before=before, after=pool_size(workspace, name))
+    after = pool_size(workspace, name)
+    return Increment(pool=name, before=before, after=after, replaced=replaced)
 
 
 def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bool) -> Increment:
@@ -307,7 +312,8 @@ def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bo
     if keep_history:
         git_commit(workspace, step.message(input_dir), paths=version_paths(workspace))
     else:
-        step = replace(step, history_note=forget_history(workspace, step.pool).note)
+        forgotten = forget_history(workspace, step.pool, replaced=step.replaced)
+        step = replace(step, history_note=forgotten.note)
     return step
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import yaml
 
 from datapool.images import content_hash
 from datapool.pool import POOL_CSV, embeddings_of, read_pool, read_table, stored_image
-from datapool.revisions import cache_dir, read_version, record_at
+from datapool.revisions import cache_dir, current_record, missing_objects, read_version, record_at
 from datapool.tools import head, run_tool, tool_env
 
 pytestmark = pytest.mark.slow  # four `dvc repro` runs: about two minutes
@@ -51,6 +51,12 @@ def cli(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[s
     )
     assert (result.returncode == 0) == ok, result.stdout + result.stderr
     return result
+
+
+def pool_rows(ws: Path, name: str) -> int:
+    table = read_pool(ws / "pools" / name)
+    assert table is not None, f"no pool {name} in {ws}"
+    return len(table)
 
 
 def pool_bytes(ws: Path, name: str) -> bytes:
@@ -276,17 +282,25 @@ def copy_of(story: dict[str, Any], tmp_path: Path) -> Path:
 
 
 def test_keep_history_false_commits_nothing_and_drops_old_versions(
-    story: dict[str, Any], tmp_path: Path, digits: Path
+    story: dict[str, Any], tmp_path: Path, digits: Path, make_images: Callable[..., Path]
 ) -> None:
     ws = copy_of(story, tmp_path)
     before = head(ws)
+    # Two runs without history: the first one's version is in no commit, and the
+    # second must still drop it (it used to stay in the cache for good).
+    drawn = make_images("drawn", {f"{seed}.png": seed for seed in range(3)})
+    cli(ws, "run", "--input-dir", str(drawn), "datapool.keep_history=False")
+    first, first_rows = current_record(ws, "A"), pool_rows(ws, "A")
     out = cli(ws, "run", "--input-dir", str(digits / "batch_2"), "datapool.keep_history=False")
     assert "keep_history=false: not committed; " in out.stdout
     assert "cache objects of earlier versions dropped" in out.stdout
     assert head(ws) == before  # no revision recorded
     assert "dvc.lock" in run_tool(["git", "status", "--porcelain"], cwd=ws, quiet=True)
-    pool = read_pool(ws / "pools" / "A")
-    assert pool is not None and len(pool) == 24
+    assert first_rows > 12 and pool_rows(ws, "A") == first_rows + 12
+    now = current_record(ws, "A")
+    assert first is not None and now is not None and first != now
+    assert missing_objects(cache_dir(ws), first.digest) == [first.digest]
+    assert missing_objects(cache_dir(ws), now.digest) == []
     refused = cli(ws, "restore", "A", story["v1"], ok=False)
     assert "not in the DVC cache" in refused.stderr
     cache = cache_dir(ws)

@@ -361,3 +361,55 @@ def test_a_switch_commits_its_records_and_the_dropped_one_as_a_deletion(repo: Pa
     assert git_commit(repo, "pool B", paths=paths)
     assert _changed(repo) == ["A\tpools/A.dvc", "D\tpools/B.dvc", "M\tdvc.lock", "M\tparams.yaml"]
     assert _user_changes_left(repo) == [" M .dvcignore", "?? notes.txt"]
+
+
+def test_forget_history_drops_the_uncommitted_version_each_run_replaced(repo: Path) -> None:
+    # keep_history=false commits nothing, so the version a run leaves is in no commit;
+    # the next run must still drop it, or the cache grows by one version per run.
+    cache = repo / ".dvc" / "cache"
+    commit_version(repo, "A", ["h1"], 5)
+    versions, deleted = [], []
+    for hashes in (["h1", "h2"], ["h1", "h2", "h3"], ["h1", "h2", "h3", "h4"]):
+        replaced = current_record(repo, "A")  # what the working tree recorded before the run
+        versions.append(cached_pool(cache, hashes))
+        (repo / "dvc.lock").write_text(LOCK.format(name="A", digest=versions[-1]))
+        deleted.append(forget_history(repo, "A", replaced=replaced).deleted)
+    assert deleted == [2, 2, 2]  # each time the replaced version's manifest and CSV
+    assert [read_version(cache, v) is not None for v in versions] == [False, False, True]
+    # A run that changed nothing replaced the version it keeps: nothing goes.
+    same = current_record(repo, "A")
+    assert forget_history(repo, "A", replaced=same).deleted == 0
+    assert read_version(cache, versions[-1]) is not None
+
+
+def test_forget_history_keeps_a_replaced_version_a_branch_uses(repo: Path) -> None:
+    cache = repo / ".dvc" / "cache"
+    commit_version(repo, "A", ["h1"], 5)
+    run_tool(["git", "checkout", "-q", "-b", "experiment"], cwd=repo, quiet=True)
+    branch = commit_version(repo, "A", ["h1", "h2"], 5)
+    run_tool(["git", "checkout", "-q", "-"], cwd=repo, quiet=True)
+    # A keep_history=false run here made the branch's version again, uncommitted.
+    run_tool(["git", "checkout", "-q", branch, "--", "dvc.lock"], cwd=repo, quiet=True)
+    replaced = current_record(repo, "A")
+    (repo / "dvc.lock").write_text(LOCK.format(name="A", digest=cached_pool(cache, ["h3"])))
+    forget_history(repo, "A", replaced=replaced)
+    used = record_at(repo, branch, "A")
+    assert used is not None and used == replaced and read_version(cache, used.digest) is not None
+
+
+def test_forget_history_drops_versions_a_branch_shares_with_head_but_not_its_own(
+    repo: Path,
+) -> None:
+    # What forget_history's docstring promises for other branches, exactly: their
+    # tip's version and their own commits' stay; shared history goes like HEAD's.
+    cache = repo / ".dvc" / "cache"
+    v1 = commit_version(repo, "A", ["h1"], 5)
+    run_tool(["git", "checkout", "-q", "-b", "feature"], cwd=repo, quiet=True)
+    own = commit_version(repo, "A", ["h1", "f1"], 5)
+    tip = commit_version(repo, "A", ["h1", "f1", "f2"], 5)
+    run_tool(["git", "checkout", "-q", "-"], cwd=repo, quiet=True)
+    commit_version(repo, "A", ["h1", "h2"], 5)
+    forget_history(repo, "A")
+    records = [record_at(repo, rev, "A") for rev in (v1, own, tip)]
+    cached = [r is not None and read_version(cache, r.digest) is not None for r in records]
+    assert cached == [False, True, True]
