@@ -386,8 +386,13 @@ def restore(workspace: Path, name: str, rev: str) -> Record:
     too, so ``dvc status`` is clean and the next run grows the restored pool; a
     parked version comes back through its ``pools/NAME.dvc``. The caller commits
     the result as a new revision, so nothing after ``rev`` is lost.
-    Raises :class:`InputError` for an unknown rev, :class:`PoolError` when ``rev``
-    has no version of the pool or its data is not in the cache.
+    All or nothing: when a step fails (a pool the switch must park is not here,
+    ``dvc add`` or ``dvc checkout`` fails), params.yaml, dvc.lock and the pools'
+    records are put back as they were and the git index is never touched, so no
+    setting of ``rev`` is left behind for the next run to use and commit.
+    Raises :class:`InputError` for an unknown rev or a failing git/dvc command,
+    :class:`PoolError` when ``rev`` has no version of the pool, its data is not
+    in the cache, or a pool the switch must park is not in the workspace.
     """
     full = resolve(workspace, rev)
     record = record_at(workspace, full, name)
@@ -405,11 +410,53 @@ def restore(workspace: Path, name: str, rev: str) -> Record:
     if record.parked:
         _restore_parked(workspace, name, full)
     else:
-        run_tool(["git", "checkout", full, "--", PARAMS], cwd=workspace, quiet=True)
-        adopt(workspace, name)
-        run_tool(["git", "checkout", full, "--", LOCK], cwd=workspace, quiet=True)
-        run_tool(["dvc", "checkout", "--force", "-q"], cwd=workspace, quiet=True)
+        _restore_pipeline(workspace, name, full)
     return record
+
+
+def _restore_pipeline(workspace: Path, name: str, full: str) -> None:
+    """params.yaml and dvc.lock of ``full``, pool ``name`` the pipeline's, its data checked out.
+
+    When any step fails (a pool to park is not here, ``dvc add`` or ``dvc checkout``
+    fails), params.yaml, dvc.lock and the records the switch touches are put back
+    byte for byte; a pool folder ``dvc checkout`` already rewrote comes back with
+    the next ``dvc checkout``, its data being in the cache.
+    """
+    current = lock_pool(_read(workspace / LOCK))
+    touched = [workspace / PARAMS, workspace / LOCK, parked_file(workspace, name)]
+    touched.append(workspace / POOL_IGNORE)
+    if current is not None and current[0] != name:
+        touched.append(parked_file(workspace, current[0]))
+    with _put_back_on_error(touched):
+        _file_from(workspace, full, PARAMS)
+        adopt(workspace, name)  # after params.yaml: dvc.yaml's merge must output NAME already
+        _file_from(workspace, full, LOCK)  # after adopt, which parks the pool dvc.lock has now
+        # Not -q: when it fails, its output says why (run_tool puts it in the error).
+        run_tool(["dvc", "checkout", "--force"], cwd=workspace, quiet=True)
+
+
+def _file_from(workspace: Path, rev: str, path: str) -> None:
+    """Write ``path`` of ``rev`` into the working tree. Decision: the index is left
+    alone (``git restore`` without ``--staged``, unlike ``git checkout REV --``), so
+    a restore that fails leaves nothing staged, and what the user staged stays."""
+    run_tool(["git", "restore", f"--source={rev}", "--", path], cwd=workspace, quiet=True)
+
+
+@contextmanager
+def _put_back_on_error(paths: list[Path]) -> Iterator[None]:
+    """Run the body; if it raises, make every one of ``paths`` hold its bytes from
+    before again (atomically), or not exist where it did not."""
+    saved = {path: path.read_bytes() if path.is_file() else None for path in paths}
+    try:
+        yield
+    except BaseException:
+        for path, data in saved.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            elif not path.is_file() or path.read_bytes() != data:
+                with atomic_open(path, "wb") as handle:
+                    handle.write(data)
+        raise
 
 
 def _restore_parked(workspace: Path, name: str, full: str) -> None:
@@ -419,8 +466,9 @@ def _restore_parked(workspace: Path, name: str, full: str) -> None:
             "pipeline's pool (datapool.name); restore one of its later revisions instead"
         )
     target = f"pools/{name}.dvc"
-    run_tool(["git", "checkout", full, "--", target], cwd=workspace, quiet=True)
-    run_tool(["dvc", "checkout", "--force", "-q", target], cwd=workspace, quiet=True)
+    with _put_back_on_error([workspace / target]):
+        _file_from(workspace, full, target)
+        run_tool(["dvc", "checkout", "--force", target], cwd=workspace, quiet=True)
 
 
 def _records_at(workspace: Path, rev: str) -> Iterator[tuple[str, Record]]:

@@ -397,6 +397,82 @@ def test_forget_history_keeps_a_replaced_version_a_branch_uses(repo: Path) -> No
     assert used is not None and used == replaced and read_version(cache, used.digest) is not None
 
 
+def _pipeline_files(repo: Path) -> dict[str, bytes]:
+    return {f: (repo / f).read_bytes() for f in ("params.yaml", "dvc.lock")}
+
+
+def test_a_failed_restore_leaves_params_and_lock_as_they_were(repo: Path) -> None:
+    # The pipeline moved on to pool B, whose folder is not here (a clone without
+    # `dvc pull`): restoring A's pipeline version fails in the switch. v1's
+    # params.yaml must not stay behind, staged, for the next run to commit.
+    v1 = commit_version(repo, "A", ["h1"], 5)
+    commit_version(repo, "B", ["h2"], 9)
+    with (repo / "params.yaml").open("a") as params:
+        params.write("# the user's uncommitted note\n")
+    before = _pipeline_files(repo)
+    with pytest.raises(PoolError, match="missing from"):
+        restore(repo, "A", v1)
+    assert _pipeline_files(repo) == before
+    assert _user_changes_left(repo) == [" M params.yaml"]
+
+
+def test_a_restore_that_fails_parking_the_current_pool_changes_nothing(repo: Path) -> None:
+    # Restoring B's pipeline version parks A with `dvc add`; a corrupt cache
+    # object makes that fail after params.yaml already named B.
+    v1 = commit_version(repo, "B", ["h1"], 5)
+    (repo / "params.yaml").write_text("datapool:\n  name: A\n")
+    record = _two_pools(repo)
+    before, saved = _pipeline_files(repo), record.read_text()
+    _corrupt_cache_object(repo, repo / "pools" / "A" / "datapool_latest.csv")
+    with pytest.raises(InputError, match=r"dvc add pools/A"):
+        restore(repo, "B", v1)
+    assert _pipeline_files(repo) == before and record.read_text() == saved
+    assert _user_changes_left(repo) == []
+
+
+def _checkouts_fail(repo: Path) -> None:
+    """Allow DVC only reflinks, which this filesystem lacks: `dvc checkout` then fails
+    for real (a workspace moved from a filesystem that had them)."""
+    from dvc_objects.fs.system import reflink
+
+    probe = repo.parent / "probe"
+    probe.write_bytes(b"x")
+    try:
+        reflink(str(probe), str(repo.parent / "probe-link"))
+    except OSError:
+        run_tool(["dvc", "config", "--local", "cache.type", "reflink"], cwd=repo, quiet=True)
+        return
+    pytest.skip("this filesystem has reflinks, so `dvc checkout` would succeed")
+
+
+MERGE_A = """stages:
+  merge:
+    cmd: python stages/merge.py
+    outs:
+    - pools/A:
+        persist: true
+"""
+
+
+def test_a_restore_whose_checkout_fails_puts_everything_back(repo: Path) -> None:
+    (repo / "dvc.yaml").write_text(MERGE_A)  # so `dvc checkout` checks out dvc.lock's pool
+    git_commit(repo, "pipeline", paths=["dvc.yaml"])
+    v1 = commit_version(repo, "A", ["h1"], 5)
+    commit_version(repo, "A", ["h1", "h2"], 7)
+    record = _two_pools(repo)  # A the pipeline's, B parked at a first version
+    b1 = run_tool(["git", "rev-parse", "HEAD"], cwd=repo, quiet=True).strip()
+    (repo / "pools" / "B" / "datapool_latest.csv").write_text(CSV)
+    run_tool(["dvc", "add", "pools/B"], cwd=repo, quiet=True)
+    git_commit(repo, "B emptied", paths=version_paths(repo))
+    before, saved = _pipeline_files(repo), record.read_text()
+    _checkouts_fail(repo)
+    for name, rev in (("A", v1), ("B", b1)):  # a pipeline version, a parked one
+        with pytest.raises(InputError, match="dvc checkout"):
+            restore(repo, name, rev)
+        assert _pipeline_files(repo) == before and record.read_text() == saved
+        assert _user_changes_left(repo) == []
+
+
 def test_forget_history_drops_versions_a_branch_shares_with_head_but_not_its_own(
     repo: Path,
 ) -> None:
