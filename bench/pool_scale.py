@@ -41,7 +41,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +50,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory import measure  # bench/memory.py, beside this script
+
 from datapool.atomic import atomic_open
 from datapool.increment import StoppingCondition, merge_increment, select_increment
 from datapool.pool import (
@@ -69,30 +70,6 @@ MODEL_ID = "3f2a9c0d1e7b6a54"  # 16 hex digits, as datapool.embedding.model.mode
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def rss() -> int:
-    """Resident set size of this process in bytes."""
-    pages = Path("/proc/self/statm").read_text().split()[1]
-    return int(pages) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure(fn: Callable[[], Any]) -> tuple[Any, float, int]:
-    """Run ``fn``; return its result, wall seconds and peak RSS increase in bytes."""
-    base, peak, stop = rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], rss())
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    return out, dt, max(peak[0], rss()) - base
 
 
 def load() -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory import measure, peak_rss  # bench/memory.py, beside this script
+
 from datapool.selection import k_center_greedy
 
 # name: (n candidates, dim, pool rows, storage dtype)
@@ -36,37 +37,6 @@ CASES = {
     "10m": (10_000_000, 128, 0, np.float32),
     "10m-f16": (10_000_000, 128, 0, np.float16),
 }
-
-
-def rss() -> int:
-    """Resident set size of this process in bytes."""
-    pages = Path("/proc/self/statm").read_text().split()[1]
-    return int(pages) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux ru_maxrss is KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measure(fn: Callable[[], Any]) -> tuple[Any, float, int]:
-    """Run ``fn``; return its result, wall seconds and peak RSS increase in bytes."""
-    base, peak, stop = rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], rss())
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    return out, dt, max(peak[0], rss()) - base
 
 
 def make(n: int, d: int, dtype: Any, seed: int) -> np.ndarray:
