@@ -79,10 +79,18 @@ def parked_file(workspace: Path, name: str) -> Path:
     return workspace / "pools" / f"{name}.dvc"
 
 
+def merge_entry(lock_text: str | None) -> Any:
+    """The ``merge`` stage's entry of a dvc.lock text (None without one).
+
+    DVC rewrites it exactly when a run gets through merge; its ``outs`` name the pool.
+    """
+    data = yaml.safe_load(lock_text) if lock_text else None
+    return ((data or {}).get("stages") or {}).get("merge") if isinstance(data, dict) else None
+
+
 def lock_pool(lock_text: str | None) -> tuple[str, str] | None:
     """``(name, digest)`` of the pool a dvc.lock text records as merge's output, if any."""
-    data = yaml.safe_load(lock_text) if lock_text else None
-    stage = ((data or {}).get("stages") or {}).get("merge") or {}
+    stage = merge_entry(lock_text) or {}
     for out in stage.get("outs") or []:
         path = str(out.get("path", "")).rstrip("/")
         if path.startswith("pools/") and out.get("md5"):

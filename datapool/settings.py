@@ -303,4 +303,3 @@ def check_params(params: Mapping[str, Any], *, source: str) -> RunSettings:
         input_dir=flat["input_dir"],
         keep_history=bool(flat.get("datapool.keep_history", True)),
     )
-

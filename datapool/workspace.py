@@ -20,7 +20,14 @@ from typing import Any
 from datapool.atomic import atomic_open
 from datapool.errors import InputError
 from datapool.pool import read_pool
-from datapool.revisions import Record, current_record, forget_history, switch_to, version_paths
+from datapool.revisions import (
+    Record,
+    current_record,
+    forget_history,
+    merge_entry,
+    switch_to,
+    version_paths,
+)
 from datapool.settings import RunSettings, check_params, flatten, load_params
 from datapool.tools import git_commit, git_output, run_tool, tool_env
 
@@ -318,16 +325,10 @@ def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bo
 
 
 def merge_record(workspace: Path) -> Any:
-    """merge's entry in dvc.lock (None without one). DVC rewrites it exactly when a
-    run gets through merge, so a change tells a run that recorded its pool from
-    one that stopped before."""
-    import yaml
-
+    """merge's entry in the workspace's dvc.lock (None without one), so that a change
+    tells a run that recorded its pool from one that stopped before."""
     lock = workspace / "dvc.lock"
-    if not lock.is_file():
-        return None
-    data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
-    return (data.get("stages") or {}).get("merge") if isinstance(data, dict) else None
+    return merge_entry(lock.read_text(encoding="utf-8")) if lock.is_file() else None
 
 
 def run_with_settings(
