@@ -229,46 +229,36 @@ def merge_increment(
     added["pick_distance"] = picks["pick_distance"].to_numpy()
     if not weak_labels:
         added["labels"] = ""
-    if pool is not None:
-        added = _with_pool_labels(added, pool)
     dim = embedding_dim(candidates) if prior is None or prior.empty else embedding_dim(prior)
     ours = column_order(dim, EXTRA_COLUMNS)
     user = [c for c in (pool.columns if pool is not None else []) if c not in ours]
-    if user and pool is not None:
-        added = _with_user_columns(added, pool, user)
-        prior = None if prior is None else _with_user_columns(prior, pool, user)
+    if pool is not None:
+        added = _from_pool(added, pool, ["labels", *user])
+        if user and prior is not None:
+            prior = _from_pool(prior, pool, user)
     parts = [p for p in (prior, added) if p is not None and not p.empty]
     merged = pd.concat(parts, ignore_index=True) if parts else added
     return merged.reindex(columns=[*ours, *user])
 
 
-def _with_pool_labels(rows: pd.DataFrame, pool: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` with the pool's labels for the images the pool holds, by content hash.
+def _from_pool(rows: pd.DataFrame, pool: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``rows`` with the pool's values of ``columns`` for the images the pool holds.
 
-    On a redo these are the batch's own rows of the previous run: the user may
-    have corrected their labels (or emptied them) since, and a redo must not put
-    the sub-folder name back.
+    Matched by content hash. On a redo these are the batch's own rows of the
+    previous run, whose labels and user columns the user may have edited since:
+    a redo must not put the sub-folder name back. Where the pool has no value, a
+    column keeps the row's own, or ``""`` if the row has none. Values become
+    Python objects, so a column of integers does not turn into floats
+    (``12345678901`` into ``1.23e+10``) when new rows leave gaps in it.
     """
-    labels = pool.drop_duplicates("content_hash").set_index("content_hash")["labels"]
-    found = labels.reindex(rows["content_hash"]).to_numpy(dtype=object)
-    out = rows.copy()
-    out["labels"] = np.where(pd.isna(found), out["labels"].to_numpy(dtype=object), found)
-    return out
-
-
-def _with_user_columns(rows: pd.DataFrame, pool: pd.DataFrame, user: list[str]) -> pd.DataFrame:
-    """``rows`` with the pool's values of the user's own ``user`` columns, by content hash.
-
-    Rows the pool does not hold get ``""``. Values become Python objects, so a
-    column of integers does not turn into floats (``12345678901`` into ``1.23e+10``)
-    when new rows leave gaps in it.
-    """
-    values = pool.drop_duplicates("content_hash").set_index("content_hash")[user].astype(object)
+    values = pool.drop_duplicates("content_hash").set_index("content_hash")[columns].astype(object)
     found = values.reindex(rows["content_hash"])
     out = rows.copy()
-    for column in user:
-        column_values = found[column].to_numpy(dtype=object)
-        out[column] = np.where(pd.isna(column_values), "", column_values)
+    for column in columns:
+        got = found[column].to_numpy(dtype=object)
+        own = out[column].to_numpy(dtype=object) if column in out else np.full(len(out), "", object)
+        merged = np.where(pd.isna(got), own, got)
+        out[column] = np.where(pd.isna(merged), "", merged)
     return out
 
 
