@@ -8,8 +8,6 @@ that imports typer; ``import datapool`` does not load it.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,25 +16,13 @@ import typer
 from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import StoppingCondition
-from datapool.revisions import (
-    Revision,
-    check_new_name,
-    history,
-    park,
-    parked_paths,
-    restore,
-    version_paths,
-)
+from datapool.layout import pool_dir
+from datapool.revisions import Revision, history
 from datapool.settings import check_existing_pool_name, check_value, parse_settings
 from datapool.sharing import fetch_all_versions, push_all_versions
-from datapool.tools import git_commit, head, run_tool
-from datapool.workspace import (
-    check_workspace,
-    create_workspace,
-    pool_size,
-    run_with_settings,
-    workspace_lock,
-)
+from datapool.tools import run_tool
+from datapool.version import add_pool, locked, recover, restore_version, workspace_lock
+from datapool.workspace import check_workspace, create_workspace, run_with_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -45,15 +31,12 @@ Workspace = Annotated[Path, typer.Option(help="the workspace folder")]
 Remote = Annotated[str | None, typer.Option(help="DVC remote (default: the default remote)")]
 
 
-@contextmanager
-def _locked(workspace: Path, *names: str) -> Iterator[None]:
-    """Check the workspace and that the pool names stay inside pools/, then hold the
-    workspace's lock. New names get the strict rule from check_new_name."""
+def _checked(workspace: Path, *names: str) -> None:
+    """Check the workspace and that the pool names stay inside pools/ (new names get
+    the strict rule from check_new_name)."""
     check_workspace(workspace)
     for name in names:
         check_existing_pool_name(name)
-    with workspace_lock(workspace):
-        yield
 
 
 @app.command()
@@ -135,16 +118,13 @@ def restore_command(
 ) -> None:
     """Bring a pool's version at REV back, recorded as a new revision (nothing is lost)."""
     with user_errors("restore"):
-        check_workspace(workspace)
         # An existing pool: names from before the strict rule (`my pool`) stay restorable.
-        check_existing_pool_name(name)
-        with workspace_lock(workspace):
-            record = restore(workspace, name, rev)
-            rows = pool_size(workspace, name)
-            paths = parked_paths(name) if record.parked else version_paths(workspace)
-            git_commit(workspace, f"pool {name}: {rows} rows, restored from {rev}", paths=paths)
-            now = head(workspace)
-    print(f"restore: pool {name} is back at its {rev} version ({rows} rows), revision {now[:7]}")
+        _checked(workspace, name)
+        done = restore_version(workspace, name, rev)
+    print(
+        f"restore: pool {name} is back at its {rev} version ({done.rows} rows), "
+        f"revision {(done.revision or '?')[:7]}"
+    )
 
 
 @app.command()
@@ -166,26 +146,26 @@ def combine(
     from datapool.combine import combine_pools, images_of
     from datapool.transaction import create_pool
 
-    with user_errors("combine"), _locked(workspace, first, second, into):
-        check_new_name(workspace, into)
-        pools = workspace / "pools"
+    with user_errors("combine"):
+        _checked(workspace, first, second, into)
         stop = (
             StoppingCondition(n_samples=n_samples, min_distance=min_distance)
             if n_samples or min_distance
             else None
         )
-        done = combine_pools(
-            pools / first, pools / second, reembed_second=reembed, stop=stop, device=device
-        )
-        files = images_of([pools / first, pools / second], done.table)
-        create_pool(pools / into, done.table, sources=files, checkpoint=done.checkpoint)
-        park(workspace, into)
-        summary = (
-            f"pool {into}: {len(done.table)} rows combined from {first} and {second} "
-            f"({done.duplicates} duplicates dropped, {done.reembedded} re-embedded, "
-            f"{done.thinned} thinned out)"
-        )
-        git_commit(workspace, summary, paths=parked_paths(into))
+        sources = [pool_dir(workspace, first), pool_dir(workspace, second)]
+
+        def make(folder: Path) -> str:
+            done = combine_pools(*sources, reembed_second=reembed, stop=stop, device=device)
+            files = images_of(sources, done.table)
+            create_pool(folder, done.table, sources=files, checkpoint=done.checkpoint)
+            return (
+                f"pool {into}: {len(done.table)} rows combined from {first} and {second} "
+                f"({done.duplicates} duplicates dropped, {done.reembedded} re-embedded, "
+                f"{done.thinned} thinned out)"
+            )
+
+        summary = add_pool(workspace, into, command="combine", make=make)
     print(f"combine: {summary}")
 
 
@@ -200,7 +180,7 @@ def export_command(
 
     with user_errors("export"):
         check_workspace(workspace)
-        done = export_pool(workspace / "pools" / check_existing_pool_name(name), out)
+        done = export_pool(pool_dir(workspace, check_existing_pool_name(name)), out)
     print(f"export: {done.rows} rows of pool {name} -> {done.csv}, {done.file_list}, {done.images}")
 
 
@@ -220,14 +200,26 @@ def import_command(
     """Create a pool from a Lightly embeddings CSV and its images."""
     from datapool.exchange import IMAGES, import_pool
 
-    with user_errors("import"), _locked(workspace, name):
-        check_new_name(workspace, name)
+    with user_errors("import"):
+        _checked(workspace, name)
         folder = images or (csv.parent / IMAGES if (csv.parent / IMAGES).is_dir() else csv.parent)
-        rows, duplicates = import_pool(csv, folder, workspace / "pools" / name)
-        park(workspace, name)
-        summary = f"pool {name}: {rows} rows imported from {csv.name} ({duplicates} duplicates)"
-        git_commit(workspace, summary, paths=parked_paths(name))
+
+        def make(pool: Path) -> str:
+            rows, duplicates = import_pool(csv, folder, pool)
+            return f"pool {name}: {rows} rows imported from {csv.name} ({duplicates} duplicates)"
+
+        summary = add_pool(workspace, name, command="import", make=make)
     print(f"import: {summary}")
+
+
+@app.command(name="recover")
+def recover_command(workspace: Workspace = Path()) -> None:
+    """Finish or roll back a command that was killed midway (every command does this first)."""
+    with user_errors("recover"):
+        check_workspace(workspace)
+        with workspace_lock(workspace):
+            line = recover(workspace, report=lambda _: None)
+    print(f"recover: {line or 'nothing to do: no command was interrupted'}")
 
 
 @app.command()
@@ -254,9 +246,11 @@ def pull(
     workspace: Workspace = Path(),
 ) -> None:
     """Download every committed pool version, then check out the current one."""
-    with user_errors("pull"), _locked(workspace):
-        received, failed = fetch_all_versions(workspace, remote=remote)
-        run_tool(["dvc", "checkout"], cwd=workspace)
+    with user_errors("pull"):
+        _checked(workspace)
+        with locked(workspace):
+            received, failed = fetch_all_versions(workspace, remote=remote)
+            run_tool(["dvc", "checkout"], cwd=workspace)
     print(f"pull: {received} objects downloaded, {failed} failed")
     if failed:
         raise typer.Exit(1)
@@ -286,7 +280,7 @@ def demo(
             print(f"demo: {step.message(batch)}")
     print(
         f"demo: done. The workspace is {where}: see `datapool history my_datapool`, "
-        f"`dvc params diff HEAD~1`, and {where / 'pools' / 'my_datapool' / 'datapool_latest.csv'}"
+        f"`dvc params diff HEAD~1`, and {pool_dir(where, 'my_datapool') / 'datapool_latest.csv'}"
     )
 
 

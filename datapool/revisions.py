@@ -11,34 +11,36 @@ as a commit records it, in one of two places:
   sees pool files, ``dvc push``/``dvc pull`` carry all of them and
   ``dvc gc -w`` keeps their current versions.
 
-History and restore read git (``git log``, ``git show REV:dvc.lock``) and the
-DVC cache directly (a ``.dir`` object is a JSON list of ``{md5, relpath}``);
-restoring goes through ``git checkout REV -- FILE`` and ``dvc checkout``. Only
-forgetting imports dvc, when it runs (it deletes under DVC's repository lock).
+History reads records from git (``git log``, ``git show REV:dvc.lock``) and
+each version's content through DVC's public API (``dvc.api.DVCFileSystem`` at
+that revision). Restoring goes through ``git restore --source=REV -- FILE`` and
+``dvc checkout``, inside a version transaction (:mod:`datapool.version`), which
+puts every file back when a step fails. Two things still read DVC's cache
+layout (a ``.dir`` object is a JSON list of ``{md5, relpath}``): restore's
+check that a version's objects are all here before anything changes
+(:func:`missing_objects`), and forgetting, which must delete objects and does
+so under DVC's repository lock. dvc is imported only inside the functions that
+need it, so ``datapool --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 
 from datapool.atomic import atomic_open
 from datapool.errors import InputError, PoolError
-from datapool.pool import POOL_CSV, read_table
+from datapool.layout import LOCK, PARAMS, POOL_IGNORE, POOLS, PoolPaths, pool_dir, pool_of_record
 from datapool.settings import check_pool_name, flatten, load_params
+from datapool.store import pool_exists
 from datapool.tools import git_output, run_tool
 
-LOCK = "dvc.lock"
-PARAMS = "params.yaml"
-# Where DVC lists the pool folders it tracks, so git ignores their files.
-POOL_IGNORE = "pools/.gitignore"
+__all__ = ["LOCK", "PARAMS", "POOL_IGNORE"]  # re-exported: their home is datapool.layout
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class Revision:
 
 def parked_file(workspace: Path, name: str) -> Path:
     """``pools/NAME.dvc``: the record of a pool that is not the pipeline's."""
-    return workspace / "pools" / f"{name}.dvc"
+    return workspace / PoolPaths(name).record
 
 
 def merge_entry(lock_text: str | None) -> Any:
@@ -92,9 +94,9 @@ def lock_pool(lock_text: str | None) -> tuple[str, str] | None:
     """``(name, digest)`` of the pool a dvc.lock text records as merge's output, if any."""
     stage = merge_entry(lock_text) or {}
     for out in stage.get("outs") or []:
-        path = str(out.get("path", "")).rstrip("/")
-        if path.startswith("pools/") and out.get("md5"):
-            return path.removeprefix("pools/"), str(out["md5"])
+        name = pool_of_record(str(out.get("path", "")))
+        if name is not None and out.get("md5"):
+            return name, str(out["md5"])
     return None
 
 
@@ -113,7 +115,7 @@ def record_at(workspace: Path, rev: str, name: str) -> Record | None:
     """How commit ``rev`` records pool ``name``; None if it does not."""
     return _record(
         git_output(workspace, "show", f"{rev}:{LOCK}"),
-        git_output(workspace, "show", f"{rev}:pools/{name}.dvc"),
+        git_output(workspace, "show", f"{rev}:{PoolPaths(name).record}"),
         name,
     )
 
@@ -137,7 +139,7 @@ def parked_paths(name: str) -> list[str]:
     """What parking pool ``name`` changes, relative to the workspace: ``pools/NAME.dvc``
     and ``pools/.gitignore`` (where ``dvc add`` lists the folder). All that an import,
     a combine or the restore of a parked version commits."""
-    return [f"pools/{name}.dvc", POOL_IGNORE]
+    return [PoolPaths(name).record, POOL_IGNORE]
 
 
 def version_paths(workspace: Path) -> list[str]:
@@ -146,13 +148,14 @@ def version_paths(workspace: Path) -> list[str]:
     exists now or that HEAD or the index tracks. What a run or the restore of a
     pipeline version commits: one that adopted NAME deleted NAME's ``.dvc``, and
     :func:`datapool.tools.git_commit` records that as a deletion."""
-    tracked = (git_output(workspace, "ls-files", "-z", "--", "pools") or "").split("\0")
+    tracked = (git_output(workspace, "ls-files", "-z", "--", POOLS) or "").split("\0")
     tracked += (
-        git_output(workspace, "ls-tree", "-z", "--name-only", "HEAD", "--", "pools/") or ""
+        git_output(workspace, "ls-tree", "-z", "--name-only", "HEAD", "--", f"{POOLS}/") or ""
     ).split("\0")
-    records = {p for p in tracked if p.startswith("pools/") and p.count("/") == 1}
-    records |= {f"pools/{p.name}" for p in (workspace / "pools").glob("*.dvc")}
-    return [LOCK, PARAMS, POOL_IGNORE, *sorted(p for p in records if p.endswith(".dvc"))]
+    tracked += [f"{POOLS}/{p.name}" for p in (workspace / POOLS).glob("*.dvc")]
+    names = {pool_of_record(p) for p in tracked if p.endswith(".dvc")}
+    records = {PoolPaths(n).record for n in names if n is not None}
+    return [LOCK, PARAMS, POOL_IGNORE, *sorted(records & set(tracked))]
 
 
 # --- the DVC cache ----------------------------------------------------------------------------
@@ -192,12 +195,30 @@ def missing_objects(cache: Path, digest: str) -> list[str]:
     return sorted(md5 for md5 in objects_of(cache, digest) if not cache_file(cache, md5).is_file())
 
 
-def read_version(cache: Path, digest: str) -> pd.DataFrame | None:
-    """The pool table of a cached folder version, None when it is not in the cache."""
-    md5 = (manifest(cache, digest) or {}).get(POOL_CSV)
-    if md5 is None or not cache_file(cache, md5).is_file():
+def version_hashes(workspace: Path, rev: str, name: str) -> list[str] | None:
+    """The content hashes of pool ``name`` as commit ``rev`` records it, read through
+    ``dvc.api.DVCFileSystem`` at ``rev`` (from dvc.lock's merge output or
+    ``pools/NAME.dvc``, whichever records it there); one per row, in row order.
+
+    None when that version's data is not available locally (not in the cache: a
+    clone without ``dvc pull``, or dropped by keep_history=false) or cannot be read
+    as a pool; no remote is contacted.
+    """
+    from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+
+    from datapool.store import content_hashes
+
+    try:
+        fs = DVCFileSystem(str(workspace), rev=rev)
+        try:
+            return content_hashes(fs, PoolPaths(name).folder)
+        finally:
+            fs.close()
+    except (OSError, DvcException, PoolError, ValueError):
+        # OSError covers FileNotFoundError ("No storage files available"); ValueError a
+        # shard or CSV that is not what its name says.
         return None
-    return read_table(cache_file(cache, md5))
 
 
 # --- history ----------------------------------------------------------------------------------
@@ -227,14 +248,14 @@ def history(workspace: Path, name: str) -> list[Revision]:
 
     A revision is a commit whose record of the pool (dvc.lock or pools/NAME.dvc)
     differs from the commit before it; parking a pool unchanged is not one.
-    Row counts come from the DVC cache, so they are the pool's real content.
+    Row counts are the pool's real content at that revision, read through DVC's
+    API (:func:`version_hashes`); None where the data is not available locally.
     """
-    cache = cache_dir(workspace)
     out: list[Revision] = []
     digest: str | None = None
     hashes: set[str] = set()
     params: dict[str, Any] | None = None
-    for rev, date, subject in _commits(workspace, LOCK, f"pools/{name}.dvc"):
+    for rev, date, subject in _commits(workspace, LOCK, PoolPaths(name).record):
         record = record_at(workspace, rev, name)
         if record is None or record.digest == digest:
             continue
@@ -242,8 +263,8 @@ def history(workspace: Path, name: str) -> list[Revision]:
         if params is None:
             params = flat_params(git_output(workspace, "show", f"{rev}^:{PARAMS}"))
         now = flat_params(git_output(workspace, "show", f"{rev}:{PARAMS}"))
-        table = read_version(cache, digest)
-        found = None if table is None else set(table["content_hash"])
+        listed = version_hashes(workspace, rev, name)
+        found = None if listed is None else set(listed)
         out.append(
             Revision(
                 rev=rev,
@@ -267,14 +288,14 @@ def park(workspace: Path, name: str) -> None:
     while the pipeline works on another pool. Raises :class:`PoolError` if it is absent,
     :class:`InputError` if ``dvc add`` fails."""
     _check_present(workspace, name)
-    run_tool(["dvc", "add", f"pools/{name}"], cwd=workspace, quiet=True)
+    run_tool(["dvc", "add", PoolPaths(name).folder], cwd=workspace, quiet=True)
 
 
 def _check_present(workspace: Path, name: str) -> None:
-    if not (workspace / "pools" / name / POOL_CSV).is_file():
+    if not pool_exists(pool_dir(workspace, name)):
         raise PoolError(
             f"pool {name} is recorded in {workspace / LOCK} but missing from "
-            f"{workspace / 'pools' / name}; run `dvc pull` (or `dvc checkout`) before "
+            f"{pool_dir(workspace, name)}; run `dvc pull` (or `dvc checkout`) before "
             "switching to another pool, or its latest version would no longer be tracked"
         )
 
@@ -294,9 +315,9 @@ def adopt(workspace: Path, name: str) -> None:
     """
     record = parked_file(workspace, name)
     saved = _read(record)
-    if saved is not None and not (workspace / "pools" / name / POOL_CSV).is_file():
+    if saved is not None and not pool_exists(pool_dir(workspace, name)):
         raise PoolError(
-            f"{record} records pool {name} but {workspace / 'pools' / name} is missing; "
+            f"{record} records pool {name} but {pool_dir(workspace, name)} is missing; "
             f"run `dvc pull {record.relative_to(workspace)}` first"
         )
     current = lock_pool(_read(workspace / LOCK))
@@ -315,33 +336,6 @@ def adopt(workspace: Path, name: str) -> None:
         raise
 
 
-@contextmanager
-def switch_to(workspace: Path, name: str) -> Iterator[None]:
-    """:func:`adopt` ``name`` for a run (the ``with`` body), undone if the run fails first.
-
-    When the body raises while dvc.lock does not record ``name`` yet (the
-    pipeline never got to merge), NAME's ``.dvc`` record, the previous pool's
-    and ``pools/.gitignore`` are put back as they were, so a failed run leaves
-    every pool recorded as before (the caller puts params.yaml back). Once
-    dvc.lock records ``name`` the switch has happened and is kept.
-    Raises what :func:`adopt` raises, and whatever the body raises.
-    """
-    current = lock_pool(_read(workspace / LOCK))
-    touched = [parked_file(workspace, name), workspace / "pools" / ".gitignore"]
-    if current is not None and current[0] != name:
-        touched.append(parked_file(workspace, current[0]))
-    saved = {path: _read(path) for path in touched}
-    adopt(workspace, name)
-    try:
-        yield
-    except BaseException:
-        now = lock_pool(_read(workspace / LOCK))
-        if now is None or now[0] != name:
-            for path, text in saved.items():
-                _put_back(path, text)
-        raise
-
-
 def _put_back(path: Path, text: str | None) -> None:
     """Make ``path`` hold ``text`` again (atomically), or not exist when ``text`` is None."""
     if text is None:
@@ -355,12 +349,12 @@ def _repark_lost(workspace: Path, name: str) -> None:
     """Park again every pool (other than ``name``) that HEAD records, whose folder is
     here, but that neither dvc.lock nor a ``.dvc`` file of the working tree records."""
     locked = lock_pool(git_output(workspace, "show", f"HEAD:{LOCK}"))
-    listing = git_output(workspace, "ls-tree", "--name-only", "HEAD:pools") or ""
+    listing = git_output(workspace, "ls-tree", "--name-only", f"HEAD:{POOLS}") or ""
     names = {e.removesuffix(".dvc") for e in listing.split() if e.endswith(".dvc")}
     names |= {locked[0]} if locked is not None else set()
     for pool in sorted(names - {name}):
         lost = current_record(workspace, pool) is None
-        if lost and (workspace / "pools" / pool / POOL_CSV).is_file():
+        if lost and pool_exists(pool_dir(workspace, pool)):
             park(workspace, pool)
 
 
@@ -369,7 +363,7 @@ def check_new_name(workspace: Path, name: str) -> None:
     existing folder, a parked record, or the pipeline's pool (which dvc.yaml already
     declares as merge's output). Raises :class:`InputError`."""
     check_pool_name(name)
-    taken = (workspace / "pools" / name).exists() or parked_file(workspace, name).exists()
+    taken = pool_dir(workspace, name).exists() or parked_file(workspace, name).exists()
     if taken or pipeline_pool(workspace) == name:
         raise InputError(
             f"pool name {name!r} is taken in {workspace} (an existing pool, or the pipeline's "
@@ -387,20 +381,13 @@ def resolve(workspace: Path, rev: str) -> str:
     return full.strip()
 
 
-def restore(workspace: Path, name: str, rev: str) -> Record:
-    """Bring pool ``name`` back to its version at ``rev`` (through ``dvc checkout``).
+def restorable(workspace: Path, name: str, rev: str) -> tuple[str, Record]:
+    """``(full hash, record)`` of pool ``name``'s version at ``rev``, checked restorable:
+    the revision exists, records the pool, and every object of that version is in the
+    local DVC cache (read from the cache layout, so nothing changes before a refusal).
 
-    For a version the pipeline made, params.yaml and dvc.lock of ``rev`` come back
-    too, so ``dvc status`` is clean and the next run grows the restored pool; a
-    parked version comes back through its ``pools/NAME.dvc``. The caller commits
-    the result as a new revision, so nothing after ``rev`` is lost.
-    All or nothing: when a step fails (a pool the switch must park is not here,
-    ``dvc add`` or ``dvc checkout`` fails), params.yaml, dvc.lock and the pools'
-    records are put back as they were and the git index is never touched, so no
-    setting of ``rev`` is left behind for the next run to use and commit.
-    Raises :class:`InputError` for an unknown rev or a failing git/dvc command,
-    :class:`PoolError` when ``rev`` has no version of the pool, its data is not
-    in the cache, or a pool the switch must park is not in the workspace.
+    Raises :class:`InputError` for an unknown rev, :class:`PoolError` when ``rev`` has
+    no version of the pool or its data is not in the cache.
     """
     full = resolve(workspace, rev)
     record = record_at(workspace, full, name)
@@ -415,32 +402,47 @@ def restore(workspace: Path, name: str, rev: str) -> Record:
             "with `dvc pull` from a remote; versions dropped by datapool.keep_history=false "
             "cannot come back"
         )
+    return full, record
+
+
+def restore(workspace: Path, name: str, rev: str) -> Record:
+    """Bring pool ``name`` back to its version at ``rev`` (through ``dvc checkout``).
+
+    For a version the pipeline made, params.yaml and dvc.lock of ``rev`` come back
+    too, so ``dvc status`` is clean and the next run grows the restored pool; a
+    parked version comes back through its ``pools/NAME.dvc``. The caller commits
+    the result as a new revision, so nothing after ``rev`` is lost. The git index
+    is never touched.
+
+    Call it inside a version transaction (:func:`datapool.version.restore_version`
+    does): when a step fails (a pool the switch must park is not here, ``dvc add``
+    or ``dvc checkout`` fails), the transaction puts params.yaml, dvc.lock and the
+    pools' records back byte for byte, so no setting of ``rev`` is left behind.
+    Raises what :func:`restorable` raises, :class:`InputError` for a failing
+    git/dvc command, :class:`PoolError` when a pool the switch must park is not in
+    the workspace or ``name`` is the pipeline's pool and ``rev`` parked it.
+    """
+    full, record = restorable(workspace, name, rev)
+    restore_record(workspace, name, full, record)
+    return record
+
+
+def restore_record(workspace: Path, name: str, full: str, record: Record) -> None:
+    """:func:`restore` of a version :func:`restorable` already checked: ``record`` is
+    how commit ``full`` records pool ``name``."""
     if record.parked:
         _restore_parked(workspace, name, full)
     else:
         _restore_pipeline(workspace, name, full)
-    return record
 
 
 def _restore_pipeline(workspace: Path, name: str, full: str) -> None:
-    """params.yaml and dvc.lock of ``full``, pool ``name`` the pipeline's, its data checked out.
-
-    When any step fails (a pool to park is not here, ``dvc add`` or ``dvc checkout``
-    fails), params.yaml, dvc.lock and the records the switch touches are put back
-    byte for byte; a pool folder ``dvc checkout`` already rewrote comes back with
-    the next ``dvc checkout``, its data being in the cache.
-    """
-    current = lock_pool(_read(workspace / LOCK))
-    touched = [workspace / PARAMS, workspace / LOCK, parked_file(workspace, name)]
-    touched.append(workspace / POOL_IGNORE)
-    if current is not None and current[0] != name:
-        touched.append(parked_file(workspace, current[0]))
-    with _put_back_on_error(touched):
-        _file_from(workspace, full, PARAMS)
-        adopt(workspace, name)  # after params.yaml: dvc.yaml's merge must output NAME already
-        _file_from(workspace, full, LOCK)  # after adopt, which parks the pool dvc.lock has now
-        # Not -q: when it fails, its output says why (run_tool puts it in the error).
-        run_tool(["dvc", "checkout", "--force"], cwd=workspace, quiet=True)
+    """params.yaml and dvc.lock of ``full``, pool ``name`` the pipeline's, its data checked out."""
+    _file_from(workspace, full, PARAMS)
+    adopt(workspace, name)  # after params.yaml: dvc.yaml's merge must output NAME already
+    _file_from(workspace, full, LOCK)  # after adopt, which parks the pool dvc.lock has now
+    # Not -q: when it fails, its output says why (run_tool puts it in the error).
+    run_tool(["dvc", "checkout", "--force"], cwd=workspace, quiet=True)
 
 
 def _file_from(workspace: Path, rev: str, path: str) -> None:
@@ -450,33 +452,15 @@ def _file_from(workspace: Path, rev: str, path: str) -> None:
     run_tool(["git", "restore", f"--source={rev}", "--", path], cwd=workspace, quiet=True)
 
 
-@contextmanager
-def _put_back_on_error(paths: list[Path]) -> Iterator[None]:
-    """Run the body; if it raises, make every one of ``paths`` hold its bytes from
-    before again (atomically), or not exist where it did not."""
-    saved = {path: path.read_bytes() if path.is_file() else None for path in paths}
-    try:
-        yield
-    except BaseException:
-        for path, data in saved.items():
-            if data is None:
-                path.unlink(missing_ok=True)
-            elif not path.is_file() or path.read_bytes() != data:
-                with atomic_open(path, "wb") as handle:
-                    handle.write(data)
-        raise
-
-
 def _restore_parked(workspace: Path, name: str, full: str) -> None:
     if pipeline_pool(workspace) == name:
         raise PoolError(
             f"pool {name} at {full[:7]} was made by combine/import, and {name} is now the "
             "pipeline's pool (datapool.name); restore one of its later revisions instead"
         )
-    target = f"pools/{name}.dvc"
-    with _put_back_on_error([workspace / target]):
-        _file_from(workspace, full, target)
-        run_tool(["dvc", "checkout", "--force", target], cwd=workspace, quiet=True)
+    target = PoolPaths(name).record
+    _file_from(workspace, full, target)
+    run_tool(["dvc", "checkout", "--force", target], cwd=workspace, quiet=True)
 
 
 def _records_at(workspace: Path, rev: str) -> Iterator[tuple[str, Record]]:
@@ -484,7 +468,7 @@ def _records_at(workspace: Path, rev: str) -> Iterator[tuple[str, Record]]:
     locked = lock_pool(git_output(workspace, "show", f"{rev}:{LOCK}"))
     if locked is not None:
         yield locked[0], Record(locked[1], parked=False)
-    listing = git_output(workspace, "ls-tree", "--name-only", f"{rev}:pools") or ""
+    listing = git_output(workspace, "ls-tree", "--name-only", f"{rev}:{POOLS}") or ""
     for entry in listing.split():
         if entry.endswith(".dvc"):
             found = record_at(workspace, rev, entry.removesuffix(".dvc"))
@@ -494,7 +478,7 @@ def _records_at(workspace: Path, rev: str) -> Iterator[tuple[str, Record]]:
 
 def _all_records(workspace: Path) -> Iterator[tuple[str, Record]]:
     """``(pool name, record)`` for every pool every commit of HEAD's history records."""
-    for rev, _, _ in _commits(workspace, LOCK, "pools"):
+    for rev, _, _ in _commits(workspace, LOCK, POOLS):
         yield from _records_at(workspace, rev)
 
 
@@ -511,7 +495,7 @@ def _other_refs_records(workspace: Path) -> Iterator[tuple[str, Record]]:
     refs = [ref for ref in listed if ref not in current]
     if not refs:
         return
-    revs = set(_git_words(workspace, "rev-list", *refs, "--not", "HEAD", "--", LOCK, "pools"))
+    revs = set(_git_words(workspace, "rev-list", *refs, "--not", "HEAD", "--", LOCK, POOLS))
     for ref in refs:
         revs.update(_git_words(workspace, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}"))
     for rev in sorted(revs):
@@ -524,7 +508,7 @@ def _workspace_objects(workspace: Path, cache: Path) -> set[str]:
     lock = yaml.safe_load(_read(workspace / LOCK) or "") or {}
     for stage in (lock.get("stages") or {}).values():
         digests |= {str(o["md5"]) for o in stage.get("outs") or [] if o.get("md5")}
-    for record in (workspace / "pools").glob("*.dvc"):
+    for record in (workspace / POOLS).glob("*.dvc"):
         found = _record(None, _read(record), record.stem)
         digests |= {found.digest} if found else set()
     return set().union(*(objects_of(cache, d) for d in digests)) if digests else set()

@@ -1,37 +1,33 @@
 """A datapool workspace: a git + DVC repository holding the pipeline, params and pools.
 
-Creating one, editing its params, running one increment and recording it as a
-revision. Git and DVC are driven as the user would drive them (subprocesses),
-so what happens here is exactly what ``git log`` and ``dvc`` show afterwards.
+Creating one, editing its params, and running one increment: params edit,
+adopt, ``dvc repro`` and commit as one version transaction
+(:mod:`datapool.version`, which also owns the workspace lock). Git and DVC are
+driven as the user would drive them (subprocesses), so what happens here is
+exactly what ``git log`` and ``dvc`` show afterwards.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datapool.atomic import atomic_open
 from datapool.errors import InputError
-from datapool.pool import read_pool
-from datapool.revisions import (
-    Record,
-    current_record,
-    forget_history,
-    merge_entry,
-    switch_to,
-    version_paths,
-)
+from datapool.layout import PARAMS, WORK, pool_dir
+from datapool.revisions import adopt, current_record
 from datapool.settings import RunSettings, check_params, flatten, load_params
+from datapool.store import row_count
 from datapool.tools import git_commit, git_output, run_tool, tool_env
+from datapool.version import LOCK_FILE, Transaction, crash_point, transaction, workspace_lock
 
 __all__ = [
+    "LOCK_FILE",
     "MARKER",
     "Increment",
     "check_workspace",
@@ -55,7 +51,7 @@ TEMPLATE_FILES = (
     "stages/sample.py",
     "stages/merge.py",
 )
-GITIGNORE = "/work/\n"
+GITIGNORE = f"/{WORK}/\n"
 # What `dvc init` writes (and stages); the first commit records them with the template.
 DVC_INIT_FILES = (".dvc/config", ".dvc/.gitignore", ".dvcignore")
 # What tells a datapool workspace from any other DVC project: `datapool init` writes it.
@@ -69,9 +65,6 @@ MARKER_TEXT = (
 FIRST_COMMIT = "datapool workspace"
 # What an input_dir may hold when the workspace's dvc.yaml predates quoted values.
 PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+@,:=-]+")
-# Held for the whole params-edit -> repro -> commit of a run (see workspace_lock);
-# under .dvc/tmp, which DVC's own .gitignore keeps out of every commit.
-LOCK_FILE = Path(".dvc") / "tmp" / "datapool.lock"
 
 
 def template_dir() -> Path:
@@ -176,40 +169,6 @@ def check_shell_safe(workspace: Path, input_dir: str) -> None:
     )
 
 
-@contextmanager
-def workspace_lock(workspace: Path) -> Iterator[None]:
-    """Hold the workspace's lock for a command that edits params.yaml or commits.
-
-    Two runs at once would otherwise commit each other's settings (the second
-    rewrites params.yaml while the first is inside ``dvc repro``). A second
-    command is refused at once rather than queued: it would run on settings the
-    first one is about to change. The lock is an ``flock`` on :data:`LOCK_FILE`,
-    so the kernel releases it when its process ends, even by SIGKILL.
-
-    Raises :class:`InputError` when another process holds it.
-    """
-    path = workspace / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            raise InputError(
-                f"another datapool command is in progress in {workspace.resolve()} "
-                f"(process {holder} holds {path}); wait for it to finish, then run again"
-            ) from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def set_params(params_file: Path, overrides: Mapping[str, Any]) -> None:
     """Set dotted keys (``stopping_condition.n_samples``) in params.yaml, keeping its comments.
 
@@ -261,15 +220,13 @@ def with_overrides(text: str, overrides: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Increment:
-    """What one run did to a pool: its name, rows before and after, the version
-    the working tree recorded before (``replaced``, dropped without history) and
-    (with keep_history=false) what became of its earlier versions."""
+    """What one run did to a pool: its name, rows before and after, and (with
+    keep_history=false) what became of its earlier versions."""
 
     pool: str
     before: int
     after: int
     history_note: str = ""
-    replaced: Record | None = None
 
     def message(self, input_dir: str) -> str:
         """The revision's commit message."""
@@ -280,55 +237,65 @@ class Increment:
 
 
 def pool_size(workspace: Path, name: str) -> int:
-    """Rows in ``pools/<name>`` of the workspace, 0 if it does not exist yet."""
-    table = read_pool(workspace / "pools" / name)
-    return 0 if table is None else len(table)
+    """Rows of pool ``name`` in the workspace, 0 if it does not exist yet."""
+    return row_count(pool_dir(workspace, name))
 
 
 def run_increment(
     workspace: Path, *, name: str, input_dir: str, keep_history: bool = True
 ) -> Increment:
-    """``dvc repro`` for pool ``name`` (params.yaml must already name it), then record it.
+    """``dvc repro`` for pool ``name`` (params.yaml must already name it) as one version
+    transaction, under the workspace lock: committed as a revision, or without
+    ``keep_history`` not committed and the pool's earlier versions deleted from the
+    DVC cache (:func:`datapool.revisions.forget_history`).
 
-    The pool becomes the pipeline's (another pool dvc.lock recorded is parked
-    first, see :mod:`datapool.revisions`). With ``keep_history`` the new version
-    is committed as a revision; without, nothing is committed and the pool's
-    earlier versions are deleted from the DVC cache (:func:`forget_history`).
+    Raises :class:`InputError` for a held lock or a failing pipeline (the
+    transaction then rolls back what the run changed before merge recorded it).
     """
-    step = reproduce(workspace, name=name)
-    return record(workspace, step, input_dir=input_dir, keep_history=keep_history)
+    with transaction(workspace) as txn:
+        step = _increment(txn, workspace, name=name, input_dir=input_dir, keep_history=keep_history)
+    return _with_note(step, txn)
 
 
-def reproduce(workspace: Path, *, name: str) -> Increment:
-    """Make ``name`` the pipeline's pool and run ``dvc repro``; returns rows before/after.
-
-    The switch of pools is undone if the pipeline fails before merge records
-    ``name`` (:func:`datapool.revisions.switch_to`).
-    """
-    # Read before the run: with keep_history=false it may be in no commit.
-    replaced = current_record(workspace, name)
-    with switch_to(workspace, name):
-        before = pool_size(workspace, name)
-        run_tool(["dvc", "repro"], cwd=workspace)
-    after = pool_size(workspace, name)
-    return Increment(pool=name, before=before, after=after, replaced=replaced)
-
-
-def record(workspace: Path, step: Increment, *, input_dir: str, keep_history: bool) -> Increment:
-    """Commit the increment as a revision, or (without history) drop the pool's old versions."""
-    if keep_history:
-        git_commit(workspace, step.message(input_dir), paths=version_paths(workspace))
-    else:
-        forgotten = forget_history(workspace, step.pool, replaced=step.replaced)
-        step = replace(step, history_note=forgotten.note)
+def _increment(
+    txn: Transaction,
+    workspace: Path,
+    *,
+    name: str,
+    input_dir: str,
+    keep_history: bool,
+    params_text: str | None = None,
+) -> Increment:
+    """The change of a run, inside ``txn``: journal, params.yaml (``params_text``, if
+    given), the pool made the pipeline's (another pool dvc.lock records is parked,
+    see :func:`datapool.revisions.adopt`), ``dvc repro``; rows before and after."""
+    before = pool_size(workspace, name)
+    txn.begin(
+        command="run",
+        pool=name,
+        # The message a crash after merge commits with (rows are counted only after).
+        message=f"pool {name}: grown from {input_dir} (finished after an interruption)",
+        parked=False,
+        keep_history=keep_history,
+        # Read before the run: with keep_history=false it may be in no commit.
+        replaced=current_record(workspace, name),
+    )
+    if params_text is not None:
+        replace_file(workspace / PARAMS, params_text.encode("utf-8"))
+    adopt(workspace, name)
+    run_tool(["dvc", "repro"], cwd=workspace)
+    crash_point("after-repro")
+    step = Increment(pool=name, before=before, after=pool_size(workspace, name))
+    txn.done(step.message(input_dir))
     return step
 
 
-def merge_record(workspace: Path) -> Any:
-    """merge's entry in the workspace's dvc.lock (None without one), so that a change
-    tells a run that recorded its pool from one that stopped before."""
-    lock = workspace / "dvc.lock"
-    return merge_entry(lock.read_text(encoding="utf-8")) if lock.is_file() else None
+def _with_note(step: Increment, txn: Transaction) -> Increment:
+    """``step`` with what forgetting did (keep_history=false), from the finished ``txn``."""
+    forgotten = txn.finished.forgotten if txn.finished is not None else None
+    if forgotten is None:
+        return step
+    return Increment(step.pool, step.before, step.after, history_note=forgotten.note)
 
 
 def run_with_settings(
@@ -349,20 +316,38 @@ def run_with_settings(
 def run_locked(workspace: Path, overrides: Mapping[str, Any]) -> tuple[Increment, RunSettings]:
     """:func:`run_with_settings` for a caller that already holds :func:`workspace_lock`.
 
-    The whole params file is checked with the overrides applied before anything
-    is written or run. If ``dvc repro`` then fails (or is interrupted) before
-    merge recorded the pool in dvc.lock, params.yaml is put back byte for byte,
-    so a failed run changes no setting. Once merge has recorded it, dvc.lock
-    describes the pool with the new settings, so they stay (even if a later
-    stage, the commit or a Ctrl-C fails the run).
+    First finishes or rolls back a transaction a killed command left
+    (:func:`datapool.version.recover`). The whole params file is checked with the
+    overrides applied before anything is written or run. The params edit, the
+    switch of pools, ``dvc repro`` and the commit are one version transaction: if
+    the run fails (or is interrupted, or killed) before merge recorded the pool in
+    dvc.lock, params.yaml and every pool record are put back byte for byte, so a
+    failed run changes no setting. Once merge has recorded it, dvc.lock describes
+    the pool with the new settings, so they stay and are committed (even if a
+    later stage or a Ctrl-C fails the run).
 
     Raises :class:`InputError` for a bad setting or params file, a missing input
     folder, or a failing pipeline.
     """
-    params_file = workspace / "params.yaml"
-    original = params_file.read_bytes()
+    with transaction(workspace, locked=True) as txn:
+        text, settings = _checked_params(workspace, overrides)
+        step = _increment(
+            txn,
+            workspace,
+            name=settings.name,
+            input_dir=settings.input_dir,
+            keep_history=settings.keep_history,
+            params_text=text,
+        )
+    return _with_note(step, txn), settings
+
+
+def _checked_params(workspace: Path, overrides: Mapping[str, Any]) -> tuple[str, RunSettings]:
+    """params.yaml's text with ``overrides`` applied, and its checked settings; nothing
+    is written. Raises :class:`InputError` naming the file, key or folder at fault."""
+    params_file = workspace / PARAMS
     try:
-        text = with_overrides(original.decode("utf-8"), overrides)
+        text = with_overrides(params_file.read_bytes().decode("utf-8"), overrides)
     except UnicodeDecodeError as err:
         raise InputError(f"{params_file} is not UTF-8 text: {err}") from None
     params = load_params(text)
@@ -372,13 +357,4 @@ def run_locked(workspace: Path, overrides: Mapping[str, Any]) -> tuple[Increment
     if not (workspace / settings.input_dir).is_dir():
         raise InputError(f"input_dir {settings.input_dir} is not a folder")
     check_shell_safe(workspace, settings.input_dir)
-    merged = merge_record(workspace)
-    replace_file(params_file, text.encode("utf-8"))
-    try:
-        step = reproduce(workspace, name=settings.name)
-    except BaseException:
-        if merge_record(workspace) == merged:
-            replace_file(params_file, original)
-        raise
-    step = record(workspace, step, input_dir=settings.input_dir, keep_history=settings.keep_history)
-    return step, settings
+    return text, settings

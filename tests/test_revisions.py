@@ -1,4 +1,8 @@
-"""Pool versions in git and the DVC cache, on hand-made repositories (no `dvc repro`)."""
+"""Pool versions in git and the DVC cache, on hand-made repositories (no pipeline run).
+
+Versions are put in the cache by hand here (an older pool's CSV in a ``.dir``),
+so these tests also pin that history reads such pools through DVC's API.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +28,13 @@ from datapool.revisions import (
     missing_objects,
     param_changes,
     parked_file,
-    read_version,
     record_at,
     resolve,
-    restore,
-    switch_to,
+    version_hashes,
     version_paths,
 )
 from datapool.tools import git_commit, git_output, run_tool
+from datapool.version import restore_version, transaction
 
 LOCK = """schema: '2.0'
 stages:
@@ -67,6 +70,27 @@ def cached_pool(cache: Path, hashes: list[str]) -> str:
     cache_file(cache, md5).parent.mkdir(parents=True, exist_ok=True)
     cache_file(cache, md5).write_bytes(data)
     return md5
+
+
+def cached(cache: Path, digest: str) -> bool:
+    """True when every object of version ``digest`` is in ``cache``."""
+    return missing_objects(cache, digest) == []
+
+
+PIPELINE = """stages:
+  merge:
+    cmd: python stages/merge.py
+    outs:
+    - pools/${datapool.name}:
+        persist: true
+"""
+
+
+def with_pipeline(repo: Path) -> None:
+    """Commit a dvc.yaml whose merge stage outputs the pool params.yaml names, as the
+    real one does, so DVC (and its API) sees dvc.lock's pool as an output."""
+    (repo / "dvc.yaml").write_text(PIPELINE)
+    git_commit(repo, "pipeline", paths=["dvc.yaml"])
 
 
 @pytest.fixture
@@ -111,16 +135,24 @@ def test_flat_params_and_changes() -> None:
     assert param_changes(before, after) == {"a.b": (1, 2), "e": (None, 0)}
 
 
-def test_cache_reading(tmp_path: Path) -> None:
+def test_missing_objects(tmp_path: Path) -> None:
     digest = cached_pool(tmp_path, ["h1", "h2"])
-    table = read_version(tmp_path, digest)
-    assert table is not None and list(table["content_hash"]) == [sha("h1"), sha("h2")]
     assert missing_objects(tmp_path, digest) == []
     assert missing_objects(tmp_path, "0" * 32 + ".dir") == ["0" * 32 + ".dir"]
-    assert read_version(tmp_path, "0" * 32 + ".dir") is None
+
+
+def test_a_version_is_read_through_dvcs_api_and_absent_data_is_none(repo: Path) -> None:
+    with_pipeline(repo)
+    v1 = commit_version(repo, "A", ["h1", "h2"], 5)
+    assert version_hashes(repo, v1, "A") == [sha("h1"), sha("h2")]
+    assert version_hashes(repo, v1, "B") is None
+    shutil.rmtree(repo / ".dvc" / "cache")  # a clone without `dvc pull`
+    assert version_hashes(repo, v1, "A") is None
+    assert [r.rows for r in history(repo, "A")] == [None]
 
 
 def test_history_counts_rows_added_removed_and_params(repo: Path) -> None:
+    with_pipeline(repo)
     v1 = commit_version(repo, "A", ["h1", "h2"], 5)
     v2 = commit_version(repo, "A", ["h1", "h2", "h3"], 7)
     v3 = commit_version(repo, "A", ["h1", "h4"], 7)
@@ -141,7 +173,7 @@ def test_record_and_resolve(repo: Path) -> None:
     with pytest.raises(InputError, match="no revision 'nope'"):
         resolve(repo, "nope")
     with pytest.raises(PoolError, match="has no version of pool B"):
-        restore(repo, "B", v1)
+        restore_version(repo, "B", v1)
 
 
 def test_forget_history_drops_only_this_pools_old_versions(repo: Path) -> None:
@@ -153,7 +185,7 @@ def test_forget_history_drops_only_this_pools_old_versions(repo: Path) -> None:
     assert forgotten.deleted == 2 and forgotten.shared_cache is None  # v1's manifest and CSV
     records = [record_at(repo, rev, name) for rev, name in ((v1, "A"), (vb, "B"), (v2, "A"))]
     assert all(r is not None for r in records)
-    present = [read_version(cache, r.digest) is not None for r in records if r is not None]
+    present = [cached(cache, r.digest) for r in records if r is not None]
     assert present == [False, True, True]
 
 
@@ -247,7 +279,7 @@ def test_forget_history_keeps_versions_a_tag_or_branch_uses(repo: Path) -> None:
     assert forget_history(repo, "A").deleted == 2  # only v3: the tag uses v1, the branch v2
     cache = repo / ".dvc" / "cache"
     kept = [record_at(repo, rev, "A") for rev in (v1, v2)]
-    assert all(r is not None and read_version(cache, r.digest) is not None for r in kept)
+    assert all(r is not None and cached(cache, r.digest) for r in kept)
 
 
 def _shared(ws: Path, cache: Path) -> None:
@@ -319,19 +351,25 @@ def test_a_run_that_fails_after_the_switch_undoes_it(repo: Path) -> None:
     # pools' records and pools/.gitignore must be as HEAD has them.
     _two_pools(repo)
     (repo / "dvc.yaml").write_text(FAILING_MERGE)
-    with pytest.raises(InputError, match="merge failed"), switch_to(repo, "B"):
+    with pytest.raises(InputError, match="merge failed"), transaction(repo) as txn:
+        txn.begin(command="run", pool="B", message="pool B", parked=False)
+        adopt(repo, "B")
         assert not parked_file(repo, "B").exists() and parked_file(repo, "A").exists()
         run_tool(["dvc", "repro"], cwd=repo, quiet=True)
     assert git_output(repo, "status", "--porcelain", "pools") == ""
     assert record_at(repo, "HEAD", "B") == current_record(repo, "B")
 
 
-def test_a_switch_that_took_effect_is_kept(repo: Path) -> None:
+def test_a_switch_that_took_effect_is_kept_and_committed(repo: Path) -> None:
     _two_pools(repo)
-    with pytest.raises(RuntimeError), switch_to(repo, "B"):
+    with pytest.raises(RuntimeError), transaction(repo) as txn:
+        txn.begin(command="run", pool="B", message="pool B: kept", parked=False)
+        adopt(repo, "B")
         (repo / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
         raise RuntimeError("failed after the merge stage recorded pool B")
     assert not parked_file(repo, "B").exists() and parked_file(repo, "A").exists()
+    assert git_output(repo, "log", "-1", "--format=%s") == "pool B: kept\n"
+    assert record_at(repo, "HEAD", "B") == current_record(repo, "B")
 
 
 def _leave_user_changes(repo: Path) -> None:
@@ -375,11 +413,11 @@ def test_forget_history_drops_the_uncommitted_version_each_run_replaced(repo: Pa
         (repo / "dvc.lock").write_text(LOCK.format(name="A", digest=versions[-1]))
         deleted.append(forget_history(repo, "A", replaced=replaced).deleted)
     assert deleted == [2, 2, 2]  # each time the replaced version's manifest and CSV
-    assert [read_version(cache, v) is not None for v in versions] == [False, False, True]
+    assert [cached(cache, v) for v in versions] == [False, False, True]
     # A run that changed nothing replaced the version it keeps: nothing goes.
     same = current_record(repo, "A")
     assert forget_history(repo, "A", replaced=same).deleted == 0
-    assert read_version(cache, versions[-1]) is not None
+    assert cached(cache, versions[-1])
 
 
 def test_forget_history_keeps_a_replaced_version_a_branch_uses(repo: Path) -> None:
@@ -394,7 +432,7 @@ def test_forget_history_keeps_a_replaced_version_a_branch_uses(repo: Path) -> No
     (repo / "dvc.lock").write_text(LOCK.format(name="A", digest=cached_pool(cache, ["h3"])))
     forget_history(repo, "A", replaced=replaced)
     used = record_at(repo, branch, "A")
-    assert used is not None and used == replaced and read_version(cache, used.digest) is not None
+    assert used is not None and used == replaced and cached(cache, used.digest)
 
 
 def _pipeline_files(repo: Path) -> dict[str, bytes]:
@@ -411,7 +449,7 @@ def test_a_failed_restore_leaves_params_and_lock_as_they_were(repo: Path) -> Non
         params.write("# the user's uncommitted note\n")
     before = _pipeline_files(repo)
     with pytest.raises(PoolError, match="missing from"):
-        restore(repo, "A", v1)
+        restore_version(repo, "A", v1)
     assert _pipeline_files(repo) == before
     assert _user_changes_left(repo) == [" M params.yaml"]
 
@@ -425,7 +463,7 @@ def test_a_restore_that_fails_parking_the_current_pool_changes_nothing(repo: Pat
     before, saved = _pipeline_files(repo), record.read_text()
     _corrupt_cache_object(repo, repo / "pools" / "A" / "datapool_latest.csv")
     with pytest.raises(InputError, match=r"dvc add pools/A"):
-        restore(repo, "B", v1)
+        restore_version(repo, "B", v1)
     assert _pipeline_files(repo) == before and record.read_text() == saved
     assert _user_changes_left(repo) == []
 
@@ -468,7 +506,7 @@ def test_a_restore_whose_checkout_fails_puts_everything_back(repo: Path) -> None
     _checkouts_fail(repo)
     for name, rev in (("A", v1), ("B", b1)):  # a pipeline version, a parked one
         with pytest.raises(InputError, match="dvc checkout"):
-            restore(repo, name, rev)
+            restore_version(repo, name, rev)
         assert _pipeline_files(repo) == before and record.read_text() == saved
         assert _user_changes_left(repo) == []
 
@@ -487,5 +525,4 @@ def test_forget_history_drops_versions_a_branch_shares_with_head_but_not_its_own
     commit_version(repo, "A", ["h1", "h2"], 5)
     forget_history(repo, "A")
     records = [record_at(repo, rev, "A") for rev in (v1, own, tip)]
-    cached = [r is not None and read_version(cache, r.digest) is not None for r in records]
-    assert cached == [False, True, True]
+    assert [r is not None and cached(cache, r.digest) for r in records] == [False, True, True]
