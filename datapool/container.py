@@ -26,7 +26,8 @@ from pathlib import Path
 from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import read_picks
-from datapool.pool import POOL_CSV, read_table
+from datapool.layout import PARAMS, PoolPaths, pool_dir
+from datapool.pool import POOL_CSV, read_pool
 from datapool.settings import check_value, flatten, load_params, parse_settings
 from datapool.tools import head
 from datapool.workspace import (
@@ -132,27 +133,32 @@ def write_outputs(
 
     ``sampled_filenames.txt`` (picks in pick order, relative to the input folder),
     ``removed_filenames.txt`` (candidates not picked), ``corrupt.json``,
-    ``duplicates.json``, ``datapool_latest.csv`` (the whole pool after the run)
-    and ``report.json`` (pool, rows before/after, revision, settings).
+    ``duplicates.json``, ``datapool_latest.csv`` (the whole pool after the run,
+    written from its shards whatever ``csv_max_rows`` says: the output folder is
+    not versioned) and ``report.json`` (pool, rows before/after, revision, settings).
     """
-    work = workspace / "work" / step.pool
+    from datapool.store import read_any, write_lightly_csv
+
+    paths = PoolPaths(step.pool)
     output_dir.mkdir(parents=True, exist_ok=True)
-    picks = read_picks(work / "sample" / "picks.csv")
-    candidates = read_table(work / "embed" / "candidates.csv", required=())
+    picks = read_picks(workspace / paths.picks)
+    candidates = read_any(workspace / paths.candidates)
     picked = [str(f) for f in picks["filenames"]]
     removed = sorted(set(map(str, candidates["filenames"])) - set(picked))
     for name, lines in (("sampled_filenames.txt", picked), ("removed_filenames.txt", removed)):
         (output_dir / name).write_text("".join(f"{n}\n" for n in lines), encoding="utf-8")
     for name in ("corrupt.json", "duplicates.json"):
-        shutil.copyfile(work / "embed" / name, output_dir / name)
-    shutil.copyfile(workspace / "pools" / step.pool / POOL_CSV, output_dir / POOL_CSV)
+        shutil.copyfile(workspace / paths.work / "embed" / name, output_dir / name)
+    pool = read_pool(pool_dir(workspace, step.pool))
+    if pool is not None:
+        write_lightly_csv(pool, output_dir / POOL_CSV)
     report = {
         "pool": step.pool,
         "rows_before": step.before,
         "rows_after": step.after,
         "sampled": len(picked),
         "revision": revision,
-        "params": flatten(load_params((workspace / "params.yaml").read_text(encoding="utf-8"))),
+        "params": flatten(load_params((workspace / PARAMS).read_text(encoding="utf-8"))),
     }
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     (output_dir / "report.json").write_text(text, encoding="utf-8")

@@ -27,7 +27,6 @@ from datapool.pool import (
     embedding_columns,
     embedding_dim,
     embeddings_of,
-    read_table,
 )
 
 CANDIDATE_COLUMNS = ("content_hash", "batch_id", "model_id", "source")
@@ -155,13 +154,19 @@ def new_candidates(candidates: pd.DataFrame, pool: pd.DataFrame | None) -> pd.Da
 
 
 def read_picks(path: Path) -> pd.DataFrame:
-    """Read a ``picks.csv`` written by :func:`select_increment`; PoolError if malformed."""
-    try:
-        picks = pd.read_csv(
-            path, dtype={"filenames": str, "content_hash": str}, keep_default_na=False
-        )
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise PoolError(f"cannot read picks {path}: {err}") from err
+    """Read the picks written by :func:`select_increment` (Parquet, or CSV from older
+    workspaces); PoolError if missing or malformed."""
+    from datapool.store import read_rows
+
+    if path.suffix == ".parquet":
+        picks = read_rows(path)
+    else:
+        try:
+            picks = pd.read_csv(
+                path, dtype={"filenames": str, "content_hash": str}, keep_default_na=False
+            )
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise PoolError(f"cannot read picks {path}: {err}") from err
     missing = [c for c in PICK_COLUMNS if c not in picks.columns]
     if missing:
         raise PoolError(f"{path} lacks column(s) {', '.join(missing)}")
@@ -296,7 +301,9 @@ def effective_pool(pool: pd.DataFrame | None, reembedded: Path) -> pd.DataFrame 
     """
     if not reembedded.exists():
         return pool
-    fresh = read_table(reembedded)
+    from datapool.store import read_any
+
+    fresh = read_any(reembedded)
     if pool is None:
         return fresh
     dim = embedding_dim(fresh)

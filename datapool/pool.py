@@ -1,10 +1,13 @@
-"""The pool on disk: ``pools/NAME/datapool_latest.csv`` + ``checkpoint_latest.ckpt``.
+"""A pool's table: its columns, the checks every reader applies, and Lightly's CSV.
 
-The CSV follows Lightly's embeddings convention -- ``filenames``,
-``embedding_0`` .. ``embedding_{D-1}``, ``labels`` -- followed by our own columns
-(:data:`EXTRA_COLUMNS`). The same layout serves for the candidates an ``embed``
-run produces, so one reader validates both. Writes go to a temp file in the same
-folder and are renamed over the old file, so a reader never sees half a file.
+In memory a pool (or a batch of candidates) is a wide table in Lightly's
+embeddings convention -- ``filenames``, ``embedding_0`` .. ``embedding_{D-1}``,
+``labels`` -- followed by our own columns (:data:`EXTRA_COLUMNS`) and any user
+columns. On disk it is stored as Parquet shards (:mod:`datapool.store`); the CSV
+functions here read and write Lightly's CSV (import, export, the derived
+``datapool_latest.csv``, and pools written before the shards existed, which
+:func:`read_pool` still reads). CSV writes go to a temp file in the same folder
+and are renamed over the old file, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -138,8 +141,17 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 def read_pool(pool_dir: Path) -> pd.DataFrame | None:
     """The pool's rows, validated, or None when the pool has not been created yet.
 
-    Also checks that content hashes are unique. Raises :class:`PoolError`.
+    Reads the shards (:func:`datapool.store.load_pool`), or the CSV of a pool
+    written before they existed. Raises :class:`PoolError`.
     """
+    from datapool.store import load_pool  # store imports this module's layout helpers
+
+    return load_pool(pool_dir)
+
+
+def read_legacy_pool(pool_dir: Path) -> pd.DataFrame | None:
+    """A pool written before the shards: ``datapool_latest.csv`` alone, validated, with
+    unique content hashes; None when there is no such file. Raises :class:`PoolError`."""
     path = pool_dir / POOL_CSV
     if not path.exists():
         return None
@@ -161,13 +173,19 @@ def ensure_pool_present(pool_dir: Path, *, lock_file: Path) -> None:
     and running on would rebuild the pool from the newest batch alone.
     Raises :class:`PoolError` with the command to run.
     """
-    if (pool_dir / POOL_CSV).exists() or not lock_file.is_file():
+    from datapool.store import pool_exists
+
+    if pool_exists(pool_dir) or not lock_file.is_file():
         return
     lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
-    wanted = pool_dir.as_posix().rstrip("/")
+    # dvc.lock names outputs relative to its own folder; compare real paths, so the
+    # guard also holds for a stage given an absolute or differently spelled --pool-dir.
+    root = lock_file.resolve().parent
+    wanted = pool_dir.resolve()
     for stage in (lock.get("stages") or {}).values():
         for out in stage.get("outs") or []:
-            if str(out.get("path", "")).rstrip("/") == wanted and int(out.get("nfiles", 0)) > 0:
+            path = (root / str(out.get("path", ""))).resolve()
+            if path == wanted and int(out.get("nfiles", 0)) > 0:
                 raise PoolError(
                     f"{lock_file} records pool {wanted} ({out.get('nfiles')} files, "
                     f"{out.get('md5') or out.get('hash')}) but it is missing from the workspace. "
@@ -184,6 +202,28 @@ def known_embeddings(pool: pd.DataFrame | None, *, model_id: str) -> dict[str, n
     return dict(zip(same["content_hash"], embeddings_of(same), strict=True))
 
 
+def image_name(content_hash: str, filename: str) -> str:
+    """``<content_hash><suffix>``: the file name of an image in the pool's ``images/``.
+
+    The suffix is the lowercased extension of ``filename``'s last component when
+    it is letters and digits only (``.png``, ``.jpeg``), else none; so any name
+    (``..``, odd characters) gives a safe file name. No check of the hash here
+    (see :func:`stored_image`).
+    """
+    name = filename.rstrip("/").rpartition("/")[2]
+    dot = name.rfind(".")  # as Path(filename).suffix reads it, without building a Path
+    suffix = name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+    return content_hash + (suffix if suffix[1:].isalnum() else "")
+
+
+def image_names(table: pd.DataFrame) -> list[str]:
+    """:func:`image_name` of every row of ``table``, in order."""
+    return [
+        image_name(str(h), str(f))
+        for h, f in zip(table["content_hash"], table["filenames"], strict=True)
+    ]
+
+
 def stored_image(pool_dir: Path, *, content_hash: str, filename: str) -> Path:
     """Where the pool keeps its own copy of an image: ``images/<content_hash><suffix>``.
 
@@ -197,7 +237,4 @@ def stored_image(pool_dir: Path, *, content_hash: str, filename: str) -> Path:
             f"{content_hash!r} is not a content hash (64 lowercase hex digits), so it names no "
             f"image of {pool_dir}"
         )
-    suffix = Path(filename).suffix.lower()
-    if not suffix[1:].isalnum():
-        suffix = ""
-    return pool_dir / IMAGES_DIR / f"{content_hash}{suffix}"
+    return pool_dir / IMAGES_DIR / image_name(content_hash, filename)

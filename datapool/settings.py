@@ -198,6 +198,7 @@ SETTINGS: dict[str, Rule] = {
     "input_dir": Rule(str, check=_input_dir),
     "datapool.name": Rule(str, check=_pool_name, whole_numbers_as_text=True),
     "datapool.keep_history": Rule(bool),
+    "datapool.csv_max_rows": Rule(int, low=0),
     "stopping_condition.n_samples": Rule(int, low=0),
     # Embeddings are unit vectors: no two are farther apart than 2.
     "stopping_condition.min_distance": Rule(float, low=0, high=2),

@@ -1,14 +1,18 @@
 """Writing a pool version as one transaction, and recovering after a crash.
 
-A version is ``datapool_latest.csv`` + ``checkpoint_latest.ckpt`` + the images
-the CSV references. Each file can be replaced atomically, but not two at once,
-so a new version is first staged in ``.incoming/`` and marked ``COMPLETE``;
-only then are the files renamed into place. :func:`recover` finishes an
-interrupted rename (roll forward, if the mark exists) or discards the stage
-(roll back), and removes images no row references. Whatever instant a run is
+A version is the manifest, the shards it lists, ``checkpoint_latest.ckpt``, the
+images its rows reference and (for pools up to ``csv_max_rows``) the derived
+``datapool_latest.csv`` (:mod:`datapool.store`). Each file can be replaced
+atomically, but not several at once, so a new version is first staged in
+``.incoming/`` -- the shards that changed, the manifest, the CSV, the
+checkpoint -- and marked ``COMPLETE``; only then are the files renamed into
+place, the manifest last. :func:`recover` finishes an interrupted rename (roll
+forward, if the mark exists) or discards the stage (roll back), and removes
+shards and images the version does not reference. Whatever instant a run is
 killed at, after recovery the pool is exactly the old or exactly the new version.
-A table is validated before any image is deleted by it: a damaged table stops
+A version is validated before anything is deleted by it: a damaged table stops
 recovery with a message instead of taking the recorded version's images with it.
+A pool written before the shards (its CSV alone) is migrated by its next save.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,64 +32,149 @@ from datapool.pool import (
     IMAGES_DIR,
     POOL_CSV,
     ensure_pool_present,
-    read_pool,
+    image_names,
     stored_image,
-    write_table,
+)
+from datapool.store import (
+    MANIFEST,
+    SHARDS,
+    Manifest,
+    Plan,
+    load_pool,
+    plan_version,
+    read_manifest,
+    write_lightly_csv,
+    write_rows,
 )
 
 INCOMING = ".incoming"
 COMPLETE = "COMPLETE"
+# Up to this many rows a pool also gets Lightly's datapool_latest.csv (see README):
+# at 100,000 x 64 it is ~100 MB and ~2 s to write; beyond, every version would add
+# a whole-table copy to the DVC cache, which the shards exist to avoid.
+CSV_MAX_ROWS = 100_000
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What :func:`save_pool` wrote.
+
+    Attributes:
+        manifest: the new version's manifest.
+        shards_written: shards written anew (the others were unchanged).
+        csv: whether ``datapool_latest.csv`` was written (else it was removed).
+        migrated: the pool was in the layout before shards (its CSV alone) until now.
+    """
+
+    manifest: Manifest
+    shards_written: int
+    csv: bool
+    migrated: bool
+
+    def note(self, pool_dir: Path) -> str:
+        """One line about the store, for the stage's output; empty when nothing is notable."""
+        notes = []
+        if self.migrated:
+            notes.append(
+                f"{pool_dir} migrated from {POOL_CSV} alone to Parquet shards + {MANIFEST} "
+                f"({self.manifest.rows} rows); {POOL_CSV} is now derived from them"
+            )
+        if not self.csv:
+            notes.append(
+                f"{POOL_CSV} not written: the pool has more than csv_max_rows rows "
+                "(`datapool export` writes Lightly's CSV on demand)"
+            )
+        return "; ".join(notes)
 
 
 def save_pool(
-    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Path]
-) -> None:
+    pool_dir: Path,
+    table: pd.DataFrame,
+    *,
+    checkpoint: Path | None,
+    sources: Mapping[str, Path],
+    csv_max_rows: int = CSV_MAX_ROWS,
+) -> Saved:
     """Make ``table`` (with the model in ``checkpoint``) the pool's current version.
 
     ``sources`` maps content hash -> original file for rows whose image the pool
     does not hold yet; each is copied to :func:`~datapool.pool.stored_image` and
     must still have that hash, else :class:`PoolError` (missing, or changed since
     it was embedded) and the pool is left as it was. ``checkpoint=None`` leaves
-    the pool without a model (an imported pool's embeddings have none).
+    the pool without a model (an imported pool's embeddings have none). Only the
+    shards whose rows changed are written (:func:`datapool.store.plan_version`);
+    ``datapool_latest.csv`` is written when the pool has at most ``csv_max_rows``
+    rows (0: never) and removed otherwise, so it never shows an older version.
     """
     recover(pool_dir)
+    old = read_manifest(pool_dir) if pool_dir.is_dir() else None
+    migrated = old is None and (pool_dir / POOL_CSV).is_file()
+    plan = plan_version(table, old)
+    csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
     try:
-        _stage(pool_dir, table, checkpoint=checkpoint, sources=sources)
+        _stage(pool_dir, table, plan, checkpoint=checkpoint, sources=sources, csv=csv)
     except BaseException:
         recover(pool_dir)  # no COMPLETE mark yet: drops the stage and the images it copied
         raise
     _apply(pool_dir, table)
+    return Saved(plan.manifest, shards_written=len(plan.writes), csv=csv, migrated=migrated)
 
 
 def _stage(
-    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Path]
+    pool_dir: Path,
+    table: pd.DataFrame,
+    plan: Plan,
+    *,
+    checkpoint: Path | None,
+    sources: Mapping[str, Path],
+    csv: bool,
 ) -> None:
-    """Copy the new images in, write the table and model to the stage, then mark it COMPLETE."""
+    """Copy the new images in, write changed shards, manifest, CSV and model to the stage,
+    then mark it COMPLETE."""
     staging = pool_dir / INCOMING
     # The stage exists before the first image is copied, so recovery knows that
     # images no table references, beside an unmarked stage, are its leftovers.
     staging.mkdir(parents=True)
-    for digest, name in zip(table["content_hash"], table["filenames"], strict=True):
-        target = stored_image(pool_dir, content_hash=str(digest), filename=str(name))
-        if not target.exists():
-            if str(digest) not in sources:
-                raise PoolError(f"the image of {name!r} ({str(digest)[:12]}) is missing")
-            _copy_verified(sources[str(digest)], target, content_hash=str(digest))
-    write_table(table, staging / POOL_CSV)
+    _copy_missing_images(pool_dir, table, sources)
+    for name, rows in plan.writes.items():
+        write_rows(rows, staging / name)
+    if csv:
+        write_lightly_csv(table, staging / POOL_CSV)
     current = pool_dir / CHECKPOINT
     if checkpoint is not None and (
         not current.exists() or current.read_bytes() != checkpoint.read_bytes()
     ):
         with atomic_open(staging / CHECKPOINT, "wb") as handle:
             handle.write(checkpoint.read_bytes())
+    with atomic_open(staging / MANIFEST, "w") as handle:
+        handle.write(plan.manifest.to_json())
+    if (staging / SHARDS).is_dir():
+        fsync_dir(staging / SHARDS)
     fsync_dir(staging)
     with atomic_open(staging / COMPLETE, "w") as handle:
-        handle.write("staged version complete; safe to apply\n")
+        handle.write("staged version complete; safe to apply\n" if csv else "no-csv\n")
+
+
+def _copy_missing_images(pool_dir: Path, table: pd.DataFrame, sources: Mapping[str, Path]) -> None:
+    """Copy into ``images/`` each row's image the pool does not hold yet, from ``sources``."""
+    folder = pool_dir / IMAGES_DIR
+    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    names = image_names(table)
+    for digest, filename, name in zip(
+        table["content_hash"], table["filenames"], names, strict=True
+    ):
+        if name in present:
+            continue
+        if str(digest) not in sources:
+            raise PoolError(f"the image of {filename!r} ({str(digest)[:12]}) is missing")
+        target = stored_image(pool_dir, content_hash=str(digest), filename=str(filename))
+        _copy_verified(sources[str(digest)], target, content_hash=str(digest))
+        present.add(name)
 
 
 def create_pool(
     pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Path]
-) -> None:
+) -> Saved:
     """A new pool at ``pool_dir`` (see :func:`save_pool`); nothing is left behind on failure.
 
     Raises :class:`PoolError` if the folder already exists or an image is missing/changed.
@@ -92,7 +182,7 @@ def create_pool(
     if pool_dir.exists():
         raise PoolError(f"{pool_dir} already exists; choose a new pool name")
     try:
-        save_pool(pool_dir, table, checkpoint=checkpoint, sources=sources)
+        return save_pool(pool_dir, table, checkpoint=checkpoint, sources=sources)
     except BaseException:
         shutil.rmtree(pool_dir, ignore_errors=True)
         raise
@@ -101,71 +191,86 @@ def create_pool(
 def recover(pool_dir: Path) -> pd.DataFrame | None:
     """Bring a pool left by an interrupted :func:`save_pool` to a whole version.
 
-    Returns the pool's rows, validated (:func:`~datapool.pool.read_pool`), or
-    None when it has no table. Every table is validated before any image is
-    deleted, and an image goes only when the version it ends with does not
-    reference it (an abandoned stage's copies, a previous version's images).
+    Returns the pool's rows, validated (:func:`~datapool.store.load_pool`), or
+    None when it has none. Every version is validated before anything is
+    deleted, and a shard or image goes only when the version it ends with does
+    not reference it (an abandoned stage's copies, a previous version's files).
     Raises :class:`PoolError` naming the file (and row) and deletes nothing when
-    the current table or a staged one marked complete does not validate: it is
-    not a version, and sweeping by it would drop the recorded version's images.
+    the current version or a staged one marked complete does not validate: it
+    is not a version, and sweeping by it would drop the recorded version's images.
     """
     staging = pool_dir / INCOMING
     if (staging / COMPLETE).exists():
-        # Roll forward; the staged table may already be in place (killed mid-apply).
-        source = staging if (staging / POOL_CSV).exists() else pool_dir
-        table = _valid_table(source, advice=f"remove {staging} to keep the current version")
+        # Roll forward; some staged files may already be in place (killed mid-apply).
+        table = _valid_table(
+            pool_dir, overlay=staging, advice=f"remove {staging} to keep the current version"
+        )
         if table is None:
-            raise PoolError(f"{staging} is marked complete but holds no table; remove it")
+            raise PoolError(f"{staging} is marked complete but holds no version; remove it")
         _apply(pool_dir, table)
         return table
-    abandoned = staging.exists()
-    if abandoned:
-        shutil.rmtree(staging)
-    elif not (pool_dir / POOL_CSV).exists():
-        return None  # no table and no stage: the images are no stage's leftovers, keep them
-    table = _valid_table(
-        pool_dir,
-        advice=f"bring back the recorded version with `dvc checkout {pool_dir.parent.name}/"
-        f"{pool_dir.name}` (or delete {pool_dir / POOL_CSV} if no commit recorded it)",
-    )
-    _sweep_images(pool_dir, table)
+    if not staging.exists():
+        # No stage: the last save finished (its sweep ran before the stage went).
+        return _valid_table(pool_dir, advice=_checkout_advice(pool_dir))
+    shutil.rmtree(staging)
+    table = _valid_table(pool_dir, advice=_checkout_advice(pool_dir))
+    _sweep(pool_dir, table)  # the abandoned stage's image copies (all of them without a table)
     return table
 
 
+def _checkout_advice(pool_dir: Path) -> str:
+    return (
+        f"bring back the recorded version with `dvc checkout {pool_dir.parent.name}/"
+        f"{pool_dir.name}` (or delete {pool_dir} if no commit recorded it)"
+    )
+
+
 def _apply(pool_dir: Path, table: pd.DataFrame) -> None:
-    """Rename the staged files into place (checkpoint, then CSV) and sweep by ``table``,
-    the staged rows; idempotent."""
+    """Rename the staged files into place (shards, checkpoint, CSV, then the manifest) and
+    sweep by ``table``, the staged rows; idempotent."""
     staging = pool_dir / INCOMING
+    staged_shards = staging / SHARDS
+    if staged_shards.is_dir():
+        (pool_dir / SHARDS).mkdir(exist_ok=True)
+        for shard in sorted(staged_shards.iterdir()):
+            shard.replace(pool_dir / SHARDS / shard.name)
+        fsync_dir(pool_dir / SHARDS)
     for name in (CHECKPOINT, POOL_CSV):
         if (staging / name).exists():
             (staging / name).replace(pool_dir / name)
+    if (staging / COMPLETE).read_text(encoding="utf-8").startswith("no-csv"):
+        (pool_dir / POOL_CSV).unlink(missing_ok=True)  # would show an older version
+    if (staging / MANIFEST).exists():
+        (staging / MANIFEST).replace(pool_dir / MANIFEST)
     fsync_dir(pool_dir)
-    _sweep_images(pool_dir, table)
+    _sweep(pool_dir, table)
     shutil.rmtree(staging)
 
 
-def _valid_table(folder: Path, *, advice: str) -> pd.DataFrame | None:
-    """``read_pool(folder)``; its :class:`PoolError` says no image was deleted, and ``advice``."""
+def _valid_table(folder: Path, *, advice: str, overlay: Path | None = None) -> pd.DataFrame | None:
+    """``load_pool(folder)``; its :class:`PoolError` says nothing was deleted, and ``advice``."""
     try:
-        return read_pool(folder)
+        return load_pool(folder, overlay=overlay)
     except PoolError as err:
         raise PoolError(f"{err}; no pool image was deleted: {advice}") from err
 
 
-def _sweep_images(pool_dir: Path, table: pd.DataFrame | None) -> None:
-    """Delete stored images the validated ``table`` does not reference (all, for None)."""
+def _sweep(pool_dir: Path, table: pd.DataFrame | None) -> None:
+    """Delete stored images the validated ``table`` does not reference (all, for None), and
+    shards the current manifest does not list."""
     images = pool_dir / IMAGES_DIR
-    if not images.is_dir():
-        return
-    keep: set[str] = set()
-    if table is not None:
-        keep = {
-            stored_image(pool_dir, content_hash=str(h), filename=str(f)).name
-            for h, f in zip(table["content_hash"], table["filenames"], strict=True)
-        }
-    for stale in images.iterdir():
-        if stale.name not in keep:
-            stale.unlink()
+    if images.is_dir():
+        keep = set(image_names(table)) if table is not None else set()
+        for stale in images.iterdir():
+            if stale.name not in keep:
+                stale.unlink()
+    shards = pool_dir / SHARDS
+    manifest = read_manifest(pool_dir)
+    if shards.is_dir() and manifest is not None:
+        listed = {Path(s.file).name for s in manifest.shards}
+        for stale in shards.iterdir():
+            if stale.name not in listed:
+                stale.unlink()
 
 
 def _copy_verified(source: Path, target: Path, *, content_hash: str) -> None:

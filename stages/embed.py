@@ -4,8 +4,8 @@ Uses the pool's checkpoint when the pool exists, else builds the configured
 model (bootstrapped by a short self-supervised run when it has random weights);
 trains it further when embed.train_epochs > 0. If the model is not the one that
 embedded the pool, the pool's stored images are embedded again. Writes to
---out-dir: candidates.csv (Lightly's layout plus our columns), model.ckpt,
-corrupt.json, duplicates.json and, when the model changed, pool_reembedded.csv.
+--out-dir: candidates.parquet (the pool's shard format, datapool.store), model.ckpt,
+corrupt.json, duplicates.json and, when the model changed, pool_reembedded.parquet.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from datapool.console import user_errors
 from datapool.embedding.inference import resolve_device
 from datapool.embedding.model import ModelConfig
 from datapool.embedding.pool_model import Training, embed_increment
-from datapool.pool import write_table
+from datapool.store import write_rows
 from datapool.transaction import open_pool
 
 app = typer.Typer(add_completion=False)
@@ -73,9 +73,9 @@ def main(
         )
         batch, model_id, refreshed = done.batch, done.model_id, done.reembedded
         if refreshed is not None:
-            write_table(refreshed, out_dir / "pool_reembedded.csv")
+            write_rows(refreshed, out_dir / "pool_reembedded.parquet")
         table = batch.to_table(model_id=model_id, source=str(input_dir))
-        write_table(table, out_dir / "candidates.csv")
+        write_rows(table, out_dir / "candidates.parquet")
         for name, listing in (
             ("corrupt.json", batch.corrupt),
             ("duplicates.json", batch.duplicates),

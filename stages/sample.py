@@ -1,6 +1,6 @@
 """DVC stage `sample`: greedy k-center over the new candidates, conditioned on the pool.
 
-Writes picks.csv -- filenames, content_hash, pick_rank, pick_distance -- in
+Writes the picks (picks.parquet) -- filenames, content_hash, pick_rank, pick_distance -- in
 pick order, so the cut-off can be moved later without re-running selection.
 """
 
@@ -20,7 +20,7 @@ from datapool.increment import (
     new_candidates,
     select_increment,
 )
-from datapool.pool import read_table, write_table
+from datapool.store import read_any, write_any
 from datapool.transaction import open_pool
 
 app = typer.Typer(add_completion=False)
@@ -28,9 +28,12 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    candidates: Annotated[Path, typer.Option(help="candidates.csv written by embed")],
+    candidates: Annotated[
+        Path,
+        typer.Option(help="candidates written by embed (.parquet; .csv from older workspaces)"),
+    ],
     pool_dir: Annotated[Path, typer.Option(help="the pool folder, pools/NAME")],
-    out: Annotated[Path, typer.Option(help="where picks.csv goes")],
+    out: Annotated[Path, typer.Option(help="where the picks go (.parquet, or .csv)")],
     lock_file: Annotated[Path, typer.Option(help="dvc.lock, to detect a pool not yet pulled")],
     reembedded_pool: Annotated[
         Path, typer.Option(help="the pool re-embedded by embed; used instead when it exists")
@@ -44,9 +47,9 @@ def main(
     with user_errors("sample"):
         stop = StoppingCondition(n_samples=n_samples, min_distance=min_distance)
         pool = effective_pool(open_pool(pool_dir, lock_file=lock_file), reembedded_pool)
-        table = read_table(candidates, required=CANDIDATE_COLUMNS)
+        table = read_any(candidates, required=CANDIDATE_COLUMNS)
         picks = select_increment(table, pool, stop)
-        write_table(picks, out)
+        write_any(picks, out)
         n_fresh = len(new_candidates(table, pool))
     print(
         f"sample: picked {len(picks)} of {n_fresh} new candidates "

@@ -40,3 +40,17 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` by relative path: two equal snapshots are equal folders."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+def write_unchecked(folder: Path, table: pd.DataFrame) -> None:
+    """Store ``table`` as the pool of ``folder`` (shards + manifest) without any check,
+    as a hand edit, a bad tool or an attacker would leave it; the old shards go."""
+    import shutil
+
+    from datapool.store import MANIFEST, SHARDS, plan_version, write_rows
+
+    plan = plan_version(table, None)
+    shutil.rmtree(folder / SHARDS, ignore_errors=True)
+    for name, rows in plan.writes.items():
+        write_rows(rows, folder / name)
+    (folder / MANIFEST).write_text(plan.manifest.to_json(), encoding="utf-8")

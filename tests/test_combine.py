@@ -13,9 +13,11 @@ from datapool.embedding.model import ModelConfig, build_model, save_checkpoint
 from datapool.errors import PoolError
 from datapool.images import content_hash
 from datapool.increment import StoppingCondition
-from datapool.pool import CHECKPOINT, POOL_CSV, column_order, read_pool, stored_image, write_table
+from datapool.pool import CHECKPOINT, POOL_CSV, column_order, read_pool, stored_image
 from datapool.transaction import create_pool
 from tests.conftest import draw_image
+
+from .synthetic import write_unchecked
 
 
 def make_pool(
@@ -126,12 +128,15 @@ def test_create_pool_rejects_a_changed_image_and_leaves_nothing(tmp_path: Path) 
     assert (a / POOL_CSV).is_file()
 
 
+SHARD = r"shards/batch-[0-9a-f]{16}\.parquet"  # how errors name a pool's shard
+
+
 def craft_hash(pool_dir: Path, *, row: int, value: str) -> None:
-    """Overwrite one row's content_hash in the pool's CSV, as a hand edit or an attacker would."""
+    """Overwrite one row's content_hash in the pool's shard, as a hand edit or an attacker would."""
     table = read_pool(pool_dir)
     assert table is not None
     table.loc[row - 1, "content_hash"] = value
-    write_table(table, pool_dir / POOL_CSV)
+    write_unchecked(pool_dir, table)
 
 
 def test_a_crafted_content_hash_cannot_make_combine_write_outside(tmp_path: Path) -> None:
@@ -141,7 +146,7 @@ def test_a_crafted_content_hash_cannot_make_combine_write_outside(tmp_path: Path
     b = make_pool(tmp_path, "b", [3, 4])
     outside = tmp_path / "outside" / "evil"
     craft_hash(b, row=2, value=str(outside))
-    with pytest.raises(PoolError, match=rf"{POOL_CSV}: row 2 .*content_hash: '{outside}'"):
+    with pytest.raises(PoolError, match=rf"{SHARD}: row 2 .*content_hash: '{outside}'"):
         done = combine_pools(a, b)
         create_pool(
             tmp_path / "pools" / "c",
@@ -164,6 +169,6 @@ def test_a_crafted_content_hash_cannot_make_reembed_write_outside(tmp_path: Path
     b = make_pool(tmp_path, "b", [3, 4], model="m2")
     escaped = tmp_path / "escaped"
     craft_hash(b, row=1, value=str(escaped))
-    with pytest.raises(PoolError, match=rf"{POOL_CSV}: row 1 .*content_hash: '{escaped}'"):
+    with pytest.raises(PoolError, match=rf"{SHARD}: row 1 .*content_hash: '{escaped}'"):
         combine_pools(a, b, reembed_second=True, device="cpu")
     assert not escaped.with_suffix(".png").exists()

@@ -14,9 +14,9 @@ import pytest
 from datapool.errors import PoolError
 from datapool.exchange import export_names, export_pool, import_pool, import_table
 from datapool.images import content_hash
-from datapool.pool import POOL_CSV, embeddings_of, read_pool, stored_image
+from datapool.pool import embeddings_of, read_pool, stored_image
 from tests.conftest import draw_image
-from tests.test_combine import craft_hash, make_pool
+from tests.test_combine import SHARD, craft_hash, make_pool
 
 
 def test_export_names_are_unique_and_stay_inside_the_folder() -> None:
@@ -149,7 +149,7 @@ def test_export_refuses_a_crafted_content_hash(tmp_path: Path) -> None:
     secret = draw_image(tmp_path / "secret.png", seed=9)
     craft_hash(pool, row=2, value=str(secret.with_suffix("")))
     value = re.escape(repr(str(secret.with_suffix(""))))
-    with pytest.raises(PoolError, match=rf"{POOL_CSV}: row 2 .*content_hash: {value}"):
+    with pytest.raises(PoolError, match=rf"{SHARD}: row 2 .*content_hash: {value}"):
         export_pool(pool, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from datapool.errors import PoolError
-from datapool.pool import CHECKPOINT, IMAGES_DIR, POOL_CSV
+from datapool.pool import CHECKPOINT, IMAGES_DIR, POOL_CSV, write_table
+from datapool.store import MANIFEST, SHARDS, read_manifest
 from datapool.transaction import COMPLETE, INCOMING, open_pool, recover, save_pool
 
 from .synthetic import snapshot
@@ -74,7 +75,8 @@ def _two_versions(tmp_path: Path) -> tuple[Path, dict[str, bytes], dict[str, byt
 def _stage_v2(tmp_path: Path, pool: Path, new: dict[str, bytes], *, complete: bool) -> None:
     """Leave ``pool`` as a crash would: v2's images copied and its files staged."""
     for name, data in new.items():
-        target = pool / INCOMING / name if name in (POOL_CSV, CHECKPOINT) else pool / name
+        staged = name in (POOL_CSV, CHECKPOINT, MANIFEST) or name.startswith(f"{SHARDS}/")
+        target = pool / INCOMING / name if staged else pool / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     if complete:
@@ -91,7 +93,9 @@ def test_crash_before_the_mark_rolls_back(tmp_path: Path) -> None:
 def test_crash_after_the_mark_rolls_forward(tmp_path: Path) -> None:
     pool, old, new = _two_versions(tmp_path)
     _stage_v2(tmp_path, pool, new, complete=True)
-    # Killed between the two renames: the checkpoint is in place, the CSV still staged.
+    # Killed mid-apply: the shards and checkpoint are in place, CSV and manifest still staged.
+    for shard in (pool / INCOMING / SHARDS).iterdir():
+        shard.replace(pool / SHARDS / shard.name)
     (pool / INCOMING / CHECKPOINT).replace(pool / CHECKPOINT)
     assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is not None
     assert snapshot(pool) == new
@@ -101,8 +105,10 @@ def test_crash_after_the_mark_rolls_forward(tmp_path: Path) -> None:
 def test_crash_after_both_renames_rolls_forward(tmp_path: Path) -> None:
     pool, _, new = _two_versions(tmp_path)
     _stage_v2(tmp_path, pool, new, complete=True)
-    # Killed after the CSV was renamed in, before the stage was removed.
-    for name in (CHECKPOINT, POOL_CSV):
+    # Killed after the manifest was renamed in, before the sweep and the stage's removal.
+    for shard in (pool / INCOMING / SHARDS).iterdir():
+        shard.replace(pool / SHARDS / shard.name)
+    for name in (CHECKPOINT, POOL_CSV, MANIFEST):
         (pool / INCOMING / name).replace(pool / name)
     assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is not None
     assert snapshot(pool) == new
@@ -127,45 +133,71 @@ def _four_image_pool(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     return pool, snapshot(pool)
 
 
-def test_truncated_csv_is_refused_and_no_image_is_deleted(tmp_path: Path) -> None:
-    # The reported case: a CSV cut short inside its second row (disk full, a copy
-    # interrupted by hand) made recovery keep the first row's image and delete 3 of 4.
+def test_truncated_shard_is_refused_and_no_image_is_deleted(tmp_path: Path) -> None:
+    # A shard cut short (disk full, a copy interrupted by hand) must stop recovery
+    # before anything is swept by what is left of it.
     pool, before = _four_image_pool(tmp_path)
+    manifest = read_manifest(pool)
+    assert manifest is not None
+    shard = pool / manifest.shards[0].file
+    shard.write_bytes(shard.read_bytes()[:200])
+    (pool / INCOMING).mkdir()  # as a crash leaves it: recovery must validate before sweeping
+    with pytest.raises(PoolError, match=f"{shard.name} is not a readable Parquet.*dvc checkout"):
+        open_pool(pool, lock_file=tmp_path / "dvc.lock")
+    assert len(list((pool / IMAGES_DIR).iterdir())) == 4
+    changed = {
+        k for k in set(before) | set(snapshot(pool)) if before.get(k) != snapshot(pool).get(k)
+    }
+    assert changed == {manifest.shards[0].file}
+
+
+def test_truncated_csv_of_an_older_pool_is_refused_and_no_image_is_deleted(tmp_path: Path) -> None:
+    # The reported case, in the layout before shards: a CSV cut short inside its
+    # second row made recovery keep the first row's image and delete 3 of 4.
+    pool, _ = _four_image_pool(tmp_path)
+    table = open_pool(pool, lock_file=tmp_path / "dvc.lock")
+    assert table is not None
+    shutil.rmtree(pool / SHARDS)
+    (pool / MANIFEST).unlink()
+    write_table(table, pool / POOL_CSV)
     text = (pool / POOL_CSV).read_text()
     cut = text.index("\n", text.index("\n") + 1) + 20
     (pool / POOL_CSV).write_text(text[:cut])
+    (pool / INCOMING).mkdir()
     with pytest.raises(PoolError, match=f"{POOL_CSV}: row 2 .*dvc checkout"):
         open_pool(pool, lock_file=tmp_path / "dvc.lock")
-    after = snapshot(pool)
     assert len(list((pool / IMAGES_DIR).iterdir())) == 4
-    assert {k: v for k, v in after.items() if k != POOL_CSV} == {
-        k: v for k, v in before.items() if k != POOL_CSV
-    }
 
 
 def test_unreadable_staged_version_is_refused_and_nothing_is_deleted(tmp_path: Path) -> None:
-    # A version marked COMPLETE whose CSV is damaged is not applied: the current
+    # A version marked COMPLETE whose shard is damaged is not applied: the current
     # version (and every image it references) stays, and the message says what to do.
     pool, before = _four_image_pool(tmp_path)
-    (pool / INCOMING).mkdir()
-    (pool / INCOMING / POOL_CSV).write_text("filenames,labels\nx.png,cat\n")
+    manifest = read_manifest(pool)
+    assert manifest is not None
+    staged = pool / INCOMING / manifest.shards[0].file
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"PAR1 not really")
     (pool / INCOMING / COMPLETE).write_text("done")
-    with pytest.raises(PoolError, match=f"{INCOMING}.*lacks column"):
+    with pytest.raises(PoolError, match=f"{INCOMING}.*not a readable Parquet"):
         recover(pool)
     assert {k: v for k, v in snapshot(pool).items() if not k.startswith(INCOMING)} == before
 
 
-def test_deleted_csv_keeps_the_images_and_the_recorded_pool_is_asked_for(tmp_path: Path) -> None:
-    # No table and no interrupted stage: the images are not a crash's leftovers
+def test_deleted_manifest_keeps_the_images_and_the_recorded_pool_is_asked_for(
+    tmp_path: Path,
+) -> None:
+    # No pool and no interrupted stage: the images are not a crash's leftovers
     # but the recorded version's, and the fresh-clone guard says what to do.
     pool, before = _four_image_pool(tmp_path)
-    (pool / POOL_CSV).unlink()
+    for name in (MANIFEST, POOL_CSV):
+        (pool / name).unlink()
     lock = tmp_path / "dvc.lock"
     out = {"path": pool.as_posix(), "md5": "0" * 32 + ".dir", "nfiles": 5}
     lock.write_text(yaml.safe_dump({"stages": {"merge": {"outs": [out]}}}))
     with pytest.raises(PoolError, match="missing from the workspace"):
         open_pool(pool, lock_file=lock)
-    assert snapshot(pool) == {k: v for k, v in before.items() if k != POOL_CSV}
+    assert snapshot(pool) == {k: v for k, v in before.items() if k not in (MANIFEST, POOL_CSV)}
 
 
 def test_a_refused_save_leaves_the_pool_as_it_was(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ runner, in-process) on a real pool folder whose bytes are compared before and af
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,14 +20,15 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from datapool.images import content_hash
-from datapool.pool import CHECKPOINT, POOL_CSV, column_order, write_table
+from datapool.pool import CHECKPOINT, POOL_CSV, column_order, read_pool, write_table
+from datapool.store import MANIFEST, read_rows
 from datapool.tools import tool_env
 from datapool.transaction import save_pool
 from stages.embed import app as embed_app
 from stages.merge import app as merge_app
 from stages.sample import app as sample_app
 
-from ..synthetic import candidate_rows, snapshot
+from ..synthetic import candidate_rows, snapshot, write_unchecked
 
 RUNNER = CliRunner()
 DIM = 4
@@ -128,25 +130,40 @@ def test_more_samples_than_candidates_picks_all_and_says_so(tmp_path: Path, pool
     assert result.exit_code == 0, result.output
     assert "picked 4 of 4" in result.output and "every one" in result.output
     assert _merge(tmp_path, pool).exit_code == 0
-    assert len(pd.read_csv(pool / POOL_CSV)) == 9
+    assert len(read_pool(pool)) == 9  # type: ignore[arg-type]
 
 
-BREAKAGES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], str]] = {
-    "missing column": (lambda t: t.drop(columns=["labels"]), "lacks column(s) labels"),
-    "wrong dimension": (
-        lambda t: t.drop(columns=["embedding_3"]).assign(embedding_4=0.5),
-        "embedding_3 is missing",
-    ),
+def _rewrite(edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[Path], None]:
+    """A breakage that edits the pool's rows and stores them unchecked (a bad tool's write)."""
+
+    def breakage(folder: Path) -> None:
+        table = read_pool(folder)
+        assert table is not None
+        write_unchecked(folder, edit(table))
+
+    return breakage
+
+
+def _manifest_dim(folder: Path) -> None:
+    """The manifest claims one more dimension than the shards hold."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["dim"] += 1
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "missing column": (_rewrite(lambda t: t.drop(columns=["labels"])), "lacks column(s) labels"),
+    "wrong dimension": (_manifest_dim, "holds embeddings of dimension 4, the manifest says 5"),
     "nan embedding": (
-        lambda t: t.assign(embedding_1=[0.1, np.nan, 0.2, 0.3, 0.4]),
+        _rewrite(lambda t: t.assign(embedding_1=np.float32([0.1, np.nan, 0.2, 0.3, 0.4]))),
         "row 2 (filenames='b1_1.png'), column embedding_1",
     ),
     "inf embedding": (
-        lambda t: t.assign(embedding_0=[0.1, 0.1, 0.1, np.inf, 0.1]),
+        _rewrite(lambda t: t.assign(embedding_0=np.float32([0.1, 0.1, 0.1, np.inf, 0.1]))),
         "row 4 (filenames='b1_3.png'), column embedding_0",
     ),
     "duplicate row": (
-        lambda t: pd.concat([t, t.iloc[[2]]], ignore_index=True),
+        _rewrite(lambda t: pd.concat([t, t.iloc[[2]]], ignore_index=True)),
         "row 6 (filenames='b1_2.png') repeats the content_hash",
     ),
 }
@@ -155,8 +172,7 @@ BREAKAGES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], str]] = {
 @pytest.mark.parametrize("case", sorted(BREAKAGES))
 def test_hand_broken_pool_is_refused_and_untouched(tmp_path: Path, pool: Path, case: str) -> None:
     breakage, message = BREAKAGES[case]
-    broken = breakage(pd.read_csv(pool / POOL_CSV, keep_default_na=False))
-    broken.to_csv(pool / POOL_CSV, index=False)
+    breakage(pool)
     before = snapshot(pool)
     candidates, _ = candidate_rows(tmp_path / "inbox", 3, dim=DIM, seed=1, batch="b2", label="x")
     result = _sample(tmp_path, pool, candidates, "--n-samples", "2")
@@ -259,7 +275,7 @@ def test_every_bad_image_is_listed_and_the_run_goes_on(tmp_path: Path) -> None:
     assert set(corrupt) == set(expected)
     for name, reason in expected.items():
         assert reason in corrupt[name], (name, corrupt[name])
-    embedded = pd.read_csv(tmp_path / "out" / "candidates.csv")
+    embedded = read_rows(tmp_path / "out" / "candidates.parquet")
     assert sorted(embedded["filenames"]) == [
         "anim.gif",
         "cmyk.jpg",
@@ -307,7 +323,7 @@ def test_hostile_inbox_entries_are_listed_and_the_run_goes_on(tmp_path: Path) ->
     for name, reason in expected.items():
         assert reason in corrupt[name], (name, corrupt[name])
     assert "5 corrupt" in result.output
-    embedded = pd.read_csv(tmp_path / "out" / "candidates.csv")
+    embedded = read_rows(tmp_path / "out" / "candidates.parquet")
     assert list(embedded["filenames"]) == ["good.png", "good2.png"]
 
 
@@ -392,8 +408,8 @@ def _increment(tmp_path: Path, inbox: Path, pool: Path, *, n: int, train: int = 
         assert embedded.exit_code == 0, embedded.output
     common = [
         *("--pool-dir", str(pool), "--lock-file", str(tmp_path / "dvc.lock")),
-        *("--reembedded-pool", str(out / "pool_reembedded.csv")),
-        *("--candidates", str(out / "candidates.csv")),
+        *("--reembedded-pool", str(out / "pool_reembedded.parquet")),
+        *("--candidates", str(out / "candidates.parquet")),
     ]
     picks = str(tmp_path / "picks.csv")
     sampled = RUNNER.invoke(sample_app, [*common, "--out", picks, "--n-samples", str(n)])

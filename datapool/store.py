@@ -1,0 +1,551 @@
+"""The pool's storage of record: Parquet shards, one per batch, and a manifest.
+
+A pool folder ``pools/NAME/`` holds::
+
+    manifest.json            format, dimension, row count, model ids, the shards in order
+    shards/<batch>.parquet   the rows one batch added, in pick order
+    checkpoint_latest.ckpt   the model that made the embeddings
+    images/<hash><ext>       the pool's own copy of every image
+    datapool_latest.csv      Lightly's layout of every row, *derived* from the shards
+                             (see :func:`write_lightly_csv`); never read back
+
+A shard is a Parquet file: one ``embedding`` column (a fixed-size list of D
+float32, so the vectors load as one ``[rows, D]`` array without parsing text)
+and one column per other field (``filenames``, ``labels``, our
+:data:`~datapool.pool.EXTRA_COLUMNS`, then any user columns, kept as text).
+The same format serves for the candidates ``embed`` writes and the picks
+``sample`` writes (:func:`write_rows` / :func:`read_rows`).
+
+Why shards: a merge writes the new batch's shard and the manifest, and leaves
+every other shard byte for byte as it was, so DVC stores each shard once and a
+version costs the cache what it added, not the whole table again. A shard is
+rewritten exactly when its rows changed (a redo of that batch, a new model
+re-embedding every row), which the manifest tells by a fingerprint of its rows.
+
+In memory a pool is the same wide table as before (``filenames``,
+``embedding_0..D-1``, ``labels``, ours, user columns; one float32 block), so
+the selection and merge code does not care how it was stored. Pools written
+before this layout (only ``datapool_latest.csv``) are still read, and the next
+write migrates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol, cast
+
+import numpy as np
+import pandas as pd
+
+from datapool.atomic import atomic_open
+from datapool.errors import PoolError
+from datapool.pool import (
+    EXTRA_COLUMNS,
+    POOL_CSV,
+    column_order,
+    embedding_columns,
+    embedding_dim,
+)
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FORMAT = "datapool-pool/1"
+EMBEDDING = "embedding"  # the shard column holding the vectors
+_SHARD_NAME = re.compile(r"shards/batch-[0-9a-f]{16}\.parquet")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard as the manifest lists it.
+
+    Attributes:
+        file: path inside the pool folder, ``shards/batch-<16 hex>.parquet``.
+        batch_id: the increment whose rows it holds.
+        rows: its row count.
+        fingerprint: sha256 of its rows' values (see :func:`fingerprint`).
+    """
+
+    file: str
+    batch_id: str
+    rows: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a pool folder holds: ``dim``-long embeddings, ``rows`` rows in ``shards`` order.
+
+    Attributes:
+        dim: embedding length D.
+        rows: total rows (the sum over shards).
+        model_ids: the distinct ``model_id`` values of the rows, sorted.
+        shards: the shards, in the order their rows make up the pool.
+        user_columns: columns beyond ours (a migrated pool's, or an import's), in order.
+        format: :data:`FORMAT`.
+    """
+
+    dim: int
+    rows: int
+    model_ids: list[str]
+    shards: list[Shard]
+    user_columns: list[str] = field(default_factory=list)
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        """The manifest as JSON text (stable key order, one shard per line)."""
+        return json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n"
+
+
+def shard_file(batch_id: str) -> str:
+    """``shards/batch-<first 16 hex of sha256(batch_id)>.parquet``: a file name any batch
+    id maps to safely (ids may be long or hold any character)."""
+    return f"{SHARDS}/batch-{hashlib.sha256(batch_id.encode('utf-8')).hexdigest()[:16]}.parquet"
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest of pool folder ``folder``, validated; None when it has none.
+
+    Raises :class:`PoolError` naming the file and the field at fault.
+    """
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    return parse_manifest(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def parse_manifest(text: str, *, source: str) -> Manifest:
+    """A manifest from its JSON ``text`` (``source`` names it in errors); PoolError if bad."""
+    try:
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+        shards = [Shard(**s) for s in data["shards"]]
+        manifest = Manifest(
+            dim=int(data["dim"]),
+            rows=int(data["rows"]),
+            model_ids=[str(m) for m in data["model_ids"]],
+            shards=shards,
+            user_columns=[str(c) for c in data.get("user_columns", [])],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PoolError(f"{source} is not a datapool manifest: {err}") from err
+    bad = [s.file for s in shards if not _SHARD_NAME.fullmatch(s.file)]
+    if bad:
+        raise PoolError(f"{source}: shard {bad[0]!r} is not a file of the pool's shards/ folder")
+    if sum(s.rows for s in shards) != manifest.rows or manifest.dim < 1:
+        raise PoolError(f"{source}: rows {manifest.rows} is not the sum of its shards' rows")
+    return manifest
+
+
+def pool_exists(folder: Path) -> bool:
+    """True when ``folder`` holds a pool: a manifest, or an older pool's CSV alone."""
+    return (folder / MANIFEST).is_file() or (folder / POOL_CSV).is_file()
+
+
+def row_count(folder: Path) -> int:
+    """Rows of the pool in ``folder`` (0 when there is none), from its manifest if it
+    has one, else by reading an older pool's CSV. Raises :class:`PoolError` if unreadable."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return manifest.rows
+    if not (folder / POOL_CSV).is_file():
+        return 0
+    from datapool.pool import read_pool
+
+    table = read_pool(folder)
+    return 0 if table is None else len(table)
+
+
+# --- rows <-> Parquet -------------------------------------------------------------------------
+
+
+def _arrow() -> Any:
+    """pyarrow and its parquet module, imported on first use (the CLI's import path stays light)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa, pq
+
+
+def to_arrow(table: pd.DataFrame) -> Any:
+    """``table`` (the wide in-memory layout) as a pyarrow Table in the shard layout.
+
+    ``embedding_0..D-1`` become one ``embedding`` column of fixed-size float32
+    lists (absent when the table has none, e.g. picks); text columns stay text,
+    ``pick_rank``/``pick_distance`` stay numbers, and any other column is kept as
+    text (``""`` where empty), as the CSV showed it.
+    """
+    pa, _ = _arrow()
+    dim = embedding_dim(table)
+    embedded = set(embedding_columns(dim))
+    arrays: dict[str, Any] = {}
+    for column in table.columns:
+        name = str(column)
+        if name in embedded:
+            continue
+        values = table[column]
+        if name in ("pick_rank", "pick_distance"):
+            arrays[name] = pa.array(values.to_numpy(), from_pandas=True)
+        else:
+            arrays[name] = pa.array(_as_text(values), type=pa.string())
+    if dim:
+        flat = table[embedding_columns(dim)].to_numpy(dtype=np.float32).reshape(-1)
+        arrays[EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+    return pa.table(arrays)
+
+
+def _as_text(values: pd.Series) -> list[str]:
+    """Each value as the text a CSV cell would hold: str(value), ``""`` for missing ones."""
+    if values.dtype == object and all(isinstance(v, str) for v in values):
+        return list(values)
+    return ["" if _missing(v) else str(v) for v in values]
+
+
+def _missing(value: object) -> bool:
+    try:
+        return bool(pd.isna(cast(Any, value)))
+    except (TypeError, ValueError):  # arrays and the like are values, not gaps
+        return False
+
+
+def from_arrow(arrow: Any, *, source: str, required: Sequence[str]) -> pd.DataFrame:
+    """A shard-layout pyarrow Table back as the wide in-memory table, validated.
+
+    Raises :class:`PoolError` as :func:`check_arrow` does.
+    """
+    check_arrow(arrow, source=source, required=required)
+    return _to_frame(arrow)
+
+
+def check_arrow(arrow: Any, *, source: str, required: Sequence[str]) -> None:
+    """Check a shard-layout table: ``filenames`` and ``required`` exist, the embeddings
+    (if any) are fixed-size float32 and finite, every ``content_hash`` is one.
+
+    Raises :class:`PoolError` naming ``source``, and the first row (1-based) and
+    column at fault.
+    """
+    names = list(arrow.column_names)
+    missing = [c for c in ("filenames", *required) if c not in names]
+    if missing:
+        raise PoolError(f"{source} lacks column(s) {', '.join(missing)}")
+    if EMBEDDING in names:
+        _check_finite(
+            _vectors(arrow.column(EMBEDDING), arrow.num_rows, source=source), arrow, source
+        )
+    if "content_hash" in names:
+        _check_hash_column(arrow, source)
+
+
+def _to_frame(arrow: Any) -> pd.DataFrame:
+    """A checked shard-layout table as the wide layout: filenames, embedding_*, the rest."""
+    names = list(arrow.column_names)
+    frame = pd.DataFrame(
+        {n: arrow.column(n).to_numpy(zero_copy_only=False) for n in names if n != EMBEDDING}
+    )
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = frame[column].astype(object)
+    if EMBEDDING not in names:
+        return frame
+    vectors = _vectors(arrow.column(EMBEDDING), arrow.num_rows, source="")
+    wide = pd.DataFrame(vectors, columns=embedding_columns(vectors.shape[1]), index=frame.index)
+    back = [c for c in frame.columns if c != "filenames"]
+    return pd.concat([frame[["filenames"]], wide, frame[back]], axis=1)
+
+
+def _row_name(arrow: Any, row: int) -> str:
+    return repr(arrow.column("filenames")[row].as_py())
+
+
+def _vectors(column: Any, rows: int, *, source: str) -> np.ndarray:
+    """The ``embedding`` column as float32 ``[rows, D]``; PoolError if it is not one."""
+    pa, _ = _arrow()
+    chunk = column.combine_chunks()
+    if not pa.types.is_fixed_size_list(chunk.type) or not pa.types.is_float32(
+        chunk.type.value_type
+    ):
+        raise PoolError(f"{source}: column {EMBEDDING} is {chunk.type}, not fixed-size float32")
+    if chunk.null_count:
+        row = int(np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0])
+        raise PoolError(f"{source}: row {row + 1} has no embedding")
+    dim = chunk.type.list_size
+    flat = chunk.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(rows, dim)
+
+
+def _check_finite(vectors: np.ndarray, arrow: Any, source: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        row = int(bad[0])
+        column = int(np.flatnonzero(~np.isfinite(vectors[row]))[0])
+        raise PoolError(
+            f"{source}: row {row + 1} (filenames={_row_name(arrow, row)}), column "
+            f"embedding_{column}: {vectors[row, column]!r} is not a finite number"
+        )
+
+
+def _check_hash_column(arrow: Any, source: str) -> None:
+    import pyarrow.compute as pc
+
+    hashes = arrow.column("content_hash")
+    valid = pc.fill_null(pc.match_substring_regex(hashes, r"^[0-9a-f]{64}$"), False)
+    if not pc.all(valid).as_py() and arrow.num_rows:
+        row = int(np.flatnonzero(~valid.to_numpy(zero_copy_only=False))[0])
+        value = hashes[row].as_py()
+        raise PoolError(
+            f"{source}: row {row + 1} (filenames={_row_name(arrow, row)}), column "
+            f"content_hash: {value!r} is not a content hash (the image's sha256 as 64 "
+            "lowercase hex digits)"
+        )
+
+
+def write_rows(table: pd.DataFrame, path: Path) -> None:
+    """Write ``table`` (wide layout, with or without embeddings) to the Parquet file ``path``
+    atomically (temp file, fsync, rename). Deterministic: equal tables give equal bytes."""
+    _, pq = _arrow()
+    arrow = to_arrow(table)
+    with atomic_open(path, "wb") as handle:
+        # No statistics: they add bytes and nothing reads them. zstd keeps text small;
+        # embeddings barely compress but cost little to try.
+        pq.write_table(arrow, handle, compression="zstd", write_statistics=False)
+
+
+class Opener(Protocol):
+    """Anything that opens a file for binary reading: a local folder or an fsspec filesystem."""
+
+    def open(self, path: str, mode: str = "rb") -> IO[bytes]: ...
+
+
+def read_rows(
+    path: Path | str, *, required: Sequence[str] = (), fs: Opener | None = None
+) -> pd.DataFrame:
+    """Read a Parquet file written by :func:`write_rows` (a shard, candidates, picks).
+
+    ``fs`` reads through a filesystem (e.g. ``dvc.api.DVCFileSystem`` at an old
+    revision) instead of the local disk. Raises :class:`PoolError` naming the
+    file when it is missing, not Parquet, or fails validation (:func:`from_arrow`).
+    """
+    _, pq = _arrow()
+    try:
+        if fs is None:
+            arrow = pq.read_table(Path(path))
+        else:
+            with fs.open(str(path), "rb") as handle:
+                arrow = pq.read_table(handle)
+    except FileNotFoundError as err:
+        raise PoolError(f"{path} does not exist") from err
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise PoolError(f"{path} is not a readable Parquet file: {err}") from err
+    return from_arrow(arrow, source=str(path), required=required)
+
+
+# --- a pool folder ----------------------------------------------------------------------------
+
+
+def load_pool(folder: Path, *, overlay: Path | None = None) -> pd.DataFrame | None:
+    """The pool in ``folder``: its rows in manifest order, validated; None if there is none.
+
+    Reads the shards the manifest lists (or, for a pool written before shards
+    existed, its ``datapool_latest.csv``). Checks each shard's row count, batch
+    and dimension against the manifest, and that no image appears twice.
+    ``overlay`` (a staged version, see :mod:`datapool.transaction`) is looked in
+    first for the manifest and each shard. Raises :class:`PoolError` naming the
+    file (and row) at fault.
+    """
+    manifest = read_manifest(overlay) if overlay is not None else None
+    manifest = manifest or read_manifest(folder)
+    if manifest is None:
+        from datapool.pool import read_legacy_pool
+
+        return read_legacy_pool(folder)
+    pa, pq = _arrow()
+    parts = []
+    for shard in manifest.shards:
+        path = folder / shard.file
+        if overlay is not None and (overlay / shard.file).is_file():
+            path = overlay / shard.file
+        try:
+            arrow = pq.read_table(path)
+        except FileNotFoundError:
+            raise PoolError(
+                f"{path} is missing but {folder / MANIFEST} lists it; bring the version back "
+                "with `dvc checkout`"
+            ) from None
+        except (OSError, ValueError) as err:
+            raise PoolError(f"{path} is not a readable Parquet file: {err}") from err
+        _check_shard(arrow, shard, manifest, source=str(path))
+        parts.append(arrow)
+    if not parts:
+        return pd.DataFrame(columns=[*column_order(manifest.dim), *manifest.user_columns])
+    table = _to_frame(pa.concat_tables(parts, promote_options="permissive"))
+    _check_unique(table, folder)
+    return table.reindex(columns=[*column_order(manifest.dim), *manifest.user_columns])
+
+
+def _check_shard(arrow: Any, shard: Shard, manifest: Manifest, *, source: str) -> None:
+    """A shard must hold what the manifest says: its rows, its batch, D-long vectors."""
+    check_arrow(arrow, source=source, required=("labels", *EXTRA_COLUMNS, EMBEDDING))
+    if arrow.num_rows != shard.rows:
+        raise PoolError(f"{source} has {arrow.num_rows} rows, the manifest says {shard.rows}")
+    if arrow.column(EMBEDDING).type.list_size != manifest.dim:
+        raise PoolError(
+            f"{source} holds embeddings of dimension {arrow.column(EMBEDDING).type.list_size}, "
+            f"the manifest says {manifest.dim}"
+        )
+    batches = set(arrow.column("batch_id").unique().to_pylist())
+    if batches - {shard.batch_id}:
+        raise PoolError(f"{source} holds rows of batch(es) other than {shard.batch_id!r}")
+
+
+def _check_unique(table: pd.DataFrame, folder: Path) -> None:
+    repeated = table["content_hash"].duplicated().to_numpy()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        raise PoolError(
+            f"{folder}: row {row + 1} (filenames={table['filenames'].iloc[row]!r}) repeats the "
+            "content_hash of an earlier row; each image may appear once"
+        )
+
+
+def content_hashes(fs: Any, folder: str) -> list[str] | None:
+    """The content hashes of the pool at ``folder`` as seen through ``fs`` (any fsspec-like
+    filesystem with ``exists`` and ``open``, e.g. ``dvc.api.DVCFileSystem`` at a revision).
+
+    Reads only the ``content_hash`` column of each shard (or of an older pool's
+    CSV). None when the folder holds no pool. Raises what ``fs`` raises for data
+    it cannot reach (e.g. not in the DVC cache), and :class:`PoolError` for a bad manifest.
+    """
+    _, pq = _arrow()
+    manifest_path = f"{folder}/{MANIFEST}"
+    if fs.exists(manifest_path):
+        with fs.open(manifest_path, "rb") as handle:
+            manifest = parse_manifest(handle.read().decode("utf-8"), source=manifest_path)
+        hashes: list[str] = []
+        for shard in manifest.shards:
+            with fs.open(f"{folder}/{shard.file}", "rb") as handle:
+                hashes += pq.read_table(handle, columns=["content_hash"]).column(0).to_pylist()
+        return hashes
+    if fs.exists(f"{folder}/{POOL_CSV}"):
+        with fs.open(f"{folder}/{POOL_CSV}", "rb") as handle:
+            column = pd.read_csv(handle, usecols=["content_hash"], dtype=str, keep_default_na=False)
+        return list(column["content_hash"])
+    return None
+
+
+# --- writing a version ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to write a pool version: its manifest and the shards that must be (re)written.
+
+    Attributes:
+        manifest: the new version's manifest.
+        writes: ``{shard file: rows}`` for shards whose rows differ from the old version's
+            (every shard when there was none); shards not listed stay as they are.
+    """
+
+    manifest: Manifest
+    writes: dict[str, pd.DataFrame]
+
+
+def plan_version(table: pd.DataFrame, old: Manifest | None) -> Plan:
+    """Split ``table`` (wide layout, a pool's rows) into one shard per batch, in order of
+    each batch's first row, and list the shards whose content changed since ``old``.
+
+    Rows of a batch that are not contiguous (a migrated pool the user sorted) are
+    gathered behind the batch's first row. A shard is unchanged when its
+    :func:`fingerprint` equals the old manifest's for the same file.
+    """
+    dim = embedding_dim(table)
+    ours = column_order(dim)
+    user = [str(c) for c in table.columns if c not in ours]
+    codes, batches = pd.factorize(table["batch_id"].astype(str), sort=False)
+    if (np.diff(codes) < 0).any():
+        table = table.iloc[np.argsort(codes, kind="stable")].reset_index(drop=True)
+        codes = np.sort(codes, kind="stable")
+    bounds = np.searchsorted(codes, np.arange(len(batches) + 1))
+    before = {s.file: s.fingerprint for s in (old.shards if old else [])}
+    shards, writes = [], {}
+    for i, batch in enumerate(batches):
+        rows = table.iloc[bounds[i] : bounds[i + 1]].reset_index(drop=True)
+        shard = Shard(shard_file(str(batch)), str(batch), len(rows), fingerprint(rows))
+        shards.append(shard)
+        if before.get(shard.file) != shard.fingerprint:
+            writes[shard.file] = rows
+    manifest = Manifest(
+        dim=dim,
+        rows=len(table),
+        model_ids=sorted({str(m) for m in table["model_id"]}),
+        shards=shards,
+        user_columns=user,
+    )
+    return Plan(manifest=manifest, writes=writes)
+
+
+def fingerprint(rows: pd.DataFrame) -> str:
+    """sha256 over a batch's rows: column names, every value and the embeddings' bytes.
+
+    Equal rows give equal fingerprints in any process (pandas' row hash uses a
+    fixed key), so a merge can tell which shards it must write again.
+    """
+    dim = embedding_dim(rows)
+    vectors = rows[embedding_columns(dim)].to_numpy(dtype=np.float32)
+    meta = rows.drop(columns=embedding_columns(dim))
+    text = meta.astype(str) if len(meta) else meta
+    digest = hashlib.sha256("\x1f".join(map(str, rows.columns)).encode("utf-8"))
+    digest.update(pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes())
+    digest.update(np.ascontiguousarray(vectors).tobytes())
+    return digest.hexdigest()
+
+
+def write_lightly_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write ``table`` as Lightly's embeddings CSV plus our columns, atomically.
+
+    Columns: ``filenames, embedding_0..D-1, labels``, ours, then user columns.
+    Written by Arrow's C++ CSV writer (about 10x pandas' ``to_csv`` at 1M x 128);
+    floats in their shortest round-trip form, empty cells for missing values.
+    This file is derived from the shards and never read back by datapool.
+    """
+    import pyarrow.csv as pcsv
+
+    pa, _ = _arrow()
+    dim = embedding_dim(table)
+    ours = column_order(dim)
+    order = [*ours, *(c for c in table.columns if c not in ours)]
+    vectors = table[embedding_columns(dim)].to_numpy(dtype=np.float32)
+    arrow = to_arrow(table.drop(columns=embedding_columns(dim)))
+    columns: dict[str, Any] = {}
+    for name in order:
+        if name in arrow.column_names:
+            columns[name] = arrow.column(name)
+        else:  # embedding_i
+            columns[name] = pa.array(vectors[:, int(name.removeprefix("embedding_"))])
+    with atomic_open(path, "wb") as handle:
+        pcsv.write_csv(pa.table(columns), handle)
+
+
+def read_any(path: Path, *, required: Sequence[str] = ()) -> pd.DataFrame:
+    """Read rows (candidates, picks, a re-embedded pool) by the file's suffix: Parquet
+    (``.parquet``, :func:`read_rows`) or CSV (anything else, as workspaces made by an
+    older datapool still write). Both are validated alike; :class:`PoolError` if bad."""
+    if path.suffix == ".parquet":
+        return read_rows(path, required=required)
+    from datapool.pool import read_table
+
+    return read_table(path, required=required)
+
+
+def write_any(table: pd.DataFrame, path: Path) -> None:
+    """Write rows in the format ``path``'s suffix names (see :func:`read_any`), atomically."""
+    if path.suffix == ".parquet":
+        write_rows(table, path)
+    else:
+        from datapool.pool import write_table
+
+        write_table(table, path)
