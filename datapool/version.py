@@ -43,7 +43,7 @@ rolls back as above and reports one line. Decisions:
   with the file named and what to do.
 
 Test hook: when the environment variable :data:`CRASH_AT` names a point passed
-to :func:`crash_point` (``begun``, ``after-repro``, ``recorded``, ``committed``),
+to :func:`crash_point` (``begun``, ``after-repro``, ``done``, ``recorded``, ``committed``),
 the process kills itself there with SIGKILL, so tests can crash a real command
 at a chosen step. Nothing else reads it.
 """
@@ -420,6 +420,7 @@ class Transaction:
         if self.journal is None:
             raise RuntimeError("done() before begin()")
         self.journal.message = message
+        crash_point("done")
 
     def _end(self, error: BaseException | None) -> None:
         journal = self.journal

@@ -24,8 +24,9 @@ import pytest
 import yaml
 
 from datapool.images import content_hash
+from datapool.layout import PoolPaths, pool_dir
 from datapool.pool import POOL_CSV, embeddings_of, read_pool, read_table, stored_image
-from datapool.revisions import cache_dir, current_record, missing_objects, read_version, record_at
+from datapool.revisions import cache_dir, current_record, missing_objects, record_at
 from datapool.tools import head, run_tool, tool_env
 
 pytestmark = pytest.mark.slow  # four `dvc repro` runs: about two minutes
@@ -54,22 +55,36 @@ def cli(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[s
 
 
 def pool_rows(ws: Path, name: str) -> int:
-    table = read_pool(ws / "pools" / name)
+    table = read_pool(pool_dir(ws, name))
     assert table is not None, f"no pool {name} in {ws}"
     return len(table)
 
 
 def pool_bytes(ws: Path, name: str) -> bytes:
-    return (ws / "pools" / name / POOL_CSV).read_bytes()
+    return (pool_dir(ws, name) / POOL_CSV).read_bytes()
 
 
 def version(ws: Path, rev: str, name: str) -> pd.DataFrame:
-    """The pool ``name`` as revision ``rev`` recorded it, read from the DVC cache."""
-    record = record_at(ws, rev, name)
-    assert record is not None, f"{rev} records no {name}"
-    table = read_version(cache_dir(ws), record.digest)
+    """The pool ``name`` as revision ``rev`` recorded it, read through DVC's API (its
+    table files fetched into a temporary folder, then read by the pool's own reader)."""
+    from dvc.api import DVCFileSystem
+
+    assert record_at(ws, rev, name) is not None, f"{rev} records no {name}"
+    fs = DVCFileSystem(str(ws), rev=rev)
+    folder = PoolPaths(name).folder
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in ("manifest.json", "shards", POOL_CSV):
+            if fs.exists(f"{folder}/{entry}"):
+                target = Path(tmp) / entry
+                fs.get(f"{folder}/{entry}", str(target), recursive=fs.isdir(f"{folder}/{entry}"))
+        table = read_pool(Path(tmp))
     assert table is not None
     return table
+
+
+def cached(ws: Path, digest: str) -> bool:
+    """True when every object of version ``digest`` is in the workspace's DVC cache."""
+    return missing_objects(cache_dir(ws), digest) == []
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +177,7 @@ def test_each_run_is_a_revision_holding_its_pool(story: dict[str, Any]) -> None:
     for key, name in (("v1", "A"), ("v2", "A"), ("vb", "B")):
         record = record_at(ws, story[key], name)
         assert record is not None
-        manifest = cache_dir(ws) / "files" / "md5" / record.digest[:2] / record.digest[2:]
-        assert manifest.is_file()
+        assert cached(ws, record.digest)
     pd.testing.assert_frame_equal(v2.iloc[:12], v1)  # batch 2 appended, batch 1 kept
     assert v2["source"].str.endswith("batch_2").sum() == 12
     assert set(vb["model_id"]).isdisjoint(set(v1["model_id"]))  # seed=1: another model
@@ -185,11 +199,11 @@ def test_switching_pools_parks_the_other_one(story: dict[str, Any]) -> None:
 def test_pools_hold_their_images_by_content(story: dict[str, Any]) -> None:
     ws = story["ws"]
     for name in ("A", "B", "C", "C2"):
-        table = read_pool(ws / "pools" / name)
+        table = read_pool(pool_dir(ws, name))
         assert table is not None
         for _, row in table.iterrows():
             image = stored_image(
-                ws / "pools" / name, content_hash=row["content_hash"], filename=row["filenames"]
+                pool_dir(ws, name), content_hash=row["content_hash"], filename=row["filenames"]
             )
             assert content_hash(image) == row["content_hash"]
 
@@ -236,7 +250,7 @@ def test_combine_refuses_to_mix_models_then_reembeds(story: dict[str, Any]) -> N
     ws = story["ws"]
     assert "never mixed" in story["combine_refused"].stderr
     assert "--reembed" in story["combine_refused"].stderr
-    a, b, c = (read_pool(ws / "pools" / n) for n in ("A", "B", "C"))
+    a, b, c = (read_pool(pool_dir(ws, n)) for n in ("A", "B", "C"))
     assert a is not None and b is not None and c is not None
     assert len(a) == 12  # the restored version
     assert "24 rows combined from A and B" in story["combine"].stdout
@@ -262,7 +276,7 @@ def test_combine_refuses_to_mix_models_then_reembeds(story: dict[str, Any]) -> N
 
 def test_export_and_import_round_trip_through_lightly_csv(story: dict[str, Any]) -> None:
     ws, exported = story["ws"], story["root"] / "exported"
-    c, c2 = read_pool(ws / "pools" / "C"), read_pool(ws / "pools" / "C2")
+    c, c2 = read_pool(pool_dir(ws, "C")), read_pool(pool_dir(ws, "C2"))
     assert c is not None and c2 is not None
     csv = pd.read_csv(exported / "embeddings.csv")
     assert list(csv.columns) == ["filenames", *[f"embedding_{i}" for i in range(64)], "labels"]
@@ -303,13 +317,12 @@ def test_keep_history_false_commits_nothing_and_drops_old_versions(
     assert missing_objects(cache_dir(ws), now.digest) == []
     refused = cli(ws, "restore", "A", story["v1"], ok=False)
     assert "not in the DVC cache" in refused.stderr
-    cache = cache_dir(ws)
     record = record_at(ws, story["v1"], "A")
-    assert record is not None and read_version(cache, record.digest) is None
+    assert record is not None and not cached(ws, record.digest)
     # Other pools' history is untouched.
     for rev, name in ((story["vb"], "B"), (story["vc"], "C")):
         kept = record_at(ws, rev, name)
-        assert kept is not None and read_version(cache, kept.digest) is not None
+        assert kept is not None and cached(ws, kept.digest)
     assert "?" in cli(ws, "history", "A").stdout
 
 
@@ -354,7 +367,7 @@ def test_an_inbox_named_like_a_shell_command_is_just_a_folder(tmp_path: Path, di
     ws = fresh_workspace(tmp_path)
     out = cli(ws, "run", "--input-dir", str(inbox), *FAST)
     assert f"pool my_datapool: 12 rows (+12) after adding from {inbox}" in out.stdout
-    pool = read_pool(ws / "pools" / "my_datapool")
+    pool = read_pool(pool_dir(ws, "my_datapool"))
     assert pool is not None and set(pool["source"]) == {str(inbox)}
     assert not list(tmp_path.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
 

@@ -20,8 +20,9 @@ from typer.testing import CliRunner, Result
 from datapool.cli import app
 from datapool.errors import InputError
 from datapool.exchange import export_pool
+from datapool.layout import LOCK, pool_dir
 from datapool.pool import read_pool
-from datapool.revisions import LOCK, lock_pool, park, parked_paths
+from datapool.revisions import lock_pool, park, parked_paths
 from datapool.settings import load_params
 from datapool.tools import head, run_tool
 from datapool.workspace import (
@@ -278,7 +279,7 @@ def test_a_run_that_fails_after_merge_keeps_the_settings_dvc_lock_records(
     )  # fmt: skip
     refused(result, "dvc repro` failed")
     assert lock_pool((ws / LOCK).read_text()) is not None
-    pool = read_pool(ws / "pools" / "my_datapool")
+    pool = read_pool(pool_dir(ws, "my_datapool"))
     assert pool is not None and len(pool) == 7
     params = load_params((ws / "params.yaml").read_text())
     assert params["stopping_condition"]["n_samples"] == 7
@@ -341,9 +342,9 @@ def test_import_commits_the_new_pools_record_only(ws: Path, tmp_path: Path) -> N
 
 def parked_pool(ws: Path, tmp_path: Path, name: str, seeds: list[int]) -> None:
     """A pool of drawn images (model ``m1``) moved into the workspace and parked."""
-    shutil.rmtree(ws / "pools" / name, ignore_errors=True)
-    (ws / "pools").mkdir(exist_ok=True)
-    shutil.move(make_pool(tmp_path / f"v{len(seeds)}", name, seeds), ws / "pools" / name)
+    shutil.rmtree(pool_dir(ws, name), ignore_errors=True)
+    pool_dir(ws, name).parent.mkdir(exist_ok=True)
+    shutil.move(make_pool(tmp_path / f"v{len(seeds)}", name, seeds), pool_dir(ws, name))
     park(ws, name)
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from datapool.errors import InputError
+from datapool.layout import pool_dir
 from datapool.pool import read_pool
 from datapool.revisions import current_record, record_at
 from datapool.workspace import create_workspace, run_increment, set_params, tool_env
 
-POOL = Path("pools/my_datapool")
+POOL = pool_dir(Path(), "my_datapool")
 FAST = {
     "embed.image_size": 32,
     "embed.num_workers": 0,
