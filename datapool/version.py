@@ -350,6 +350,12 @@ def recover(workspace: Path, *, report: Report = to_stderr) -> str | None:
     if journal is None:
         return None
     what = f"the interrupted `{journal.command}` of pool {journal.pool}"
+    if _dvc_busy(workspace):
+        raise InputError(
+            f"{what} left {workspace / JOURNAL}, and a DVC command still holds the "
+            f"repository's lock in {workspace} (perhaps that command's `dvc repro`, which "
+            "outlives a killed datapool); wait until it ends, then run again"
+        )
     if is_recorded(workspace, journal):
         try:
             done = finish(workspace, journal)
@@ -370,6 +376,22 @@ def recover(workspace: Path, *, report: Report = to_stderr) -> str | None:
         line = f"rolled back {what}: the workspace is at its previous version ({at}){note}"
     report(line)
     return line
+
+
+def _dvc_busy(workspace: Path) -> bool:
+    """True when a DVC command holds the repository's lock. A killed datapool's ``dvc
+    repro`` child keeps running and may still write dvc.lock: deciding before it ends
+    could roll back files it then rewrites. (A probe: the lock is released at once, as
+    rolling back and finishing run DVC commands of their own.)"""
+    from dvc.lock import LockError
+    from dvc.repo import Repo, lock_repo
+
+    with Repo(str(workspace)) as repo:
+        try:
+            with lock_repo(repo):
+                return False
+        except LockError:
+            return True
 
 
 # --- the transaction --------------------------------------------------------------------------

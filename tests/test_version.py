@@ -340,3 +340,34 @@ def test_a_journal_that_cannot_be_read_is_refused_with_its_name(ws: Path) -> Non
 
 def test_recover_with_nothing_to_do_says_so(ws: Path) -> None:
     assert "nothing to do" in cli(ws, "recover")
+
+
+HOLD_DVC_LOCK = """
+import sys
+from dvc.repo import Repo
+with Repo(sys.argv[1]).lock:
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.slow  # DVC retries its lock for a few seconds before giving up
+def test_recovery_waits_while_a_dvc_command_still_runs(ws: Path, tmp_path: Path) -> None:
+    # A killed datapool's `dvc repro` outlives it and may still write dvc.lock:
+    # nothing is decided while DVC's repository lock is held.
+    killed(ws, "import", str(exported_csv(ws, tmp_path)), "--name", "X", crash_at="done")
+    before = state(ws)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_DVC_LOCK, str(ws)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        out = cli(ws, "recover", code=1)
+        assert "a DVC command still holds the repository's lock" in out
+        assert state(ws) == before and read_journal(ws) is not None
+    finally:
+        holder.communicate("")
+    assert "rolled back the interrupted `import` of pool X" in cli(ws, "recover")
