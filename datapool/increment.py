@@ -154,11 +154,11 @@ def new_candidates(candidates: pd.DataFrame, pool: pd.DataFrame | None) -> pd.Da
 
 
 def read_picks(path: Path) -> pd.DataFrame:
-    """Read the picks written by :func:`select_increment` (Parquet, or CSV from older
-    workspaces); PoolError if missing or malformed."""
-    from datapool.store import read_rows
+    """Read the picks written by :func:`select_increment` (an Arrow file, or CSV from
+    older workspaces); PoolError if missing or malformed."""
+    from datapool.store import SUFFIX, read_rows
 
-    if path.suffix == ".parquet":
+    if path.suffix == SUFFIX:
         picks = read_rows(path)
     else:
         try:

@@ -48,17 +48,17 @@ class PoolPaths:
     @property
     def candidates(self) -> str:
         """The candidates ``embed`` writes (pool-shard format)."""
-        return f"{self.work}/embed/candidates.parquet"
+        return f"{self.work}/embed/candidates.arrow"
 
     @property
     def reembedded(self) -> str:
         """The pool re-embedded by ``embed`` when its model changed (pool-shard format)."""
-        return f"{self.work}/embed/pool_reembedded.parquet"
+        return f"{self.work}/embed/pool_reembedded.arrow"
 
     @property
     def picks(self) -> str:
         """The picks ``sample`` writes, in pick order."""
-        return f"{self.work}/sample/picks.parquet"
+        return f"{self.work}/sample/picks.arrow"
 
     def at(self, workspace: Path, relative: str) -> Path:
         """``workspace / relative`` for one of the paths above."""

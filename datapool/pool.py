@@ -3,7 +3,7 @@
 In memory a pool (or a batch of candidates) is a wide table in Lightly's
 embeddings convention -- ``filenames``, ``embedding_0`` .. ``embedding_{D-1}``,
 ``labels`` -- followed by our own columns (:data:`EXTRA_COLUMNS`) and any user
-columns. On disk it is stored as Parquet shards (:mod:`datapool.store`); the CSV
+columns. On disk it is stored as Arrow shards (:mod:`datapool.store`); the CSV
 functions here read and write Lightly's CSV (import, export, the derived
 ``datapool_latest.csv``, and pools written before the shards existed, which
 :func:`read_pool` still reads). CSV writes go to a temp file in the same folder

@@ -1,16 +1,17 @@
-"""The pool's storage of record: Parquet shards, one per batch, and a manifest.
+"""The pool's storage of record: Arrow shards, one per batch, and a manifest.
 
 A pool folder ``pools/NAME/`` holds::
 
     manifest.json            format, dimension, row count, model ids, the shards in order
-    shards/<batch>.parquet   the rows one batch added, in pick order
+    shards/<batch>.arrow     the rows one batch added, in pick order
     checkpoint_latest.ckpt   the model that made the embeddings
     images/<hash><ext>       the pool's own copy of every image
     datapool_latest.csv      Lightly's layout of every row, *derived* from the shards
                              (see :func:`write_lightly_csv`); never read back
 
-A shard is a Parquet file: one ``embedding`` column (a fixed-size list of D
-float32, so the vectors load as one ``[rows, D]`` array without parsing text)
+A shard is an Arrow IPC file (Feather v2, uncompressed; ``pd.read_feather``
+opens it): one ``embedding`` column (a fixed-size list of D float32, so the
+vectors load as one ``[rows, D]`` array without parsing text)
 and one column per other field (``filenames``, ``labels``, our
 :data:`~datapool.pool.EXTRA_COLUMNS`, then any user columns, kept as text).
 The same format serves for the candidates ``embed`` writes and the picks
@@ -56,7 +57,8 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 FORMAT = "datapool-pool/1"
 EMBEDDING = "embedding"  # the shard column holding the vectors
-_SHARD_NAME = re.compile(r"shards/batch-[0-9a-f]{16}\.parquet")
+SUFFIX = ".arrow"  # shards, candidates, picks
+_SHARD_NAME = re.compile(r"shards/batch-[0-9a-f]{16}\.arrow")
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Shard:
     """One shard as the manifest lists it.
 
     Attributes:
-        file: path inside the pool folder, ``shards/batch-<16 hex>.parquet``.
+        file: path inside the pool folder, ``shards/batch-<16 hex>.arrow``.
         batch_id: the increment whose rows it holds.
         rows: its row count.
         fingerprint: sha256 of its rows' values (see :func:`fingerprint`).
@@ -102,9 +104,9 @@ class Manifest:
 
 
 def shard_file(batch_id: str) -> str:
-    """``shards/batch-<first 16 hex of sha256(batch_id)>.parquet``: a file name any batch
+    """``shards/batch-<first 16 hex of sha256(batch_id)>.arrow``: a file name any batch
     id maps to safely (ids may be long or hold any character)."""
-    return f"{SHARDS}/batch-{hashlib.sha256(batch_id.encode('utf-8')).hexdigest()[:16]}.parquet"
+    return f"{SHARDS}/batch-{hashlib.sha256(batch_id.encode('utf-8')).hexdigest()[:16]}{SUFFIX}"
 
 
 def read_manifest(folder: Path) -> Manifest | None:
@@ -161,15 +163,14 @@ def row_count(folder: Path) -> int:
     return 0 if table is None else len(table)
 
 
-# --- rows <-> Parquet -------------------------------------------------------------------------
+# --- rows <-> Arrow files -------------------------------------------------------------------------
 
 
 def _arrow() -> Any:
-    """pyarrow and its parquet module, imported on first use (the CLI's import path stays light)."""
+    """pyarrow, imported on first use (the CLI's import path stays light)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    return pa, pq
+    return pa
 
 
 def to_arrow(table: pd.DataFrame) -> Any:
@@ -180,7 +181,7 @@ def to_arrow(table: pd.DataFrame) -> Any:
     ``pick_rank``/``pick_distance`` stay numbers, and any other column is kept as
     text (``""`` where empty), as the CSV showed it.
     """
-    pa, _ = _arrow()
+    pa = _arrow()
     dim = embedding_dim(table)
     embedded = set(embedding_columns(dim))
     arrays: dict[str, Any] = {}
@@ -243,17 +244,22 @@ def check_arrow(arrow: Any, *, source: str, required: Sequence[str]) -> None:
 
 def _to_frame(arrow: Any) -> pd.DataFrame:
     """A checked shard-layout table as the wide layout: filenames, embedding_*, the rest."""
-    names = list(arrow.column_names)
-    frame = pd.DataFrame(
-        {n: arrow.column(n).to_numpy(zero_copy_only=False) for n in names if n != EMBEDDING}
-    )
-    for column in frame.columns:
-        if frame[column].dtype == object:
-            frame[column] = frame[column].astype(object)
-    if EMBEDDING not in names:
+    if EMBEDDING not in arrow.column_names:
+        frame: pd.DataFrame = arrow.to_pandas()
         return frame
     vectors = _vectors(arrow.column(EMBEDDING), arrow.num_rows, source="")
-    wide = pd.DataFrame(vectors, columns=embedding_columns(vectors.shape[1]), index=frame.index)
+    return _assemble(arrow.drop_columns([EMBEDDING]), [vectors])
+
+
+def _assemble(meta: Any, vectors: list[np.ndarray]) -> pd.DataFrame:
+    """The wide layout from the other columns (a pyarrow Table) and the vectors' parts,
+    stacked in order into one writable float32 block (one copy)."""
+    frame: pd.DataFrame = meta.to_pandas()
+    block = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+    # copy=False: the [rows, D] array becomes the frame's one float32 block as it is
+    # (pandas would otherwise transpose-copy it: seconds at 1M x 128).
+    columns = embedding_columns(block.shape[1])
+    wide = pd.DataFrame(block, columns=columns, index=frame.index, copy=False)
     back = [c for c in frame.columns if c != "filenames"]
     return pd.concat([frame[["filenames"]], wide, frame[back]], axis=1)
 
@@ -264,7 +270,7 @@ def _row_name(arrow: Any, row: int) -> str:
 
 def _vectors(column: Any, rows: int, *, source: str) -> np.ndarray:
     """The ``embedding`` column as float32 ``[rows, D]``; PoolError if it is not one."""
-    pa, _ = _arrow()
+    pa = _arrow()
     chunk = column.combine_chunks()
     if not pa.types.is_fixed_size_list(chunk.type) or not pa.types.is_float32(
         chunk.type.value_type
@@ -305,14 +311,18 @@ def _check_hash_column(arrow: Any, source: str) -> None:
 
 
 def write_rows(table: pd.DataFrame, path: Path) -> None:
-    """Write ``table`` (wide layout, with or without embeddings) to the Parquet file ``path``
-    atomically (temp file, fsync, rename). Deterministic: equal tables give equal bytes."""
-    _, pq = _arrow()
+    """Write ``table`` (wide layout, with or without embeddings) to the Arrow IPC file
+    ``path`` atomically (temp file, fsync, rename). Equal tables give equal bytes.
+
+    Decision: Arrow IPC, uncompressed, rather than Parquet. Measured at 1M x 128
+    (docs/BENCHMARKS.md): Parquet decodes float pages at ~150-300 MB/s, 2-4 s for
+    the vectors alone, while an IPC file is read at memory speed (~0.2 s); text
+    columns would compress, but they are a quarter of the bytes.
+    """
+    pa = _arrow()
     arrow = to_arrow(table)
-    with atomic_open(path, "wb") as handle:
-        # No statistics: they add bytes and nothing reads them. zstd keeps text small;
-        # embeddings barely compress but cost little to try.
-        pq.write_table(arrow, handle, compression="zstd", write_statistics=False)
+    with atomic_open(path, "wb") as handle, pa.ipc.new_file(handle, arrow.schema) as writer:
+        writer.write_table(arrow)
 
 
 class Opener(Protocol):
@@ -324,23 +334,20 @@ class Opener(Protocol):
 def read_rows(
     path: Path | str, *, required: Sequence[str] = (), fs: Opener | None = None
 ) -> pd.DataFrame:
-    """Read a Parquet file written by :func:`write_rows` (a shard, candidates, picks).
+    """Read an Arrow file written by :func:`write_rows` (a shard, candidates, picks).
 
     ``fs`` reads through a filesystem (e.g. ``dvc.api.DVCFileSystem`` at an old
     revision) instead of the local disk. Raises :class:`PoolError` naming the
-    file when it is missing, not Parquet, or fails validation (:func:`from_arrow`).
+    file when it is missing, not an Arrow file, or fails validation (:func:`from_arrow`).
     """
-    _, pq = _arrow()
-    try:
-        if fs is None:
-            arrow = pq.read_table(Path(path))
-        else:
+    if fs is None:
+        arrow = _read_shard(Path(path), listed_in=None)
+    else:
+        try:
             with fs.open(str(path), "rb") as handle:
-                arrow = pq.read_table(handle)
-    except FileNotFoundError as err:
-        raise PoolError(f"{path} does not exist") from err
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise PoolError(f"{path} is not a readable Parquet file: {err}") from err
+                arrow = _arrow().ipc.open_file(handle).read_all()
+        except ValueError as err:
+            raise PoolError(f"{path} is not a readable Arrow file: {err}") from err
     return from_arrow(arrow, source=str(path), required=required)
 
 
@@ -363,28 +370,35 @@ def load_pool(folder: Path, *, overlay: Path | None = None) -> pd.DataFrame | No
         from datapool.pool import read_legacy_pool
 
         return read_legacy_pool(folder)
-    pa, pq = _arrow()
-    parts = []
+    pa = _arrow()
+    order = [*column_order(manifest.dim), *manifest.user_columns]
+    metas, vectors = [], []
     for shard in manifest.shards:
         path = folder / shard.file
         if overlay is not None and (overlay / shard.file).is_file():
             path = overlay / shard.file
-        try:
-            arrow = pq.read_table(path)
-        except FileNotFoundError:
-            raise PoolError(
-                f"{path} is missing but {folder / MANIFEST} lists it; bring the version back "
-                "with `dvc checkout`"
-            ) from None
-        except (OSError, ValueError) as err:
-            raise PoolError(f"{path} is not a readable Parquet file: {err}") from err
+        arrow = _read_shard(path, listed_in=folder / MANIFEST)
         _check_shard(arrow, shard, manifest, source=str(path))
-        parts.append(arrow)
-    if not parts:
-        return pd.DataFrame(columns=[*column_order(manifest.dim), *manifest.user_columns])
-    table = _to_frame(pa.concat_tables(parts, promote_options="permissive"))
-    _check_unique(table, folder)
-    return table.reindex(columns=[*column_order(manifest.dim), *manifest.user_columns])
+        vectors.append(_vectors(arrow.column(EMBEDDING), arrow.num_rows, source=str(path)))
+        metas.append(arrow.drop_columns([EMBEDDING]))
+    if not metas:
+        return pd.DataFrame(columns=order)
+    meta = pa.concat_tables(metas, promote_options="permissive")
+    _check_unique(meta, folder)
+    return _assemble(meta, vectors).reindex(columns=order)
+
+
+def _read_shard(path: Path, *, listed_in: Path | None) -> Any:
+    """One Arrow file as a pyarrow Table; PoolError when it is missing or not one."""
+    pa = _arrow()
+    try:
+        with pa.OSFile(str(path), "rb") as handle:
+            return pa.ipc.open_file(handle).read_all()
+    except FileNotFoundError:
+        where = f" but {listed_in} lists it; bring the version back with `dvc checkout`"
+        raise PoolError(f"{path} is missing{where if listed_in else ''}") from None
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise PoolError(f"{path} is not a readable Arrow file: {err}") from err
 
 
 def _check_shard(arrow: Any, shard: Shard, manifest: Manifest, *, source: str) -> None:
@@ -402,14 +416,19 @@ def _check_shard(arrow: Any, shard: Shard, manifest: Manifest, *, source: str) -
         raise PoolError(f"{source} holds rows of batch(es) other than {shard.batch_id!r}")
 
 
-def _check_unique(table: pd.DataFrame, folder: Path) -> None:
-    repeated = table["content_hash"].duplicated().to_numpy()
-    if repeated.any():
-        row = int(np.flatnonzero(repeated)[0])
-        raise PoolError(
-            f"{folder}: row {row + 1} (filenames={table['filenames'].iloc[row]!r}) repeats the "
-            "content_hash of an earlier row; each image may appear once"
-        )
+def _check_unique(meta: Any, folder: Path) -> None:
+    """No content hash twice in the pool (``meta``: its rows as a pyarrow Table)."""
+    import pyarrow.compute as pc
+
+    hashes = meta.column("content_hash")
+    if len(pc.unique(hashes)) == len(hashes):
+        return  # the common case, decided in C++; pandas' duplicated takes ~1 s at 1M rows
+    repeated = hashes.to_pandas().duplicated().to_numpy()
+    row = int(np.flatnonzero(repeated)[0])
+    raise PoolError(
+        f"{folder}: row {row + 1} (filenames={meta.column('filenames')[row].as_py()!r}) "
+        "repeats the content_hash of an earlier row; each image may appear once"
+    )
 
 
 def content_hashes(fs: Any, folder: str) -> list[str] | None:
@@ -420,7 +439,7 @@ def content_hashes(fs: Any, folder: str) -> list[str] | None:
     CSV). None when the folder holds no pool. Raises what ``fs`` raises for data
     it cannot reach (e.g. not in the DVC cache), and :class:`PoolError` for a bad manifest.
     """
-    _, pq = _arrow()
+    pa = _arrow()
     manifest_path = f"{folder}/{MANIFEST}"
     if fs.exists(manifest_path):
         with fs.open(manifest_path, "rb") as handle:
@@ -428,7 +447,8 @@ def content_hashes(fs: Any, folder: str) -> list[str] | None:
         hashes: list[str] = []
         for shard in manifest.shards:
             with fs.open(f"{folder}/{shard.file}", "rb") as handle:
-                hashes += pq.read_table(handle, columns=["content_hash"]).column(0).to_pylist()
+                shard_rows = pa.ipc.open_file(handle).read_all()
+                hashes += shard_rows.column("content_hash").to_pylist()
         return hashes
     if fs.exists(f"{folder}/{POOL_CSV}"):
         with fs.open(f"{folder}/{POOL_CSV}", "rb") as handle:
@@ -497,9 +517,8 @@ def fingerprint(rows: pd.DataFrame) -> str:
     dim = embedding_dim(rows)
     vectors = rows[embedding_columns(dim)].to_numpy(dtype=np.float32)
     meta = rows.drop(columns=embedding_columns(dim))
-    text = meta.astype(str) if len(meta) else meta
     digest = hashlib.sha256("\x1f".join(map(str, rows.columns)).encode("utf-8"))
-    digest.update(pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes())
+    digest.update(pd.util.hash_pandas_object(meta, index=False).to_numpy().tobytes())
     digest.update(np.ascontiguousarray(vectors).tobytes())
     return digest.hexdigest()
 
@@ -514,7 +533,7 @@ def write_lightly_csv(table: pd.DataFrame, path: Path) -> None:
     """
     import pyarrow.csv as pcsv
 
-    pa, _ = _arrow()
+    pa = _arrow()
     dim = embedding_dim(table)
     ours = column_order(dim)
     order = [*ours, *(c for c in table.columns if c not in ours)]
@@ -531,10 +550,10 @@ def write_lightly_csv(table: pd.DataFrame, path: Path) -> None:
 
 
 def read_any(path: Path, *, required: Sequence[str] = ()) -> pd.DataFrame:
-    """Read rows (candidates, picks, a re-embedded pool) by the file's suffix: Parquet
-    (``.parquet``, :func:`read_rows`) or CSV (anything else, as workspaces made by an
+    """Read rows (candidates, picks, a re-embedded pool) by the file's suffix: Arrow
+    (``.arrow``, :func:`read_rows`) or CSV (anything else, as workspaces made by an
     older datapool still write). Both are validated alike; :class:`PoolError` if bad."""
-    if path.suffix == ".parquet":
+    if path.suffix == SUFFIX:
         return read_rows(path, required=required)
     from datapool.pool import read_table
 
@@ -543,7 +562,7 @@ def read_any(path: Path, *, required: Sequence[str] = ()) -> pd.DataFrame:
 
 def write_any(table: pd.DataFrame, path: Path) -> None:
     """Write rows in the format ``path``'s suffix names (see :func:`read_any`), atomically."""
-    if path.suffix == ".parquet":
+    if path.suffix == SUFFIX:
         write_rows(table, path)
     else:
         from datapool.pool import write_table

@@ -76,7 +76,7 @@ class Saved:
         notes = []
         if self.migrated:
             notes.append(
-                f"{pool_dir} migrated from {POOL_CSV} alone to Parquet shards + {MANIFEST} "
+                f"{pool_dir} migrated from {POOL_CSV} alone to Arrow shards + {MANIFEST} "
                 f"({self.manifest.rows} rows); {POOL_CSV} is now derived from them"
             )
         if not self.csv:

@@ -4,8 +4,8 @@ Uses the pool's checkpoint when the pool exists, else builds the configured
 model (bootstrapped by a short self-supervised run when it has random weights);
 trains it further when embed.train_epochs > 0. If the model is not the one that
 embedded the pool, the pool's stored images are embedded again. Writes to
---out-dir: candidates.parquet (the pool's shard format, datapool.store), model.ckpt,
-corrupt.json, duplicates.json and, when the model changed, pool_reembedded.parquet.
+--out-dir: candidates.arrow (the pool's shard format, datapool.store), model.ckpt,
+corrupt.json, duplicates.json and, when the model changed, pool_reembedded.arrow.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def main(
         )
         batch, model_id, refreshed = done.batch, done.model_id, done.reembedded
         if refreshed is not None:
-            write_rows(refreshed, out_dir / "pool_reembedded.parquet")
+            write_rows(refreshed, out_dir / "pool_reembedded.arrow")
         table = batch.to_table(model_id=model_id, source=str(input_dir))
-        write_rows(table, out_dir / "candidates.parquet")
+        write_rows(table, out_dir / "candidates.arrow")
         for name, listing in (
             ("corrupt.json", batch.corrupt),
             ("duplicates.json", batch.duplicates),

@@ -1,6 +1,6 @@
 """DVC stage `sample`: greedy k-center over the new candidates, conditioned on the pool.
 
-Writes the picks (picks.parquet) -- filenames, content_hash, pick_rank, pick_distance -- in
+Writes the picks (picks.arrow) -- filenames, content_hash, pick_rank, pick_distance -- in
 pick order, so the cut-off can be moved later without re-running selection.
 """
 
@@ -30,10 +30,10 @@ app = typer.Typer(add_completion=False)
 def main(
     candidates: Annotated[
         Path,
-        typer.Option(help="candidates written by embed (.parquet; .csv from older workspaces)"),
+        typer.Option(help="candidates written by embed (.arrow; .csv from older workspaces)"),
     ],
     pool_dir: Annotated[Path, typer.Option(help="the pool folder, pools/NAME")],
-    out: Annotated[Path, typer.Option(help="where the picks go (.parquet, or .csv)")],
+    out: Annotated[Path, typer.Option(help="where the picks go (.arrow, or .csv)")],
     lock_file: Annotated[Path, typer.Option(help="dvc.lock, to detect a pool not yet pulled")],
     reembedded_pool: Annotated[
         Path, typer.Option(help="the pool re-embedded by embed; used instead when it exists")

@@ -128,7 +128,7 @@ def test_create_pool_rejects_a_changed_image_and_leaves_nothing(tmp_path: Path) 
     assert (a / POOL_CSV).is_file()
 
 
-SHARD = r"shards/batch-[0-9a-f]{16}\.parquet"  # how errors name a pool's shard
+SHARD = r"shards/batch-[0-9a-f]{16}\.arrow"  # how errors name a pool's shard
 
 
 def craft_hash(pool_dir: Path, *, row: int, value: str) -> None:

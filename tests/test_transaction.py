@@ -142,7 +142,7 @@ def test_truncated_shard_is_refused_and_no_image_is_deleted(tmp_path: Path) -> N
     shard = pool / manifest.shards[0].file
     shard.write_bytes(shard.read_bytes()[:200])
     (pool / INCOMING).mkdir()  # as a crash leaves it: recovery must validate before sweeping
-    with pytest.raises(PoolError, match=f"{shard.name} is not a readable Parquet.*dvc checkout"):
+    with pytest.raises(PoolError, match=f"{shard.name} is not a readable Arrow file.*dvc checkout"):
         open_pool(pool, lock_file=tmp_path / "dvc.lock")
     assert len(list((pool / IMAGES_DIR).iterdir())) == 4
     changed = {
@@ -179,7 +179,7 @@ def test_unreadable_staged_version_is_refused_and_nothing_is_deleted(tmp_path: P
     staged.parent.mkdir(parents=True)
     staged.write_bytes(b"PAR1 not really")
     (pool / INCOMING / COMPLETE).write_text("done")
-    with pytest.raises(PoolError, match=f"{INCOMING}.*not a readable Parquet"):
+    with pytest.raises(PoolError, match=f"{INCOMING}.*not a readable Arrow file"):
         recover(pool)
     assert {k: v for k, v in snapshot(pool).items() if not k.startswith(INCOMING)} == before
 

@@ -275,7 +275,7 @@ def test_every_bad_image_is_listed_and_the_run_goes_on(tmp_path: Path) -> None:
     assert set(corrupt) == set(expected)
     for name, reason in expected.items():
         assert reason in corrupt[name], (name, corrupt[name])
-    embedded = read_rows(tmp_path / "out" / "candidates.parquet")
+    embedded = read_rows(tmp_path / "out" / "candidates.arrow")
     assert sorted(embedded["filenames"]) == [
         "anim.gif",
         "cmyk.jpg",
@@ -323,7 +323,7 @@ def test_hostile_inbox_entries_are_listed_and_the_run_goes_on(tmp_path: Path) ->
     for name, reason in expected.items():
         assert reason in corrupt[name], (name, corrupt[name])
     assert "5 corrupt" in result.output
-    embedded = read_rows(tmp_path / "out" / "candidates.parquet")
+    embedded = read_rows(tmp_path / "out" / "candidates.arrow")
     assert list(embedded["filenames"]) == ["good.png", "good2.png"]
 
 
@@ -408,8 +408,8 @@ def _increment(tmp_path: Path, inbox: Path, pool: Path, *, n: int, train: int = 
         assert embedded.exit_code == 0, embedded.output
     common = [
         *("--pool-dir", str(pool), "--lock-file", str(tmp_path / "dvc.lock")),
-        *("--reembedded-pool", str(out / "pool_reembedded.parquet")),
-        *("--candidates", str(out / "candidates.parquet")),
+        *("--reembedded-pool", str(out / "pool_reembedded.arrow")),
+        *("--candidates", str(out / "candidates.arrow")),
     ]
     picks = str(tmp_path / "picks.csv")
     sampled = RUNNER.invoke(sample_app, [*common, "--out", picks, "--n-samples", str(n)])
