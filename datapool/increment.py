@@ -4,9 +4,9 @@ Both steps are idempotent per batch: rows of the pool that the current batch
 added earlier are ignored when choosing and replaced when merging, so re-running
 an increment (``dvc repro -f``, a changed stopping condition) redoes it rather
 than stacking a second copy on top. Which rows are "the current batch's" is
-decided by :func:`batch_identity`: only the increment that added the pool's last
-rows can be redone (so the rows' order matters, see there); an inbox identical
-to an earlier one is a new increment. Every other row is kept as the user left
+decided by :func:`batch_identity`: only the latest increment (the one the pool's
+manifest records) can be redone; an inbox identical to an earlier one is a new
+increment. Every other row is kept as the user left
 it: labels they edited, columns they added; a redo keeps those of the rows it
 picks again too.
 """
@@ -65,44 +65,30 @@ def batch_of(candidates: pd.DataFrame) -> str:
     return str(ids[0])
 
 
-def batch_identity(*, content_id: str, pool: pd.DataFrame | None) -> str:
+def batch_identity(*, content_id: str, pool: pd.DataFrame | None, latest: str = "") -> str:
     """The batch id of an increment whose inbox content is named ``content_id``.
 
     An increment's rows are replaced when it runs again, so the id decides what a
-    run may overwrite. ``content_id`` itself when no row of the pool came from
-    that content; the id of the pool's last rows when they did (the same increment
-    run again: ``dvc repro -f``, a changed stopping condition); otherwise, when an
-    earlier increment had identical content, a new id ``content_id-N``, so that
-    increment's rows are left alone and its images not picked then can be now.
+    run may overwrite. The latest increment's id when it had this content (the
+    same increment run again: ``dvc repro -f``, a changed stopping condition);
+    else ``content_id`` itself when no row of the pool came from that content;
+    otherwise, when an earlier increment had identical content, a new id
+    ``content_id-N``, so that increment's rows are left alone and its images not
+    picked then can be now.
 
-    The latest increment is the batch of the pool's last row (``merge`` appends
-    each increment at the end); nothing else records it. Known limitations:
-
-    * An increment that picked nothing leaves no row, so it is never the latest.
-      Inbox X, then an inbox Y that picks nothing, then X again: the third run is
-      a redo of X (X's rows replaced by the same selection, nothing added), not a
-      new increment picking X's remaining images.
-    * Rows reordered by the user (a spreadsheet's sort) make whichever batch ends
-      up last the latest. That batch's inbox run again is then a redo of it: its
-      rows are chosen again conditioned on all other rows, later increments
-      included, so some of them may be swapped for other images of its inbox
-      (labels and columns of rows picked again are kept; the rows dropped remain
-      in the pool's earlier DVC versions). The true latest inbox run through
-      ``embed`` again (``dvc repro -f``) becomes a new increment ``content_id-N``
-      adding its remaining images; a changed stopping condition alone (no new
-      ``embed``) still redoes it. Keep the rows in the order ``merge`` wrote them.
-
-    Recording the latest batch id in the pool folder would lift both, but the
-    record must be written in the same transaction as the table
-    (:func:`datapool.transaction.save_pool`), or a crash between the two leaves
-    a pool that is neither version.
+    ``latest`` is the batch id of the increment that wrote the pool's current
+    version, as its manifest records it (:attr:`datapool.store.Manifest.latest_batch`,
+    written in the same transaction as the rows). It is right even when that
+    increment picked nothing or the rows were reordered. Pools whose manifest
+    does not record one (combined, imported, migrated from the CSV layout) fall
+    back to the batch of the pool's last row, where ``merge`` appends each increment.
     """
-    if pool is None or pool.empty:
-        return content_id
-    same = {str(b) for b in pool["batch_id"].unique() if _content_of(str(b)) == content_id}
-    latest = str(pool["batch_id"].iloc[-1])
-    if latest in same:
+    if not latest and pool is not None and not pool.empty:
+        latest = str(pool["batch_id"].iloc[-1])
+    if latest and _content_of(latest) == content_id:
         return latest
+    ids: list[str] = [] if pool is None else [str(b) for b in pool["batch_id"].unique()]
+    same = {b for b in ids if _content_of(b) == content_id}
     if not same:
         return content_id
     repeats = [int(b.rpartition("-")[2]) if b != content_id else 1 for b in same]

@@ -88,6 +88,9 @@ class Manifest:
         model_ids: the distinct ``model_id`` values of the rows, sorted.
         shards: the shards, in the order their rows make up the pool.
         user_columns: columns beyond ours (a migrated pool's, or an import's), in order.
+        latest_batch: the batch id of the increment that wrote this version (``merge``),
+            even when it added no row; ``""`` when no increment did (combine, import).
+            It decides which increment a run may redo (:func:`datapool.increment.batch_identity`).
         format: :data:`FORMAT`.
     """
 
@@ -96,6 +99,7 @@ class Manifest:
     model_ids: list[str]
     shards: list[Shard]
     user_columns: list[str] = field(default_factory=list)
+    latest_batch: str = ""
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -133,6 +137,7 @@ def parse_manifest(text: str, *, source: str) -> Manifest:
             model_ids=[str(m) for m in data["model_ids"]],
             shards=shards,
             user_columns=[str(c) for c in data.get("user_columns", [])],
+            latest_batch=str(data.get("latest_batch", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise PoolError(f"{source} is not a datapool manifest: {err}") from err
@@ -474,13 +479,14 @@ class Plan:
     writes: dict[str, pd.DataFrame]
 
 
-def plan_version(table: pd.DataFrame, old: Manifest | None) -> Plan:
+def plan_version(table: pd.DataFrame, old: Manifest | None, *, latest_batch: str = "") -> Plan:
     """Split ``table`` (wide layout, a pool's rows) into one shard per batch, in order of
     each batch's first row, and list the shards whose content changed since ``old``.
 
     Rows of a batch that are not contiguous (a migrated pool the user sorted) are
     gathered behind the batch's first row. A shard is unchanged when its
     :func:`fingerprint` equals the old manifest's for the same file.
+    ``latest_batch`` goes into the manifest (see :class:`Manifest`).
     """
     dim = embedding_dim(table)
     ours = column_order(dim)
@@ -504,6 +510,7 @@ def plan_version(table: pd.DataFrame, old: Manifest | None) -> Plan:
         model_ids=sorted({str(m) for m in table["model_id"]}),
         shards=shards,
         user_columns=user,
+        latest_batch=latest_batch,
     )
     return Plan(manifest=manifest, writes=writes)
 

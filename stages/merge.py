@@ -16,6 +16,7 @@ import typer
 from datapool.console import user_errors
 from datapool.increment import (
     CANDIDATE_COLUMNS,
+    batch_of,
     effective_pool,
     image_sources,
     merge_increment,
@@ -59,6 +60,7 @@ def main(
             checkpoint=checkpoint,
             sources=image_sources(table),
             csv_max_rows=csv_max_rows,
+            latest_batch=batch_of(table) if not table.empty else "",
         )
     before = 0 if pool is None else len(pool)
     print(

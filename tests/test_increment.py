@@ -241,13 +241,26 @@ def test_redoing_the_latest_increment_keeps_the_labels_edited_on_it() -> None:
     assert list(plain["labels"]) == ["cat", "cat", "dog-fixed-by-user", "", ""]
 
 
-def test_the_latest_increment_is_the_batch_of_the_last_row_a_known_limitation() -> None:
-    # Pins the limitation batch_identity documents, so that lifting it is a deliberate change.
+def test_the_recorded_latest_increment_decides_what_a_run_may_redo() -> None:
     week1, week2 = pool_table(2, seed=0, batch="aaaa"), pool_table(2, seed=1, batch="bbbb")
-    # Week 3's inbox picked nothing and left no row: week2's inbox again is its redo.
+    in_order = pd.concat([week1, week2], ignore_index=True)
+    # Week 3's inbox (cccc) picked nothing and left no row, but the manifest records it:
+    # week2's inbox again is a new increment, and week 3's again is its redo.
+    assert batch_identity(content_id="bbbb", pool=in_order, latest="cccc") == "bbbb-2"
+    assert batch_identity(content_id="cccc", pool=in_order, latest="cccc") == "cccc"
+    # Rows reordered (week1 last) do not move the latest increment when it is recorded.
+    resorted = pd.concat([week2, week1], ignore_index=True)
+    assert batch_identity(content_id="bbbb", pool=resorted, latest="bbbb") == "bbbb"
+    assert batch_identity(content_id="aaaa", pool=resorted, latest="bbbb") == "aaaa-2"
+    # A first increment that picked nothing is still the latest: running it again redoes it.
+    assert batch_identity(content_id="aaaa", pool=None, latest="aaaa") == "aaaa"
+
+
+def test_without_a_record_the_latest_increment_is_the_batch_of_the_last_row() -> None:
+    # Pools whose manifest records no latest increment (combined, imported, migrated).
+    week1, week2 = pool_table(2, seed=0, batch="aaaa"), pool_table(2, seed=1, batch="bbbb")
     in_order = pd.concat([week1, week2], ignore_index=True)
     assert batch_identity(content_id="bbbb", pool=in_order) == "bbbb"
-    # The user sorted the CSV and week1's rows came last: week1 now counts as the latest.
     resorted = pd.concat([week2, week1], ignore_index=True)
     assert batch_identity(content_id="aaaa", pool=resorted) == "aaaa"
     assert batch_identity(content_id="bbbb", pool=resorted) == "bbbb-2"

@@ -27,6 +27,7 @@ from datapool.errors import PoolError
 from datapool.images import ImageFile
 from datapool.increment import batch_identity
 from datapool.pool import CHECKPOINT, embedding_columns, known_embeddings, stored_image
+from datapool.store import read_manifest
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,8 @@ def embed_increment(
         device=device,
     )
     # The folder's content names the batch, unless an earlier increment had that content.
-    increment_id = batch_identity(content_id=batch.batch_id, pool=current)
+    manifest = read_manifest(pool_dir)
+    latest = manifest.latest_batch if manifest is not None else ""
+    increment_id = batch_identity(content_id=batch.batch_id, pool=current, latest=latest)
     batch = replace(batch, batch_id=increment_id)
     return IncrementEmbeddings(model_id=mid, batch=batch, reembedded=refreshed)
