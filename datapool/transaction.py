@@ -94,7 +94,7 @@ def save_pool(
     checkpoint: Path | None,
     sources: Mapping[str, Path],
     csv_max_rows: int = CSV_MAX_ROWS,
-    latest_batch: str = "",
+    latest_batch: str | None = None,
 ) -> Saved:
     """Make ``table`` (with the model in ``checkpoint``) the pool's current version.
 
@@ -107,11 +107,14 @@ def save_pool(
     ``datapool_latest.csv`` is written when the pool has at most ``csv_max_rows``
     rows (0: never) and removed otherwise, so it never shows an older version.
     ``latest_batch`` is the increment writing this version (``merge``; see
-    :attr:`datapool.store.Manifest.latest_batch`), recorded in the same transaction.
+    :attr:`datapool.store.Manifest.latest_batch`), recorded in the same
+    transaction; None keeps the one recorded now (an edit of rows is no increment).
     """
     recover(pool_dir)
     old = read_manifest(pool_dir) if pool_dir.is_dir() else None
     migrated = old is None and (pool_dir / POOL_CSV).is_file()
+    if latest_batch is None:
+        latest_batch = old.latest_batch if old is not None else ""
     plan = plan_version(table, old, latest_batch=latest_batch)
     csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
     try:

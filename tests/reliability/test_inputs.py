@@ -422,11 +422,13 @@ def _increment(tmp_path: Path, inbox: Path, pool: Path, *, n: int, train: int = 
 
 
 def _edit_pool(pool: Path, edit: Callable[[pd.DataFrame], None]) -> pd.DataFrame:
-    """Change the pool's CSV as a person would, in a spreadsheet; returns the edited table."""
-    table = pd.read_csv(pool / POOL_CSV, dtype=str, keep_default_na=False)
+    """Change the pool's rows as a review would (labels, a column of one's own), through
+    the store; returns the edited table as the derived CSV shows it."""
+    table = read_pool(pool)
+    assert table is not None
     edit(table)
-    table.to_csv(pool / POOL_CSV, index=False)
-    return table
+    save_pool(pool, table, checkpoint=None, sources={})
+    return pd.read_csv(pool / POOL_CSV, dtype=str, keep_default_na=False)
 
 
 @pytest.mark.slow
