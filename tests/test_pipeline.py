@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +19,9 @@ import pytest
 from dvc.repo import Repo
 
 from datapool.embedding.model import build_model, load_checkpoint, model_id
-from datapool.pool import POOL_CSV, read_pool
+from datapool.pool import POOL_CSV, read_pool, write_table
 from datapool.sharing import fetch_all_versions, push_all_versions
+from datapool.store import MANIFEST
 from datapool.workspace import (
     create_workspace,
     git_commit,
@@ -200,3 +201,90 @@ def test_every_version_travels_through_a_remote(grown: Grown, tmp_path: Path) ->
     run_tool(["git", "checkout", "-q", grown.first_rev], cwd=clone, quiet=True)
     run_tool(["dvc", "checkout"], cwd=clone, quiet=True)
     assert (clone / POOL / POOL_CSV).read_bytes() == grown.first_csv
+
+
+def _pool_files(workspace: Path, rev: str) -> dict[str, tuple[str, int]]:
+    """``{path in the pool: (md5, size in bytes)}`` of the pool version commit ``rev``
+    records, read through DVC's public filesystem API (a folder's listing has no sizes,
+    so each file is read)."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(str(workspace), rev=rev)
+    found = fs.find(POOL.as_posix(), detail=True)
+    return {
+        path.removeprefix(f"{POOL.as_posix()}/"): (str(info["md5"]), len(fs.read_bytes(path)))
+        for path, info in found.items()
+    }
+
+
+def test_a_version_stores_only_the_shard_it_added(grown: Grown) -> None:
+    first = _pool_files(grown.ws, grown.first_rev)
+    second = _pool_files(grown.ws, "HEAD")
+    shards = lambda files: {p: v for p, v in files.items() if p.startswith("shards/")}  # noqa: E731
+    # batch_1's shard is byte-identical in both versions, so DVC holds it once.
+    assert shards(first).items() <= shards(second).items()
+    assert len(shards(second)) == len(shards(first)) + 1
+
+
+@pytest.mark.slow
+def test_cache_grows_with_the_rows_each_version_adds(
+    grown: Grown, tmp_path: Path, make_images: Callable[..., Path]
+) -> None:
+    clone = grown.copy(tmp_path)
+    third = make_images("batch_3", {f"shapes/{i}.png": 100 + i for i in range(30)})
+    set_params(clone / "params.yaml", {"input_dir": str(third)})
+    run_increment(clone, name="my_datapool", input_dir="batch_3")
+    revs = [grown.first_rev, rev(clone, "HEAD~1"), rev(clone)]
+    seen: set[str] = set()
+    per_row = []
+    for version in revs:  # each added 12 rows (FAST's n_samples)
+        files = _pool_files(clone, version)
+        new = {md5: size for md5, size in files.values() if md5 not in seen}
+        seen |= set(new)
+        added = {p: size for p, (md5, size) in files.items() if md5 in new}
+        shards = [p for p in added if p.startswith("shards/")]
+        assert len(shards) == 1, (version, shards)  # one new shard, the others reused
+        assert sum(p.startswith("images/") for p in added) == 12  # the new rows' images
+        # Beside those, the small manifest and the derived CSV (a whole-table copy
+        # while the pool is under csv_max_rows), nothing: the model is stored once.
+        assert set(added) - {*shards, *(p for p in added if p.startswith("images/"))} <= {
+            MANIFEST,
+            POOL_CSV,
+            "checkpoint_latest.ckpt" if version == revs[0] else MANIFEST,
+        }
+        per_row.append(added[shards[0]] / 12)
+    assert max(per_row) / min(per_row) < 1.1, per_row  # the same bytes per row added
+
+
+@pytest.mark.slow
+def test_a_pool_of_the_csv_layout_is_migrated_by_its_next_run_and_stays_restorable(
+    grown: Grown,
+    tmp_path: Path,
+    make_images: Callable[..., Path],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    clone = grown.copy(tmp_path)
+    table = read_pool(clone / POOL)
+    assert table is not None
+    # The pool as datapool wrote it before the shards: the CSV alone, recorded by a commit.
+    shutil.rmtree(clone / POOL / "shards")
+    (clone / POOL / MANIFEST).unlink()
+    write_table(table, clone / POOL / POOL_CSV)
+    run_tool(["dvc", "commit", "-f", "merge"], cwd=clone, quiet=True)
+    git_commit(clone, "a pool of the older layout", paths=["dvc.lock"])
+    old_rev, old_csv = rev(clone), (clone / POOL / POOL_CSV).read_bytes()
+    third = make_images("batch_3", {f"shapes/{i}.png": 100 + i for i in range(30)})
+    set_params(clone / "params.yaml", {"input_dir": str(third)})
+    capfd.readouterr()
+    run_increment(clone, name="my_datapool", input_dir="batch_3")
+    assert "migrated from datapool_latest.csv alone to Arrow shards" in capfd.readouterr().out
+    grown_pool = read_pool(clone / POOL)
+    assert grown_pool is not None and len(grown_pool) == 36
+    pd.testing.assert_frame_equal(grown_pool.iloc[:24].reset_index(drop=True), table)
+    # The older version comes back as it was, and is still read.
+    run_tool(["git", "checkout", "-q", old_rev], cwd=clone, quiet=True)
+    run_tool(["dvc", "checkout", "--force"], cwd=clone, quiet=True)
+    assert not (clone / POOL / MANIFEST).exists()
+    assert (clone / POOL / POOL_CSV).read_bytes() == old_csv
+    back = read_pool(clone / POOL)
+    assert back is not None and len(back) == 24
