@@ -31,6 +31,11 @@ from datapool.workspace import (
     tool_env,
 )
 
+# Real `dvc repro` runs with model training: ~90 s in all, so the whole module is in the
+# slow suite (run by .ci/run). The workspace and CLI logic has fast tests on small
+# hand-made workspaces (tests/test_version.py, test_workspace.py, test_revisions.py).
+pytestmark = pytest.mark.slow
+
 POOL = Path("pools/my_datapool")
 # Small and quick, but with the default SimCLR bootstrap of the new pool's model.
 FAST = {
@@ -165,7 +170,6 @@ def test_fresh_clone_without_pull_refuses(grown: Grown, tmp_path: Path) -> None:
     assert not (clone / POOL / POOL_CSV).exists()
 
 
-@pytest.mark.slow
 def test_training_replaces_the_model_and_reembeds_the_whole_pool(
     grown: Grown, tmp_path: Path
 ) -> None:
@@ -185,7 +189,6 @@ def test_training_replaces_the_model_and_reembeds_the_whole_pool(
     )
 
 
-@pytest.mark.slow
 def test_every_version_travels_through_a_remote(grown: Grown, tmp_path: Path) -> None:
     origin = grown.copy(tmp_path)
     run_tool(
@@ -226,7 +229,6 @@ def test_a_version_stores_only_the_shard_it_added(grown: Grown) -> None:
     assert len(shards(second)) == len(shards(first)) + 1
 
 
-@pytest.mark.slow
 def test_cache_grows_with_the_rows_each_version_adds(
     grown: Grown, tmp_path: Path, make_images: Callable[..., Path]
 ) -> None:
@@ -256,7 +258,6 @@ def test_cache_grows_with_the_rows_each_version_adds(
     assert max(per_row) / min(per_row) < 1.1, per_row  # the same bytes per row added
 
 
-@pytest.mark.slow
 def test_a_pool_of_the_csv_layout_is_migrated_by_its_next_run_and_stays_restorable(
     grown: Grown,
     tmp_path: Path,
