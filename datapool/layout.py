@@ -1,10 +1,10 @@
 """Where a workspace keeps things: every path of a pool, named once.
 
 Paths are relative to the workspace (POSIX strings, as git and DVC name them);
-``at(workspace)`` makes them absolute. dvc.yaml spells the same paths through
-``${datapool.name}``; :func:`pipeline_outputs` lists what it declares so a test
-can hold the two together. What lies *inside* a pool folder (manifest, shards,
-images) is :mod:`datapool.store`'s business.
+:meth:`PoolPaths.at` and :func:`pool_dir` make them absolute. dvc.yaml spells
+the same paths through ``${datapool.name}`` (tests/test_layout.py holds the two
+together). What lies *inside* a pool folder (manifest, shards, images) is
+:mod:`datapool.store`'s business.
 """
 
 from __future__ import annotations

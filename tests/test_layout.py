@@ -1,0 +1,33 @@
+"""Every path of a pool is named once: datapool.layout and dvc.yaml agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from datapool.layout import PoolPaths, pool_dir, pool_of_record
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dvc_yaml_uses_the_paths_layout_names() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    paths = PoolPaths("${datapool.name}")
+    commands = " ".join(str(stage["cmd"]) for stage in stages.values())
+    for path in (paths.folder, paths.candidates, paths.picks, paths.reembedded):
+        assert f"'{path}'" in commands, path
+    assert stages["merge"]["outs"] == [{paths.folder: {"persist": True}}]
+    assert paths.picks in stages["sample"]["outs"]
+
+
+def test_paths_of_a_pool() -> None:
+    paths = PoolPaths("cats")
+    assert (paths.folder, paths.record, paths.work) == ("pools/cats", "pools/cats.dvc", "work/cats")
+    assert pool_dir(Path("/ws"), "cats") == Path("/ws/pools/cats")
+    assert [pool_of_record(p) for p in ("pools/cats", "pools/cats.dvc", "pools/a/b", "x/cats")] == [
+        "cats",
+        "cats",
+        None,
+        None,
+    ]
