@@ -212,6 +212,44 @@ def import_command(
     print(f"import: {summary}")
 
 
+@app.command(name="label")
+def label_command(
+    name: Annotated[str, typer.Argument(help="the pool to edit")],
+    edits: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV of edits: a key column and the columns to set (pools/NAME/"
+            "datapool_latest.csv, edited, is one)"
+        ),
+    ],
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="column naming the rows to edit: content_hash or filenames "
+            "(default: content_hash if EDITS has that column, else filenames)"
+        ),
+    ] = None,
+    workspace: Workspace = Path(),
+) -> None:
+    """Set labels and columns of your own from a CSV, recorded as a new revision.
+
+    EDITS names each row to edit by its key and sets `labels` and any column of
+    your own (a new one is added to every row, empty where not given; an empty
+    cell sets ""). datapool's own columns (filenames, embedding_*, content_hash,
+    batch_id, model_id, source, pick_rank, pick_distance) cannot be edited: one
+    is ignored when every cell equals the pool's, refused when one differs. So
+    you can edit pools/NAME/datapool_latest.csv in a spreadsheet and pass it back
+    (it is then written anew from the new version). A key matching no row, or a
+    file name matching several, is refused; nothing is written on a refusal.
+    """
+    from datapool.labels import label_pool
+
+    with user_errors("label"):
+        _checked(workspace, name)
+        done = label_pool(workspace, name, edits, key=key)
+    print(f"label: {done.line()}")
+
+
 @app.command(name="recover")
 def recover_command(workspace: Workspace = Path()) -> None:
     """Finish or roll back a command that was killed midway (every command does this first)."""
