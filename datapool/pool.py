@@ -73,11 +73,16 @@ def read_table(path: Path, *, required: Sequence[str] = EXTRA_COLUMNS) -> pd.Dat
     if not path.is_file():
         raise PoolError(f"{path} does not exist")
     try:
+        # Every column but the numbers is text as written: a user's column of codes
+        # (007, 0123) must not become 7 and 123, least of all when migrated to shards.
+        header = pd.read_csv(path, nrows=0).columns
+        numeric = {"pick_rank", "pick_distance"}
+        text = [c for c in header if not _EMBEDDING.fullmatch(str(c)) and c not in numeric]
         table = pd.read_csv(
             path,
-            dtype={c: str for c in TEXT_COLUMNS},
+            dtype=dict.fromkeys(text, str),
             keep_default_na=False,
-            na_values={c: [] for c in TEXT_COLUMNS},
+            na_values={c: [] for c in text},
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PoolError(f"{path} is not a readable CSV: {err}") from err
@@ -218,10 +223,9 @@ def image_name(content_hash: str, filename: str) -> str:
 
 def image_names(table: pd.DataFrame) -> list[str]:
     """:func:`image_name` of every row of ``table``, in order."""
-    return [
-        image_name(str(h), str(f))
-        for h, f in zip(table["content_hash"], table["filenames"], strict=True)
-    ]
+    # tolist() first: iterating a pandas (Arrow-backed) text column boxes each value slowly.
+    hashes, files = table["content_hash"].tolist(), table["filenames"].tolist()
+    return [image_name(str(h), str(f)) for h, f in zip(hashes, files, strict=True)]
 
 
 def stored_image(pool_dir: Path, *, content_hash: str, filename: str) -> Path:

@@ -55,6 +55,10 @@ from datapool.pool import (
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+# A version being written is staged here and marked COMPLETE (datapool.transaction).
+INCOMING = ".incoming"
+COMPLETE = "COMPLETE"
+FINGERPRINT_KEY = b"datapool.fingerprint"  # a shard's own record of the rows it holds
 FORMAT = "datapool-pool/1"
 EMBEDDING = "embedding"  # the shard column holding the vectors
 SUFFIX = ".arrow"  # shards, candidates, picks
@@ -315,9 +319,11 @@ def _check_hash_column(arrow: Any, source: str) -> None:
         )
 
 
-def write_rows(table: pd.DataFrame, path: Path) -> None:
+def write_rows(table: pd.DataFrame, path: Path, *, fingerprint: str = "") -> None:
     """Write ``table`` (wide layout, with or without embeddings) to the Arrow IPC file
     ``path`` atomically (temp file, fsync, rename). Equal tables give equal bytes.
+    A shard carries its ``fingerprint`` in the file's metadata, so a shard that is
+    not the one its manifest lists (two versions mixed) is caught on reading.
 
     Decision: Arrow IPC, uncompressed, rather than Parquet. Measured at 1M x 128
     (docs/BENCHMARKS.md): Parquet decodes float pages at ~150-300 MB/s, 2-4 s for
@@ -326,6 +332,8 @@ def write_rows(table: pd.DataFrame, path: Path) -> None:
     """
     pa = _arrow()
     arrow = to_arrow(table)
+    if fingerprint:
+        arrow = arrow.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode("ascii")})
     with atomic_open(path, "wb") as handle, pa.ipc.new_file(handle, arrow.schema) as writer:
         writer.write_table(arrow)
 
@@ -369,6 +377,10 @@ def load_pool(folder: Path, *, overlay: Path | None = None) -> pd.DataFrame | No
     first for the manifest and each shard. Raises :class:`PoolError` naming the
     file (and row) at fault.
     """
+    if overlay is None and (folder / INCOMING / COMPLETE).exists():
+        # A version whose write was interrupted after it was complete: what the
+        # next stage's recovery will make of the folder (a reader must not mix the two).
+        overlay = folder / INCOMING
     manifest = read_manifest(overlay) if overlay is not None else None
     manifest = manifest or read_manifest(folder)
     if manifest is None:
@@ -419,6 +431,31 @@ def _check_shard(arrow: Any, shard: Shard, manifest: Manifest, *, source: str) -
     batches = set(arrow.column("batch_id").unique().to_pylist())
     if batches - {shard.batch_id}:
         raise PoolError(f"{source} holds rows of batch(es) other than {shard.batch_id!r}")
+    recorded = (arrow.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode("ascii")
+    if recorded and recorded != shard.fingerprint:
+        raise PoolError(
+            f"{source} holds other rows than the manifest lists (fingerprint "
+            f"{recorded[:12]}, listed {shard.fingerprint[:12]}): the folder mixes two versions"
+        )
+
+
+def check_rows(table: pd.DataFrame, *, source: str) -> None:
+    """Check a table before it is written as a pool: our columns exist, every embedding is
+    finite, every content hash is one and none repeats -- what :func:`load_pool` checks
+    on reading, so a version is never written that no stage could read back.
+    Raises :class:`PoolError` naming ``source`` and the first row at fault.
+    """
+    pa = _arrow()
+    missing = [c for c in ("filenames", "labels", *EXTRA_COLUMNS) if c not in table.columns]
+    if missing or not embedding_dim(table):
+        raise PoolError(f"{source} lacks column(s) {', '.join(missing) or 'embedding_*'}")
+    meta = pa.table(
+        {c: pa.array(table[c].astype(str).tolist()) for c in ("filenames", "content_hash")}
+    )
+    vectors = table[embedding_columns(embedding_dim(table))].to_numpy(dtype=np.float32)
+    _check_finite(vectors, meta, source)
+    _check_hash_column(meta, source)
+    _check_unique(meta, Path(source))
 
 
 def _check_unique(meta: Any, folder: Path) -> None:

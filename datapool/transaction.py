@@ -18,10 +18,12 @@ A pool written before the shards (its CSV alone) is migrated by its next save.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -33,13 +35,17 @@ from datapool.pool import (
     POOL_CSV,
     ensure_pool_present,
     image_names,
+    read_legacy_pool,
     stored_image,
 )
 from datapool.store import (
+    COMPLETE,
+    INCOMING,
     MANIFEST,
     SHARDS,
     Manifest,
     Plan,
+    check_rows,
     load_pool,
     plan_version,
     read_manifest,
@@ -47,8 +53,6 @@ from datapool.store import (
     write_rows,
 )
 
-INCOMING = ".incoming"
-COMPLETE = "COMPLETE"
 # Up to this many rows a pool also gets Lightly's datapool_latest.csv (see README):
 # at 100,000 x 64 it is ~100 MB and ~2 s to write; beyond, every version would add
 # a whole-table copy to the DVC cache, which the shards exist to avoid.
@@ -110,6 +114,7 @@ def save_pool(
     :attr:`datapool.store.Manifest.latest_batch`), recorded in the same
     transaction; None keeps the one recorded now (an edit of rows is no increment).
     """
+    check_rows(table, source=f"the new version of {pool_dir}")  # what a reader would refuse
     recover(pool_dir)
     old = read_manifest(pool_dir) if pool_dir.is_dir() else None
     migrated = old is None and (pool_dir / POOL_CSV).is_file()
@@ -117,12 +122,13 @@ def save_pool(
         latest_batch = old.latest_batch if old is not None else ""
     plan = plan_version(table, old, latest_batch=latest_batch)
     csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
+    names = image_names(table)
     try:
-        _stage(pool_dir, table, plan, checkpoint=checkpoint, sources=sources, csv=csv)
+        _stage(pool_dir, table, plan, names, checkpoint=checkpoint, sources=sources, csv=csv)
     except BaseException:
         recover(pool_dir)  # no COMPLETE mark yet: drops the stage and the images it copied
         raise
-    _apply(pool_dir, table)
+    _apply(pool_dir, table, names=names)
     return Saved(plan.manifest, shards_written=len(plan.writes), csv=csv, migrated=migrated)
 
 
@@ -130,20 +136,22 @@ def _stage(
     pool_dir: Path,
     table: pd.DataFrame,
     plan: Plan,
+    names: list[str],
     *,
     checkpoint: Path | None,
     sources: Mapping[str, Path],
     csv: bool,
 ) -> None:
     """Copy the new images in, write changed shards, manifest, CSV and model to the stage,
-    then mark it COMPLETE."""
+    then mark it COMPLETE (listing the staged shards and whether a CSV belongs to it)."""
     staging = pool_dir / INCOMING
     # The stage exists before the first image is copied, so recovery knows that
     # images no table references, beside an unmarked stage, are its leftovers.
     staging.mkdir(parents=True)
-    _copy_missing_images(pool_dir, table, sources)
+    _copy_missing_images(pool_dir, table, names, sources)
+    fingerprints = {s.file: s.fingerprint for s in plan.manifest.shards}
     for name, rows in plan.writes.items():
-        write_rows(rows, staging / name)
+        write_rows(rows, staging / name, fingerprint=fingerprints[name])
     if csv:
         write_lightly_csv(table, staging / POOL_CSV)
     current = pool_dir / CHECKPOINT
@@ -154,21 +162,34 @@ def _stage(
             handle.write(checkpoint.read_bytes())
     with atomic_open(staging / MANIFEST, "w") as handle:
         handle.write(plan.manifest.to_json())
-    if (staging / SHARDS).is_dir():
-        fsync_dir(staging / SHARDS)
-    fsync_dir(staging)
+    for folder in (staging / SHARDS, pool_dir / IMAGES_DIR, staging):
+        if folder.is_dir():
+            fsync_dir(folder)  # the copied images too: COMPLETE promises the whole version
+    mark = {"csv": csv, "shards": sorted(plan.writes)}
     with atomic_open(staging / COMPLETE, "w") as handle:
-        handle.write("staged version complete; safe to apply\n" if csv else "no-csv\n")
+        handle.write(json.dumps(mark) + "\n")
 
 
-def _copy_missing_images(pool_dir: Path, table: pd.DataFrame, sources: Mapping[str, Path]) -> None:
-    """Copy into ``images/`` each row's image the pool does not hold yet, from ``sources``."""
+def _mark(staging: Path) -> dict[str, Any]:
+    """What a COMPLETE mark says: ``{"csv": bool, "shards": [staged shard files]}``. A mark
+    left by datapool before the shards is plain text: a version with a CSV, no shards."""
+    text = (staging / COMPLETE).read_text(encoding="utf-8")
+    try:
+        mark = json.loads(text)
+    except ValueError:
+        return {"csv": True, "shards": []}
+    return mark if isinstance(mark, dict) else {"csv": True, "shards": []}
+
+
+def _copy_missing_images(
+    pool_dir: Path, table: pd.DataFrame, names: list[str], sources: Mapping[str, Path]
+) -> None:
+    """Copy into ``images/`` each row's image (``names``: :func:`image_names` of the rows)
+    the pool does not hold yet, from ``sources``."""
     folder = pool_dir / IMAGES_DIR
     present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    names = image_names(table)
-    for digest, filename, name in zip(
-        table["content_hash"], table["filenames"], names, strict=True
-    ):
+    hashes, files = table["content_hash"].tolist(), table["filenames"].tolist()
+    for digest, filename, name in zip(hashes, files, names, strict=True):
         if name in present:
             continue
         if str(digest) not in sources:
@@ -208,9 +229,7 @@ def recover(pool_dir: Path) -> pd.DataFrame | None:
     staging = pool_dir / INCOMING
     if (staging / COMPLETE).exists():
         # Roll forward; some staged files may already be in place (killed mid-apply).
-        table = _valid_table(
-            pool_dir, overlay=staging, advice=f"remove {staging} to keep the current version"
-        )
+        table = _staged_version(pool_dir)
         if table is None:
             raise PoolError(f"{staging} is marked complete but holds no version; remove it")
         _apply(pool_dir, table)
@@ -224,6 +243,26 @@ def recover(pool_dir: Path) -> pd.DataFrame | None:
     return table
 
 
+def _staged_version(pool_dir: Path) -> pd.DataFrame | None:
+    """The version a COMPLETE stage makes, validated; PoolError (deleting nothing) if it
+    does not validate, with advice that fits how far its renames got."""
+    staging = pool_dir / INCOMING
+    untouched = all((staging / name).is_file() for name in _mark(staging)["shards"])
+    advice = (
+        f"remove {staging} to keep the current version"
+        if untouched  # no staged shard was renamed over the current version's yet
+        else _checkout_advice(pool_dir)
+    )
+    legacy = not (staging / MANIFEST).exists() and read_manifest(pool_dir) is None
+    if legacy and (staging / POOL_CSV).exists():
+        # Staged by datapool before the shards: the staged CSV is the new version.
+        try:
+            return read_legacy_pool(staging)
+        except PoolError as err:
+            raise PoolError(f"{err}; no pool image was deleted: {advice}") from err
+    return _valid_table(pool_dir, overlay=staging, advice=advice)
+
+
 def _checkout_advice(pool_dir: Path) -> str:
     return (
         f"bring back the recorded version with `dvc checkout {pool_dir.parent.name}/"
@@ -231,9 +270,9 @@ def _checkout_advice(pool_dir: Path) -> str:
     )
 
 
-def _apply(pool_dir: Path, table: pd.DataFrame) -> None:
+def _apply(pool_dir: Path, table: pd.DataFrame, *, names: list[str] | None = None) -> None:
     """Rename the staged files into place (shards, checkpoint, CSV, then the manifest) and
-    sweep by ``table``, the staged rows; idempotent."""
+    sweep by ``table``, the staged rows (``names``: their image names, if known); idempotent."""
     staging = pool_dir / INCOMING
     staged_shards = staging / SHARDS
     if staged_shards.is_dir():
@@ -244,12 +283,12 @@ def _apply(pool_dir: Path, table: pd.DataFrame) -> None:
     for name in (CHECKPOINT, POOL_CSV):
         if (staging / name).exists():
             (staging / name).replace(pool_dir / name)
-    if (staging / COMPLETE).read_text(encoding="utf-8").startswith("no-csv"):
+    if not _mark(staging)["csv"]:
         (pool_dir / POOL_CSV).unlink(missing_ok=True)  # would show an older version
     if (staging / MANIFEST).exists():
         (staging / MANIFEST).replace(pool_dir / MANIFEST)
     fsync_dir(pool_dir)
-    _sweep(pool_dir, table)
+    _sweep(pool_dir, table, names=names)
     shutil.rmtree(staging)
 
 
@@ -261,12 +300,14 @@ def _valid_table(folder: Path, *, advice: str, overlay: Path | None = None) -> p
         raise PoolError(f"{err}; no pool image was deleted: {advice}") from err
 
 
-def _sweep(pool_dir: Path, table: pd.DataFrame | None) -> None:
+def _sweep(pool_dir: Path, table: pd.DataFrame | None, *, names: list[str] | None = None) -> None:
     """Delete stored images the validated ``table`` does not reference (all, for None), and
     shards the current manifest does not list."""
     images = pool_dir / IMAGES_DIR
     if images.is_dir():
-        keep = set(image_names(table)) if table is not None else set()
+        keep: set[str] = set()
+        if table is not None:
+            keep = set(names if names is not None else image_names(table))
         for stale in images.iterdir():
             if stale.name not in keep:
                 stale.unlink()

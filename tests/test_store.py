@@ -258,3 +258,61 @@ def test_write_lightly_csv_is_atomic_and_complete(tmp_path: Path) -> None:
     digest = hashlib.sha256((tmp_path / POOL_CSV).read_bytes()).hexdigest()
     write_lightly_csv(table, tmp_path / POOL_CSV)
     assert hashlib.sha256((tmp_path / POOL_CSV).read_bytes()).hexdigest() == digest
+
+
+def test_a_shard_of_another_version_is_caught_by_its_fingerprint(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    table = batches(3, 2)
+    save(pool, table)
+    manifest = read_manifest(pool)
+    assert manifest is not None
+    older = (pool / manifest.shards[1].file).read_bytes()
+    reembedded = table.assign(embedding_0=table["embedding_0"] * np.float32(0.5), model_id="m2")
+    save(pool, reembedded)
+    (pool / manifest.shards[1].file).write_bytes(older)  # what a half-applied version leaves
+    with pytest.raises(PoolError, match="holds other rows than the manifest lists"):
+        read_pool(pool)
+
+
+def test_a_reader_sees_the_completed_version_not_a_mix(tmp_path: Path) -> None:
+    # A write killed mid-apply, read by export/combine (which do not recover first).
+    from datapool.store import COMPLETE, INCOMING
+
+    pool, scratch = tmp_path / "pool", tmp_path / "scratch"
+    table = batches(3, 2)
+    save(pool, table)
+    shutil.copytree(pool, scratch)
+    reembedded = table.assign(embedding_0=table["embedding_0"] * np.float32(0.5), model_id="m2")
+    save(scratch, reembedded)
+    manifest = read_manifest(scratch)
+    assert manifest is not None
+    (pool / INCOMING / SHARDS).mkdir(parents=True)
+    (scratch / MANIFEST).replace(pool / INCOMING / MANIFEST)
+    first, second = (s.file for s in manifest.shards)
+    (scratch / first).replace(pool / first)  # renamed in already
+    (scratch / second).replace(pool / INCOMING / second)  # still staged
+    (pool / INCOMING / COMPLETE).write_text('{"csv": true, "shards": []}')
+    back = read_pool(pool)
+    assert back is not None and set(back["model_id"]) == {"m2"}
+
+
+def test_a_table_no_reader_would_accept_is_never_written(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    save(pool, batches(3))
+    before = {p: p.read_bytes() for p in pool.rglob("*") if p.is_file()}
+    repeated = pd.concat([batches(3), batches(3).iloc[[1]]], ignore_index=True)
+    with pytest.raises(PoolError, match=r"row 4 .* repeats the content_hash"):
+        save_pool(pool, repeated, checkpoint=None, sources={})
+    broken = batches(3).assign(embedding_2=np.float32([0.1, np.nan, 0.2]))
+    with pytest.raises(PoolError, match=r"row 2 .*embedding_2"):
+        save_pool(pool, broken, checkpoint=None, sources={})
+    assert {p: p.read_bytes() for p in pool.rglob("*") if p.is_file()} == before
+
+
+def test_user_columns_of_an_older_pool_stay_text(tmp_path: Path) -> None:
+    table = batches(3)
+    table["zip"] = ["007", "0123", ""]
+    (tmp_path / "pool").mkdir()
+    write_table(table, tmp_path / "pool" / POOL_CSV)
+    back = read_pool(tmp_path / "pool")
+    assert back is not None and list(back["zip"]) == ["007", "0123", ""]

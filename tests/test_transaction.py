@@ -209,3 +209,24 @@ def test_a_refused_save_leaves_the_pool_as_it_was(tmp_path: Path) -> None:
         save_pool(pool, table, checkpoint=None, sources=sources)
     assert snapshot(pool) == before
     assert not (pool / INCOMING).exists()
+
+
+def test_a_stage_left_by_datapool_before_the_shards_rolls_forward_to_its_csv(
+    tmp_path: Path,
+) -> None:
+    # The older datapool staged datapool_latest.csv and a plain-text COMPLETE mark;
+    # killed mid-apply, then upgraded: the staged CSV is the version to finish.
+    pool, _ = _four_image_pool(tmp_path)
+    table = open_pool(pool, lock_file=tmp_path / "dvc.lock")
+    assert table is not None
+    shutil.rmtree(pool / SHARDS)
+    for name in (MANIFEST, POOL_CSV):
+        (pool / name).unlink()
+    write_table(table.iloc[:2], pool / POOL_CSV)  # the old version: 2 rows
+    (pool / INCOMING).mkdir()
+    write_table(table, pool / INCOMING / POOL_CSV)  # the staged one: all 4
+    (pool / INCOMING / COMPLETE).write_text("staged version complete; safe to apply\n")
+    recovered = recover(pool)
+    assert recovered is not None and len(recovered) == 4
+    assert len(list((pool / IMAGES_DIR).iterdir())) == 4
+    assert not (pool / INCOMING).exists()
