@@ -169,6 +169,13 @@ def read_picks(path: Path) -> pd.DataFrame:
     missing = [c for c in PICK_COLUMNS if c not in picks.columns]
     if missing:
         raise PoolError(f"{path} lacks column(s) {', '.join(missing)}")
+    repeated = picks["content_hash"].duplicated().to_numpy()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        raise PoolError(
+            f"{path}: row {row + 1} (filenames={picks['filenames'].iloc[row]!r}) picks an "
+            "image an earlier row picked; run `dvc repro -f` to sample again"
+        )
     return picks
 
 

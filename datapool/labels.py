@@ -356,9 +356,8 @@ def label_pool(
     records back, the pool's data is checked out again at the recorded version,
     and EDITS.csv, if it lies in the pool folder, gets its bytes back. After a
     kill (SIGKILL) before the version is recorded, the next command rolls the
-    records back (:func:`datapool.version.recover`); the data is checked out again
-    only once recovery does for ``label`` what it does for ``restore`` (pending;
-    tests/test_labels.py has the test, marked xfail).
+    records back (:func:`datapool.version.recover`) and, the pool's manifest having
+    changed since the journal was written, checks the recorded version out again.
     """
     try:
         data = edits.read_bytes()

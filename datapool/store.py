@@ -598,10 +598,16 @@ def read_any(path: Path, *, required: Sequence[str] = ()) -> pd.DataFrame:
     (``.arrow``, :func:`read_rows`) or CSV (anything else, as workspaces made by an
     older datapool still write). Both are validated alike; :class:`PoolError` if bad."""
     if path.suffix == SUFFIX:
-        return read_rows(path, required=required)
-    from datapool.pool import read_table
+        table = read_rows(path, required=required)
+    else:
+        from datapool.pool import read_table
 
-    return read_table(path, required=required)
+        table = read_table(path, required=required)
+    if "content_hash" in required:  # candidates: embed lists each image once
+        pa = _arrow()
+        meta = pa.table({c: pa.array(table[c].tolist()) for c in ("filenames", "content_hash")})
+        _check_unique(meta, path)
+    return table
 
 
 def write_any(table: pd.DataFrame, path: Path) -> None:

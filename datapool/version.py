@@ -157,6 +157,10 @@ class Journal:
         replaced: ``[digest, parked]`` of the pool's record before a run (what
             forgetting drops), or None.
         recorded: True once the change is complete and the version is to be kept.
+        pool_state: sha256 of the pool's manifest (or older CSV) when the transaction
+            began, ``"none"`` without one, ``""`` unknown: a rolled-back run whose merge
+            had already rewritten the pool (DVC had not yet recorded it) checks the
+            recorded version out again, so its rows cannot fold into the next commit.
     """
 
     command: str
@@ -169,6 +173,7 @@ class Journal:
     keep_history: bool = True
     replaced: list[str | bool] | None = None
     recorded: bool = False
+    pool_state: str = ""
     format: str = field(default=JOURNAL_FORMAT)
 
     def saved(self, path: str) -> bytes | None:
@@ -313,8 +318,9 @@ def roll_back(workspace: Path, journal: Journal, *, check_out: bool = False) -> 
     unnamed = current_record(workspace, journal.pool) is None
     if journal.new_folder and unnamed and folder.exists():
         shutil.rmtree(folder)
+    changed = bool(journal.pool_state) and pool_state(workspace, journal.pool) != journal.pool_state
     note = ""
-    if check_out and not unnamed:
+    if (check_out or changed) and not unnamed:
         paths = PoolPaths(journal.pool)
         parked = (workspace / paths.record).is_file()
         try:
@@ -327,6 +333,19 @@ def roll_back(workspace: Path, journal: Journal, *, check_out: bool = False) -> 
             note = f"; its data could not be checked out again ({err}): run `dvc checkout`"
     (workspace / JOURNAL).unlink(missing_ok=True)
     return note
+
+
+def pool_state(workspace: Path, pool: str) -> str:
+    """sha256 of pool ``pool``'s manifest (or, in the older layout, its CSV); ``"none"``
+    when it has neither. Any write of a pool version changes it (the manifest's
+    shards carry fingerprints of their rows)."""
+    import hashlib
+
+    folder = pool_dir(workspace, pool)
+    for name in ("manifest.json", "datapool_latest.csv"):
+        if (folder / name).is_file():
+            return hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return "none"
 
 
 def _put_back(path: Path, data: bytes | None) -> None:
@@ -433,6 +452,7 @@ class Transaction:
             new_folder=not pool_dir(self.workspace, pool).exists(),
             keep_history=keep_history,
             replaced=None if replaced is None else [replaced.digest, replaced.parked],
+            pool_state=pool_state(self.workspace, pool),
         )
         write_journal(self.workspace, self.journal)
         crash_point("begun")
@@ -453,7 +473,9 @@ class Transaction:
             # still propagates (a stage after merge failed, say).
             self.finished = finish(self.workspace, journal)
         else:
-            roll_back(self.workspace, journal)
+            # A restore interrupted in this process (Ctrl-C, a failing checkout) may have
+            # half-rewritten the pool's folder: check it out again, as recovery would.
+            roll_back(self.workspace, journal, check_out=journal.command == "restore")
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from datapool.increment import (
     effective_pool,
     merge_increment,
     new_candidates,
+    read_picks,
     select_increment,
 )
 from datapool.pool import embedding_columns, embeddings_of, read_table, write_table
@@ -264,3 +266,21 @@ def test_without_a_record_the_latest_increment_is_the_batch_of_the_last_row() ->
     resorted = pd.concat([week2, week1], ignore_index=True)
     assert batch_identity(content_id="aaaa", pool=resorted) == "aaaa"
     assert batch_identity(content_id="bbbb", pool=resorted) == "bbbb-2"
+
+
+def test_picks_or_candidates_that_repeat_an_image_are_refused_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    from datapool.store import read_any, write_rows
+
+    picks = pd.DataFrame(
+        {"filenames": ["a.png", "b.png"], "content_hash": ["a" * 64] * 2, "pick_rank": [1, 2]}
+    ).assign(pick_distance=1.0)
+    write_rows(picks, tmp_path / "picks.arrow")
+    with pytest.raises(PoolError, match=r"picks\.arrow: row 2 \(filenames='b.png'\) picks"):
+        read_picks(tmp_path / "picks.arrow")
+    cands = pool_table(3)
+    cands["content_hash"] = [hashlib.sha256(b"x").hexdigest()] * 3
+    write_rows(cands, tmp_path / "candidates.arrow")
+    with pytest.raises(PoolError, match=r"candidates\.arrow: row 2 .* repeats the content_hash"):
+        read_any(tmp_path / "candidates.arrow", required=("content_hash",))

@@ -320,11 +320,6 @@ def test_label_with_keep_history_false_is_not_committed(ws: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs datapool.version to check the pool out when rolling back a `label` "
-    "(as for `restore`); see the report of task C",
-)
 def test_a_label_killed_before_it_is_recorded_leaves_the_recorded_version(ws: Path) -> None:
     before, rev = state(ws), head(ws)
     killed(ws, "label", "A", str(label_first_row(ws, "cat")), crash_at="done")

@@ -27,6 +27,7 @@ from datapool.cli import app
 from datapool.exchange import export_pool
 from datapool.layout import pool_dir
 from datapool.revisions import current_record, history, park, parked_paths, record_at
+from datapool.store import row_count
 from datapool.tools import git_commit, head, run_tool, tool_env
 from datapool.version import CRASH_AT, JOURNAL, read_journal
 from datapool.workspace import create_workspace
@@ -371,3 +372,21 @@ def test_recovery_waits_while_a_dvc_command_still_runs(ws: Path, tmp_path: Path)
     finally:
         holder.communicate("")
     assert "rolled back the interrupted `import` of pool X" in cli(ws, "recover")
+
+
+def test_a_run_rolled_back_after_merge_wrote_the_pool_leaves_the_recorded_version(
+    ws: Path,
+) -> None:
+    # merge wrote the pool, then the stage failed before DVC recorded it (Ctrl-C while
+    # DVC caches, a full disk): the rows must not fold into the next run's commit.
+    cli(ws, *run_args(ws, "in1", "datapool.name=A", "stopping_condition.n_samples=9"))
+    before = state(ws)
+    failing = PIPELINE.replace(
+        "${stopping_condition.n_samples}'", "${stopping_condition.n_samples}' && exit 1"
+    )
+    (ws / "dvc.yaml").write_text(failing)
+    cli(ws, *run_args(ws, "in2"), code=1)
+    (ws / "dvc.yaml").write_text(PIPELINE)
+    assert state(ws) == before  # records and the pool's files as HEAD has them
+    assert row_count(pool_dir(ws, "A")) == 3
+    assert "Data and pipelines are up to date" in run_tool(["dvc", "status"], cwd=ws, quiet=True)
