@@ -287,7 +287,12 @@ def park(workspace: Path, name: str) -> None:
     """Track ``pools/NAME`` by ``pools/NAME.dvc`` (``dvc add``), so it stays versioned
     while the pipeline works on another pool. Raises :class:`PoolError` if it is absent,
     :class:`InputError` if ``dvc add`` fails."""
+    from datapool.transaction import recover  # pandas/pyarrow: not on the CLI's import path
+
     _check_present(workspace, name)
+    # A write of the pool interrupted mid-apply is finished first: `dvc add` would
+    # otherwise record its stage folder, and a mix of two versions, as the pool.
+    recover(pool_dir(workspace, name))
     run_tool(["dvc", "add", PoolPaths(name).folder], cwd=workspace, quiet=True)
 
 

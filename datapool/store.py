@@ -510,10 +510,12 @@ class Plan:
         manifest: the new version's manifest.
         writes: ``{shard file: rows}`` for shards whose rows differ from the old version's
             (every shard when there was none); shards not listed stay as they are.
+        table: the rows in shard order (as :func:`load_pool` will read them back).
     """
 
     manifest: Manifest
     writes: dict[str, pd.DataFrame]
+    table: pd.DataFrame
 
 
 def plan_version(table: pd.DataFrame, old: Manifest | None, *, latest_batch: str = "") -> Plan:
@@ -549,7 +551,7 @@ def plan_version(table: pd.DataFrame, old: Manifest | None, *, latest_batch: str
         user_columns=user,
         latest_batch=latest_batch,
     )
-    return Plan(manifest=manifest, writes=writes)
+    return Plan(manifest=manifest, writes=writes, table=table)
 
 
 def fingerprint(rows: pd.DataFrame) -> str:

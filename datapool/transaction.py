@@ -121,6 +121,7 @@ def save_pool(
     if latest_batch is None:
         latest_batch = old.latest_batch if old is not None else ""
     plan = plan_version(table, old, latest_batch=latest_batch)
+    table = plan.table  # in shard order, so the CSV lists rows as the shards do
     csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
     names = image_names(table)
     try:
