@@ -1,35 +1,49 @@
-"""Baseline of today's pool store (issue 10): read, write, one increment, DVC cache growth.
+"""The pool store of issue 10 (Arrow shards + manifest) against the CSV store it replaced.
 
-Today's store is one CSV, ``pools/NAME/datapool_latest.csv``, written by
-``datapool.pool.write_table`` and read by ``datapool.pool.read_pool``. Every case
-builds a pool table with the real columns (``filenames``, ``embedding_0..D-1``,
-``labels``, ``content_hash`` as 64 hex digits, ``batch_id``, ``model_id``,
-``source``, ``pick_rank``, ``pick_distance``; random unit float32 embeddings)
-and, in one process on the same data, times against named peers:
+A pool folder is ``manifest.json`` + ``shards/batch-<16hex>.arrow`` (one per
+batch) + ``checkpoint_latest.ckpt`` + ``images/<hash><ext>`` + the derived
+``datapool_latest.csv`` (written only up to ``csv_max_rows`` rows), see
+:mod:`datapool.store` and :mod:`datapool.transaction`. The old store was the CSV
+alone (``datapool.pool.write_table`` / ``read_legacy_pool``). Every case builds
+pools with the real columns (64-hex ``content_hash`` = sha256 of the image's
+bytes, ``batch_id``, ``model_id``, ``source``, ``pick_rank``, ``pick_distance``;
+random unit float32 embeddings) and prints ratios against named peers measured
+in the same run. Each timing is repeated (``--repeat``) and the best is shown,
+but a timing that already took over ``--repeat-budget`` seconds is not run
+again (the old CSV write at 100k x 512 takes ~80 s). The load average is
+printed with every case: the 2-core machine is shared, compare within a run.
 
-* ``csv``     -- ``write_table`` / ``read_pool`` + ``embeddings_of`` (today's store)
-* ``npy``     -- float32 ``.npy`` embeddings + the other columns as a small CSV
-* ``parquet`` -- pyarrow, embeddings as one fixed-size-list float32 column
-  (only when pyarrow is importable; ``--pyarrow-path`` appends a folder holding
-  it, e.g. a throw-away venv's site-packages, *after* this venv's packages)
+Cases (``--cases``):
 
-Every write is fsynced (``write_table`` does; the peers go through the same
-``atomic_open``). ``increment`` is one batch's sample + merge with the library's
-own functions (``select_increment`` + ``merge_increment`` on the tables) against
-the same selection (``k_center_greedy``) + ``np.concatenate`` on arrays; the
-pool's read and write come on top (printed as their sum). ``cache`` runs three
-increments through real DVC (a temp git + DVC repo, ``dvc add`` of the pool
-folder, ``git commit``) and prints the bytes each version added to
-``.dvc/cache``, for the CSV, one whole ``.npy`` table, and one ``.npy`` shard
-per batch (what issue 10 proposes). Times drift with the machine's load;
-compare the ratios within one run. No timing is asserted.
+* ``io``        read and write of a pool of ``--rows`` x ``--dims``: the new store
+  (``store.load_pool``; the write of every shard + the manifest, as a first
+  ``save_pool`` does them; and ``write_lightly_csv``, the derived CSV) against the
+  old ``write_table`` / ``read_legacy_pool``, measured only up to ``--csv-up-to``
+  rows ("not measured" above: never extrapolated). Every write is fsynced.
+* ``increment`` one increment, ``select_increment`` + ``merge_increment`` +
+  ``transaction.save_pool`` (the pool's ``load_pool`` before them shown too),
+  ``--inc-picks`` of ``--inc-candidates`` into each of ``--inc-rows`` pools,
+  with one real tiny image file per row in ``images/`` (the new images are
+  copied and sha256-checked by ``save_pool``), with the default ``csv_max_rows``
+  and with 0. Between repeats the pool folder is put back as it was.
+* ``repro``     no-op ``dvc repro`` (and ``dvc status``) in a real workspace
+  (``workspace.create_workspace``) whose pool has ``--repro-rows`` rows: the
+  ``inbox`` stage runs for real on a 3-image inbox, the other stages' outputs
+  are written in place (the pool by ``save_pool``) and recorded by
+  ``dvc commit -f``; the repro that follows has nothing to do but ``inbox``.
+* ``cache``     bytes each version adds to ``.dvc/cache`` over three increments
+  (temp git + DVC repo, ``dvc add pools/demo`` + ``git commit`` per version):
+  shards with ``csv_max_rows=0``, shards with the default, and the old CSV store,
+  each with the same images; the DVC ``.dir`` listing objects shown apart.
 
-Example:
-    python bench/pool_scale.py                                  # 10k, 100k x D 128, 512
-    python bench/pool_scale.py --rows 10000 --dims 128 --skip cache
-    python bench/pool_scale.py --with-1m --dims 128 --skip increment cache
-    python bench/pool_scale.py --pyarrow-path /tmp/pa/lib/python3.11/site-packages
-    python bench/pool_scale.py --cache-rows 20000 --cache-picks 150 --cache-dim 512
+No timing is asserted. Example:
+    python bench/pool_scale.py --cases io --rows 10000 100000 1000000 --dims 128 512
+    python bench/pool_scale.py --cases increment --inc-rows 300 20000 \\
+        --inc-candidates 2000 --inc-picks 200
+    python bench/pool_scale.py --cases increment --inc-rows 1000000 \\
+        --inc-candidates 50000 --inc-picks 10000 --repeat 2
+    python bench/pool_scale.py --cases repro --repro-rows 10000 100000 1000000
+    python bench/pool_scale.py --cases cache --cache-rows 10000 --cache-picks 1000
 """
 
 from __future__ import annotations
@@ -42,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,37 +67,92 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory import measure  # bench/memory.py, beside this script
 
 from datapool.atomic import atomic_open
-from datapool.increment import StoppingCondition, merge_increment, select_increment
+from datapool.increment import (
+    StoppingCondition,
+    image_sources,
+    merge_increment,
+    select_increment,
+)
 from datapool.pool import (
-    EXTRA_COLUMNS,
+    CHECKPOINT,
+    IMAGES_DIR,
     POOL_CSV,
-    TEXT_COLUMNS,
     column_order,
     embedding_dim,
     embeddings_of,
-    read_pool,
+    image_name,
+    read_legacy_pool,
     write_table,
 )
+from datapool.store import MANIFEST, load_pool, plan_version, write_lightly_csv, write_rows
+from datapool.transaction import CSV_MAX_ROWS, save_pool
 
-META_COLUMNS = ("filenames", "labels", *EXTRA_COLUMNS)
 MODEL_ID = "3f2a9c0d1e7b6a54"  # 16 hex digits, as datapool.embedding.model.model_id
+CASES = ("io", "increment", "repro", "cache")
 
 
 # ---------------------------------------------------------------- measuring
 
 
 def load() -> str:
-    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus"
+    return f"load {os.getloadavg()[0]:.2f}/{os.cpu_count()} cpus"
 
 
-def folder_bytes(folder: Path) -> tuple[int, int]:
-    """(bytes, files) of every regular file under ``folder``."""
+def best_of(
+    fn: Callable[[], Any], *, repeat: int, budget: float, reset: Callable[[], None] | None = None
+) -> tuple[Any, float, int, int]:
+    """Run ``fn`` up to ``repeat`` times; (the best run's result, its seconds, its peak RSS
+    rise in bytes, runs). Stops repeating once a run took over ``budget`` s. ``reset``
+    runs between runs (untimed) to put the disk back as the first run found it."""
+    best, mem, runs, out = float("inf"), 0, 0, None
+    while runs < repeat:
+        if runs and reset is not None:
+            reset()
+        got, dt, dm = measure(fn)
+        runs += 1
+        if dt < best:
+            best, mem, out = dt, dm, got
+        if dt > budget:
+            break
+    return out, best, mem, runs
+
+
+def folder_bytes(folder: Path, pattern: str = "*") -> tuple[int, int]:
+    """(bytes, files) of the regular files under ``folder`` whose name matches ``pattern``."""
     total = count = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            total += (Path(root) / name).stat().st_size
+    for path in folder.rglob(pattern):
+        if path.is_file():
+            total += path.stat().st_size
             count += 1
     return total, count
+
+
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+    }
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    """Run git or dvc in ``cwd``; its stdout. Raises CalledProcessError with its output."""
+    done = subprocess.run(cmd, cwd=cwd, env=env(), text=True, capture_output=True)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+    return done.stdout
 
 
 # ---------------------------------------------------------------- data
@@ -98,13 +167,13 @@ def unit_vectors(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
     return x
 
 
-def digests(prefix: str, n: int) -> list[str]:
-    """``n`` distinct sha256 hex digests (64 lowercase hex digits)."""
-    return [hashlib.sha256(f"{prefix}/{i}".encode()).hexdigest() for i in range(n)]
+def image_bytes(batch_id: str, i: int) -> bytes:
+    """The bytes of image ``i`` of a batch (tiny, distinct); its content hash is their sha256."""
+    return f"{batch_id}/{i}\n".encode()
 
 
 def make_rows(
-    n: int, d: int, *, batch: int, rng: np.random.Generator, picked: bool = True
+    n: int, d: int, *, batch: int, rng: np.random.Generator, picked: bool = True, source: str = ""
 ) -> pd.DataFrame:
     """``n`` rows of one batch in the pool's column order (candidates when not ``picked``)."""
     batch_id = hashlib.sha256(f"batch-{batch}".encode()).hexdigest()
@@ -112,297 +181,463 @@ def make_rows(
     data: dict[str, Any] = {
         "filenames": [f"{labels[i % 5]}/img_{batch:03d}_{i:07d}.jpg" for i in range(n)],
         "labels": labels[np.arange(n) % 5],
-        "content_hash": digests(batch_id, n),
+        "content_hash": [hashlib.sha256(image_bytes(batch_id, i)).hexdigest() for i in range(n)],
         "batch_id": batch_id,
         "model_id": MODEL_ID,
-        "source": f"/data/inbox/week{batch:02d}",
+        "source": source or f"/data/inbox/week{batch:02d}",
     }
-    emb = pd.DataFrame(unit_vectors(n, d, rng), columns=[f"embedding_{i}" for i in range(d)])
     if picked:
         data["pick_rank"] = np.arange(1, n + 1)
-        data["pick_distance"] = np.sort(rng.uniform(0.2, 1.4, n).astype(np.float64))[::-1]
+        data["pick_distance"] = np.sort(rng.uniform(0.2, 1.4, n))[::-1]
         order = column_order(d)
     else:
         order = column_order(d, ("content_hash", "batch_id", "model_id", "source"))
-    table = pd.concat([pd.DataFrame(data), emb], axis=1)
-    return table[order]
+    emb = pd.DataFrame(unit_vectors(n, d, rng), columns=order[1 : d + 1], copy=False)
+    return pd.concat([pd.DataFrame(data), emb], axis=1)[order]
 
 
 def make_pool(n: int, d: int, *, batches: int, rng: np.random.Generator) -> pd.DataFrame:
-    """A pool of ``n`` rows added by ``batches`` increments of equal size."""
+    """A pool of ``n`` rows added by ``batches`` increments of (nearly) equal size."""
     sizes = [n // batches + (1 if b < n % batches else 0) for b in range(batches)]
-    parts = [make_rows(s, d, batch=b, rng=rng) for b, s in enumerate(sizes)]
+    parts = [make_rows(s, d, batch=b, rng=rng) for b, s in enumerate(sizes) if s]
     return pd.concat(parts, ignore_index=True)
 
 
-# ---------------------------------------------------------------- stores
+def write_images(table: pd.DataFrame, folder: Path, *, named: str) -> None:
+    """One tiny file per row of ``table`` whose sha256 is the row's ``content_hash``:
+    under ``folder/<filenames>`` (``named="inbox"``) or ``folder/<hash><ext>`` (``"pool"``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if named == "inbox":
+        for label in set(table["labels"]):
+            (folder / str(label)).mkdir(exist_ok=True)
+    for name, digest, batch in zip(
+        table["filenames"], table["content_hash"], table["batch_id"], strict=True
+    ):
+        target = folder / (name if named == "inbox" else image_name(str(digest), str(name)))
+        target.write_bytes(image_bytes(str(batch), _index(str(name))))
 
 
-def csv_write(table: pd.DataFrame, folder: Path) -> None:
-    write_table(table, folder / POOL_CSV)
+def _index(filename: str) -> int:
+    """Row ``i`` of its batch from a filename made by :func:`make_rows` (``…_0000042.jpg``)."""
+    return int(filename.rpartition("_")[2].partition(".")[0])
 
 
-def csv_read(folder: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    table = read_pool(folder)
-    assert table is not None
-    return embeddings_of(table), table
+# ---------------------------------------------------------------- io
 
 
-def npy_write(table: pd.DataFrame, folder: Path) -> None:
-    with atomic_open(folder / "embeddings.npy", "wb") as handle:
-        np.save(handle, embeddings_of(table))
-    with atomic_open(folder / "meta.csv") as handle:
-        table[list(META_COLUMNS)].to_csv(handle, index=False, lineterminator="\n")
+def shards_write(table: pd.DataFrame, folder: Path) -> None:
+    """Every shard + the manifest, as the first ``save_pool`` of a pool writes them."""
+    plan = plan_version(table, None)
+    for name, rows in plan.writes.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write_rows(rows, folder / name)
+    with atomic_open(folder / MANIFEST, "w") as handle:
+        handle.write(plan.manifest.to_json())
 
 
-def npy_read(folder: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    emb = np.load(folder / "embeddings.npy")
-    meta = pd.read_csv(
-        folder / "meta.csv", dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False
-    )
-    return emb, meta
-
-
-def parquet_store(pa: Any, pq: Any) -> tuple[Callable[..., None], Callable[..., Any]]:
-    """Write and read functions for Parquet through pyarrow."""
-
-    def write(table: pd.DataFrame, folder: Path) -> None:
-        emb = embeddings_of(table)
-        flat = pa.array(emb.reshape(-1), type=pa.float32())
-        columns = {c: pa.array(table[c].to_numpy()) for c in META_COLUMNS}
-        columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
-        with atomic_open(folder / "pool.parquet", "wb") as handle:
-            pq.write_table(pa.table(columns), handle)
-
-    def read(folder: Path) -> tuple[np.ndarray, pd.DataFrame]:
-        t = pq.read_table(folder / "pool.parquet")
-        col = t.column("embedding").combine_chunks()
-        emb = col.values.to_numpy(zero_copy_only=False).reshape(len(t), col.type.list_size)
-        return emb, t.drop_columns(["embedding"]).to_pandas()
-
-    return write, read
-
-
-def import_pyarrow(extra: str | None) -> tuple[Any, Any] | None:
-    if extra:
-        sys.path.append(extra)  # after this venv's packages: numpy/pandas stay ours
-    try:
-        import pyarrow as pa  # type: ignore[import-not-found]
-        import pyarrow.parquet as pq  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return pa, pq
-
-
-# ---------------------------------------------------------------- cases
-
-
-def run_io(
-    table: pd.DataFrame, stores: dict[str, tuple[Any, Any]], root: Path
-) -> dict[str, tuple[float, float, int]]:
-    """Write and read ``table`` with every store; print times and ratios to csv."""
+def run_io(table: pd.DataFrame, root: Path, args: argparse.Namespace) -> None:
+    """Write and read ``table`` with the new store and (up to --csv-up-to rows) the old CSV."""
+    n, d = len(table), embedding_dim(table)
     want = embeddings_of(table)
-    n, d = want.shape
-    print(f"\n== io {n:,} x {d}, {load()}")
-    results: dict[str, tuple[float, float, int]] = {}
-    for name, (write, read) in stores.items():
-        folder = root / f"{name}-{n}-{d}"
-        folder.mkdir()
-        _, t_w, m_w = measure(lambda w=write, f=folder: w(table, f))  # type: ignore[misc]
-        size, _ = folder_bytes(folder)
-        (emb, meta), t_r, m_r = measure(lambda r=read, f=folder: r(f))  # type: ignore[misc]
-        exact = np.array_equal(emb, want) and len(meta) == n
-        results[name] = (t_w, t_r, size)
-        csv = results.get("csv")
-        ratio = ""
-        if csv is not None and name != "csv":
-            ratio = f"  vs csv: write {csv[0] / t_w:5.1f}x, read {csv[1] / t_r:5.1f}x faster"
-            ratio += f", {csv[2] / size:4.1f}x smaller"
-        print(
-            f"  {name:8s} {size / 1e6:8.1f} MB  write {t_w:7.2f} s (+{m_w / 1e6:6.0f} MB)"
-            f"  read {t_r:6.2f} s (+{m_r / 1e6:6.0f} MB)  exact {exact}{ratio}"
-        )
-        shutil.rmtree(folder)
-    print(f"  {load()}")
-    return results
+    print(f"\n== io {n:,} x {d} ({load()})")
+    folder = root / f"io-{n}-{d}"
+    folder.mkdir()
+    rep = {"repeat": args.repeat, "budget": args.repeat_budget}
+    _, t_w, m_w, k_w = best_of(lambda: shards_write(table, folder), **rep)
+    size, files = folder_bytes(folder, "*.arrow")
+    got, t_r, m_r, k_r = best_of(lambda: load_pool(folder), **rep)
+    exact = np.array_equal(embeddings_of(got), want) and got["content_hash"].equals(
+        table["content_hash"]
+    )
+    del got
+    _, t_l, _, k_l = best_of(lambda: write_lightly_csv(table, folder / POOL_CSV), **rep)
+    l_size = (folder / POOL_CSV).stat().st_size
+    print(
+        f"  shards   {size / 1e6:8.1f} MB in {files} shards  write {t_w:7.2f} s"
+        f" (+{m_w / 1e6:5.0f} MB, best of {k_w})  load_pool {t_r:6.2f} s"
+        f" (+{m_r / 1e6:5.0f} MB, best of {k_r})"
+        f"  exact {exact}"
+    )
+    print(
+        f"  derived datapool_latest.csv {l_size / 1e6:8.1f} MB  write_lightly_csv {t_l:7.2f} s"
+        f" (best of {k_l})"
+    )
+    shutil.rmtree(folder)
+    if n > args.csv_up_to:
+        print(f"  old csv  not measured (rows > --csv-up-to {args.csv_up_to:,})")
+        return
+    folder.mkdir()
+    _, c_w, cm_w, ck_w = best_of(lambda: write_table(table, folder / POOL_CSV), **rep)
+    c_size = (folder / POOL_CSV).stat().st_size
+    _, c_r, cm_r, ck_r = best_of(lambda: read_legacy_pool(folder), **rep)
+    shutil.rmtree(folder)
+    print(
+        f"  old csv  {c_size / 1e6:8.1f} MB  write_table {c_w:7.2f} s (+{cm_w / 1e6:5.0f} MB, best"
+        f" of {ck_w})  read_legacy_pool {c_r:6.2f} s (+{cm_r / 1e6:5.0f} MB, best of {ck_r})"
+    )
+    print(
+        f"  shards vs old csv: write {c_w / t_w:5.1f}x faster, read {c_r / t_r:5.1f}x faster,"
+        f" {c_size / size:4.1f}x smaller; derived csv write {c_w / t_l:4.1f}x faster"
+        f" than write_table ({load()})"
+    )
 
 
-def run_increment(
-    pool: pd.DataFrame, *, candidates: int, picks: int, seed: int, io: dict[str, float]
+# ---------------------------------------------------------------- increment
+
+
+def build_pool_dir(
+    pool_dir: Path, n: int, d: int, *, args: argparse.Namespace, checkpoint: Path
 ) -> None:
-    """One increment of ``picks`` out of ``candidates`` into ``pool``."""
-    rng = np.random.default_rng(seed + 1)
-    n, d = len(pool), embedding_dim(pool)
-    cands = make_rows(candidates, d, batch=99, rng=rng, picked=False)
-    stop = StoppingCondition(n_samples=picks, min_distance=0.0)
-    print(f"\n== increment {picks:,} of {candidates:,} candidates into {n:,} x {d}, {load()}")
-
-    def ours() -> pd.DataFrame:
-        chosen = select_increment(cands, pool, stop)
-        return merge_increment(pool, cands, chosen, weak_labels=True)
-
-    pool_emb, cand_emb = embeddings_of(pool), embeddings_of(cands)
-    pool_meta = pool[list(META_COLUMNS)]
-
-    def arrays() -> tuple[np.ndarray, pd.DataFrame]:
-        sel = k_center_greedy(cand_emb, pool=pool_emb, n_samples=picks)
-        added = cands.iloc[sel.indices][[c for c in META_COLUMNS if c in cands.columns]]
-        ranks = np.arange(1, len(added) + 1)
-        added = added.assign(pick_rank=ranks, pick_distance=sel.min_distances)
-        meta = pd.concat([pool_meta, added], ignore_index=True)
-        return np.concatenate([pool_emb, cand_emb[sel.indices]]), meta
-
-    from datapool.selection import k_center_greedy
-
-    k_center_greedy(cand_emb[:100], pool=pool_emb[:100], n_samples=10)  # warm up torch
-    merged, t_ours, m_ours = measure(ours)
-    (emb, _), t_arr, m_arr = measure(arrays)
-    same = np.array_equal(embeddings_of(merged), emb)
+    """A pool of ``n`` rows in ``pool_dir`` (batches of ``--batch-rows``), one tiny image per
+    row written in place, recorded by a first ``save_pool`` (default csv_max_rows)."""
+    rng = np.random.default_rng(args.seed)
+    pool = make_pool(n, d, batches=max(1, -(-n // args.batch_rows)), rng=rng)
+    t0 = time.perf_counter()
+    write_images(pool, pool_dir / IMAGES_DIR, named="pool")
+    t1 = time.perf_counter()
+    saved = save_pool(pool_dir, pool, checkpoint=checkpoint, sources={})
+    t2 = time.perf_counter()
     print(
-        f"  csv tables (select_increment + merge_increment) {t_ours:7.2f} s"
-        f" (+{m_ours / 1e6:5.0f} MB)"
-        f"  -> {len(merged):,} rows"
+        f"  (pool {n:,} x {d}: {n:,} images written in {t1 - t0:.1f} s, first save_pool"
+        f" {t2 - t1:.1f} s, {len(saved.manifest.shards)} shards, csv {saved.csv})"
     )
+
+
+class Snapshot:
+    """The pool folder's manifest and derived CSV, to put a pool back after an increment:
+    :meth:`restore` removes the increment's shard and images and rewrites both files."""
+
+    def __init__(self, pool_dir: Path) -> None:
+        self.pool_dir = pool_dir
+        self.files = {
+            name: (pool_dir / name).read_bytes()
+            for name in (MANIFEST, POOL_CSV)
+            if (pool_dir / name).exists()
+        }
+        self.shards = {p.name for p in (pool_dir / "shards").iterdir()}
+
+    def restore(self, added: pd.DataFrame) -> None:
+        for path in (self.pool_dir / "shards").iterdir():
+            if path.name not in self.shards:
+                path.unlink()
+        for digest, name in zip(added["content_hash"], added["filenames"], strict=True):
+            (self.pool_dir / IMAGES_DIR / image_name(str(digest), str(name))).unlink(True)
+        (self.pool_dir / POOL_CSV).unlink(missing_ok=True)
+        for name, data in self.files.items():
+            (self.pool_dir / name).write_bytes(data)
+
+
+def one_increment(
+    pool_dir: Path, cands: pd.DataFrame, stop: StoppingCondition, *, ckpt: Path, csv_max: int
+) -> dict[str, Any]:
+    """load_pool, select_increment, merge_increment, save_pool; seconds of each."""
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    pool = load_pool(pool_dir)
+    t1 = time.perf_counter()
+    picks = select_increment(cands, pool, stop)
+    t2 = time.perf_counter()
+    merged = merge_increment(pool, cands, picks, weak_labels=True)
+    t3 = time.perf_counter()
+    saved = save_pool(
+        pool_dir, merged, checkpoint=ckpt, sources=image_sources(cands), csv_max_rows=csv_max
+    )
+    t4 = time.perf_counter()
+    out.update(read=t1 - t0, select=t2 - t1, merge=t3 - t2, save=t4 - t3, total=t4 - t0)
+    out.update(picks=picks, rows=len(merged), csv=saved.csv, written=saved.shards_written)
+    return out
+
+
+def time_increment(
+    pool_dir: Path,
+    cands: pd.DataFrame,
+    stop: StoppingCondition,
+    *,
+    ckpt: Path,
+    csv_max: int,
+    snap: Snapshot,
+    args: argparse.Namespace,
+) -> float:
+    """Best seconds of :func:`one_increment` (the pool put back between runs); prints steps."""
+    last: dict[str, Any] = {}
+
+    def run() -> dict[str, Any]:
+        last.update(one_increment(pool_dir, cands, stop, ckpt=ckpt, csv_max=csv_max))
+        return dict(last)
+
+    def reset() -> None:
+        snap.restore(last["picks"])
+
+    got, best, mem, runs = best_of(run, repeat=args.repeat, budget=args.repeat_budget, reset=reset)
+    reset()
+    steps = ", ".join(f"{s} {got[s]:.2f}" for s in ("read", "select", "merge", "save"))
     print(
-        f"  npy arrays (k_center_greedy + np.concatenate)    {t_arr:7.2f} s"
-        f" (+{m_arr / 1e6:5.0f} MB)"
-        f"  ratio {t_ours / t_arr:5.1f}x  same rows {same}"
+        f"  csv_max_rows={csv_max:<6d} total {best:7.2f} s ({steps}) +{mem / 1e6:.0f} MB,"
+        f" best of {runs}; csv written {got['csv']}, {got['written']} shard written,"
+        f" -> {got['rows']:,} rows ({load()})"
     )
-    if "csv" in io:
-        total = io["csv"] + t_ours
-        share = t_ours / total
-        print(f"  csv with the pool's read + write: {total:7.2f} s (sample+merge {share:.0%})")
-    print(f"  {load()}")
+    if args.profile:
+        profile(run)
+        reset()
+    return best
 
 
-def run_cache(rows: int, picks: int, d: int, root: Path, seed: int) -> None:
-    """Bytes each version adds to .dvc/cache over three increments, per layout."""
-    print(f"\n== cache: {rows:,} x {d} pool, then 3 increments of {picks:,} rows, {load()}")
-    dvc = str(Path(sys.executable).parent / "dvc")
-    env = {
-        **os.environ,
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "bench",
-        "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-        "GIT_COMMITTER_NAME": "bench",
-        "GIT_COMMITTER_EMAIL": "bench@example.invalid",
-    }
+def run_increment(root: Path, args: argparse.Namespace) -> None:
+    """One increment into each of ``--inc-rows`` pools, with the default csv_max_rows and 0."""
+    d, c, k = args.inc_dim, args.inc_candidates, args.inc_picks
+    stop = StoppingCondition(n_samples=k, min_distance=0.0)
+    ckpt = root / "model.ckpt"
+    ckpt.write_bytes(b"model" * 1000)
+    rng = np.random.default_rng(args.seed + 1)
+    inbox = root / "inc-inbox"
+    cands = make_rows(c, d, batch=10_000, rng=rng, picked=False, source=str(inbox))
+    write_images(cands, inbox, named="inbox")
+    warm = make_rows(50, d, batch=10_001, rng=rng, picked=False)
+    select_increment(warm, None, StoppingCondition(n_samples=5, min_distance=0.0))  # torch
+    totals: dict[tuple[int, int], float] = {}
+    for n in args.inc_rows:
+        print(f"\n== increment: {k:,} picks of {c:,} candidates into {n:,} x {d} ({load()})")
+        pool_dir = root / f"inc-{n}"
+        build_pool_dir(pool_dir, n, d, args=args, checkpoint=ckpt)
+        snap = Snapshot(pool_dir)
+        for csv_max in (CSV_MAX_ROWS, 0):
+            totals[(n, csv_max)] = time_increment(
+                pool_dir, cands, stop, ckpt=ckpt, csv_max=csv_max, snap=snap, args=args
+            )
+        shutil.rmtree(pool_dir)
+    sizes = sorted(args.inc_rows)
+    for csv_max in (CSV_MAX_ROWS, 0):
+        small = totals[(sizes[0], csv_max)]
+        ratios = ", ".join(f"{n:,}: {totals[(n, csv_max)] / small:.2f}x" for n in sizes[1:])
+        if ratios:
+            print(f"  csv_max_rows={csv_max}: vs the {sizes[0]:,}-row pool {ratios}")
 
-    def sh(*cmd: str, cwd: Path) -> None:
-        subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
 
-    def shards_write(table: pd.DataFrame, folder: Path) -> None:
-        for batch, part in table.groupby("batch_id", sort=False):
-            if not (folder / f"{batch}.npy").exists():  # unchanged shards stay the same files
-                npy_write(part, folder / "tmp")
-                (folder / "tmp" / "embeddings.npy").rename(folder / f"{batch}.npy")
-                (folder / "tmp" / "meta.csv").rename(folder / f"{batch}.csv")
-        shutil.rmtree(folder / "tmp", ignore_errors=True)
+def profile(fn: Callable[[], Any]) -> None:
+    """Print the 14 most expensive calls (cumulative) of one run of ``fn``."""
+    import cProfile
+    import io
+    import pstats
 
-    layouts: dict[str, Callable[[pd.DataFrame, Path], None]] = {
-        "csv": csv_write,
-        "npy": npy_write,
-        "npy-shards": shards_write,
-    }
-    for name, write in layouts.items():
-        repo = root / f"repo-{name}"
-        repo.mkdir()
-        sh("git", "init", "-q", cwd=repo)
-        sh(dvc, "init", "-q", cwd=repo)
-        sh("git", "commit", "-qm", "init", cwd=repo)
-        rng = np.random.default_rng(seed + 2)
-        pool = make_pool(rows, d, batches=1, rng=rng)
-        folder = repo / "pools" / "demo"
-        folder.mkdir(parents=True)
-        added: list[int] = []
-        t0 = time.perf_counter()
-        for version in range(4):
-            if version:
-                cands = make_rows(picks, d, batch=version, rng=rng, picked=False)
-                chosen = cands[["filenames", "content_hash"]].assign(
-                    pick_rank=np.arange(1, picks + 1), pick_distance=0.5
-                )
-                pool = merge_increment(pool, cands, chosen, weak_labels=True)
-            write(pool, folder)
-            before, _ = folder_bytes(repo / ".dvc" / "cache")
-            sh(dvc, "add", "-q", "pools/demo", cwd=repo)
-            sh("git", "add", "pools/demo.dvc", "pools/.gitignore", cwd=repo)
-            sh("git", "commit", "-qm", f"v{version}", cwd=repo)
-            after, _ = folder_bytes(repo / ".dvc" / "cache")
-            added.append(after - before)
-        total, objects = folder_bytes(repo / ".dvc" / "cache")
-        steps = ", ".join(f"v{v} +{b / 1e6:.2f} MB" for v, b in enumerate(added))
-        print(
-            f"  {name:10s} {steps}; v3/v2 {added[3] / added[2]:.2f}x; v3 adds "
-            f"{added[3] / added[0] / (picks / rows):.1f}x its rows' share of v0; "
-            f"cache {total / 1e6:.1f} MB in {objects} files ({time.perf_counter() - t0:.0f} s)"
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(14)
+    print("\n".join("    " + line for line in text.getvalue().splitlines() if line.strip()))
+
+
+# ---------------------------------------------------------------- repro
+
+
+def build_workspace(ws: Path, n: int, d: int, root: Path, args: argparse.Namespace) -> float:
+    """A real workspace whose pool has ``n`` rows, every stage recorded in dvc.lock; returns
+    the seconds of ``dvc commit -f`` (DVC hashing the pool's files the first time)."""
+    from datapool.layout import PoolPaths
+    from datapool.workspace import create_workspace, set_params
+
+    create_workspace(ws)
+    rng = np.random.default_rng(args.seed)
+    inbox = root / f"repro-inbox-{n}"
+    cands = make_rows(3, d, batch=10_000, rng=rng, picked=False, source=str(inbox))
+    write_images(cands, inbox, named="inbox")
+    set_params(ws / "params.yaml", {"input_dir": str(inbox)})
+    sh("git", "commit", "-qm", "inbox", "params.yaml", cwd=ws)
+    sh("dvc", "repro", "inbox", cwd=ws)
+    paths = PoolPaths("my_datapool")
+    ckpt = paths.at(ws, paths.work) / "embed" / "model.ckpt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"model" * 1000)
+    write_rows(cands, paths.at(ws, paths.candidates))
+    picks = cands[["filenames", "content_hash"]].assign(pick_rank=[1, 2, 3], pick_distance=1.0)
+    paths.at(ws, paths.picks).parent.mkdir(parents=True, exist_ok=True)
+    write_rows(picks, paths.at(ws, paths.picks))
+    build_pool_dir(paths.at(ws, paths.folder), n, d, args=args, checkpoint=ckpt)
+    t0 = time.perf_counter()
+    sh("dvc", "commit", "-f", cwd=ws)
+    t_commit = time.perf_counter() - t0
+    sh("git", "add", "dvc.lock", "pools/.gitignore", cwd=ws)
+    sh("git", "commit", "-qm", "pool", cwd=ws)
+    return t_commit
+
+
+def run_repro(root: Path, args: argparse.Namespace) -> None:
+    """No-op ``dvc status`` and ``dvc repro`` in a workspace per ``--repro-rows``."""
+    rep = {"repeat": args.repeat, "budget": args.repeat_budget}
+    for n in args.repro_rows:
+        ws = root / f"ws-{n}"
+        print(f"\n== no-op dvc repro, pool of {n:,} rows x {args.repro_dim} ({load()})")
+        t_commit = build_workspace(ws, n, args.repro_dim, root, args)
+        _, t_first, _ = measure(lambda w=ws: sh("dvc", "status", cwd=w))  # type: ignore[misc]
+        status, t_status, _, k_s = best_of(lambda w=ws: sh("dvc", "status", cwd=w), **rep)  # type: ignore[misc]
+        out, t_repro, _, k_r = best_of(lambda w=ws: sh("dvc", "repro", cwd=w), **rep)  # type: ignore[misc]
+        ran = [line for line in out.splitlines() if line.startswith("Running stage")]
+        unchanged = subprocess.run(["git", "diff", "--quiet", "dvc.lock"], cwd=ws).returncode == 0
+        _, t_inbox, _ = measure(
+            lambda w=ws: sh("dvc", "repro", "--single-item", "inbox", cwd=w)  # type: ignore[misc]
         )
+        print(
+            f"  dvc commit -f {t_commit:6.1f} s; dvc status first {t_first:5.2f} s, best"
+            f" {t_status:5.2f} s (of {k_s}); dvc repro {t_repro:5.2f} s (of {k_r});"
+            f" repro of inbox alone {t_inbox:5.2f} s"
+        )
+        print(
+            f"  repro ran {[line.split()[2] for line in ran]}, dvc.lock unchanged {unchanged},"
+            f" status says {status.strip().splitlines()[-1] if status.strip() else '(nothing)'!r}"
+            f" ({load()})"
+        )
+        shutil.rmtree(ws)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def cache_layout(
+    repo: Path, csv_max: int | None, root: Path, args: argparse.Namespace
+) -> list[tuple[int, int, int, int]]:
+    """Four versions (a pool, then three increments) recorded by ``dvc add``; per version
+    (rows added, bytes added to .dvc/cache, of which .dir listings, files added).
+    ``csv_max`` None writes the old store (CSV alone + the same images)."""
+    for cmd in (("git", "init", "-q"), ("dvc", "init", "-q"), ("git", "commit", "-qm", "init")):
+        sh(*cmd, cwd=repo)
+    rng = np.random.default_rng(args.seed + 2)
+    pool = make_pool(args.cache_rows, args.cache_dim, batches=1, rng=rng)
+    folder, cache, ckpt = repo / "pools" / "demo", repo / ".dvc" / "cache", root / "model.ckpt"
+    write_images(pool, folder / IMAGES_DIR, named="pool")
+    ckpt.write_bytes(b"model" * 1000)
+    steps = []
+    for version in range(4):
+        sources: dict[str, Path] = {}
+        added = len(pool)
+        if version:
+            inbox = root / f"cache-inbox-{version}"
+            cands = make_rows(
+                args.cache_picks,
+                args.cache_dim,
+                batch=version,
+                rng=rng,
+                picked=False,
+                source=str(inbox),
+            )
+            write_images(cands, inbox, named="inbox")
+            chosen = cands[["filenames", "content_hash"]].assign(
+                pick_rank=np.arange(1, len(cands) + 1), pick_distance=0.5
+            )
+            pool = merge_increment(pool, cands, chosen, weak_labels=True)
+            sources, added = image_sources(cands), len(cands)
+        if csv_max is None:
+            write_table(pool, folder / POOL_CSV)
+            shutil.copyfile(ckpt, folder / CHECKPOINT)
+            for digest, path in sources.items():
+                shutil.copyfile(path, folder / IMAGES_DIR / image_name(digest, path.name))
+        else:
+            save_pool(folder, pool, checkpoint=ckpt, sources=sources, csv_max_rows=csv_max)
+        before, before_dir = folder_bytes(cache), folder_bytes(cache, "*.dir")
+        sh("dvc", "add", "-q", "pools/demo", cwd=repo)
+        sh("git", "add", "pools/demo.dvc", "pools/.gitignore", cwd=repo)
+        sh("git", "commit", "-qm", f"v{version}", cwd=repo)
+        after, after_dir = folder_bytes(cache), folder_bytes(cache, "*.dir")
+        steps.append(
+            (added, after[0] - before[0], after_dir[0] - before_dir[0], after[1] - before[1])
+        )
+    return steps
+
+
+def run_cache(root: Path, args: argparse.Namespace) -> None:
+    """Bytes per version in .dvc/cache: shards (csv_max_rows 0 and default) vs the old CSV."""
+    rows, picks, d = args.cache_rows, args.cache_picks, args.cache_dim
+    print(f"\n== cache: {rows:,} x {d} pool, then 3 increments of {picks:,} rows ({load()})")
+    layouts = {
+        "shards, csv_max_rows=0": 0,
+        f"shards, csv_max_rows={CSV_MAX_ROWS}": CSV_MAX_ROWS,
+        "old csv store": None,
+    }
+    for name, csv_max in layouts.items():
+        repo = root / "cache-repo"
+        repo.mkdir()
+        t0 = time.perf_counter()
+        steps = cache_layout(repo, csv_max, root, args)
+        total, files = folder_bytes(repo / ".dvc" / "cache")
         shutil.rmtree(repo)
-    print(f"  {load()}")
+        text = "; ".join(
+            f"v{v} +{b / 1e6:.2f} MB (.dir {b_dir / 1e3:.0f} kB, {f} files)"
+            for v, (_, b, b_dir, f) in enumerate(steps)
+        )
+        per_row = ", ".join(f"{b / a:.0f} ({(b - b_dir) / a:.0f})" for a, b, b_dir, _ in steps[1:])
+        growth = steps[3][1] / steps[2][1]
+        print(f"  {name}: {text}")
+        print(
+            f"    bytes per row added (without .dir): v0 {steps[0][1] / steps[0][0]:.0f},"
+            f" v1..v3 {per_row};"
+            f" v3/v2 {growth:.2f}x;"
+            f" cache {total / 1e6:.1f} MB in {files} files ({time.perf_counter() - t0:.0f} s)"
+        )
+    print(f"  ({load()})")
 
 
-def main() -> None:
+# ---------------------------------------------------------------- main
+
+
+def parse(argv: Iterable[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--rows", nargs="+", type=int, default=[10_000, 100_000])
-    ap.add_argument("--dims", nargs="+", type=int, default=[128, 512])
-    ap.add_argument("--with-1m", action="store_true", help="add 1,000,000 rows to --rows")
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    ap.add_argument("--rows", nargs="+", type=int, default=[10_000, 100_000], help="io: rows")
+    ap.add_argument("--dims", nargs="+", type=int, default=[128, 512], help="io: D")
+    ap.add_argument("--csv-up-to", type=int, default=100_000, help="io: old CSV up to these rows")
     ap.add_argument(
-        "--skip",
-        nargs="*",
-        default=[],
-        choices=["io", "increment", "cache", "npy", "parquet"],
-        help="parts or peers to leave out",
+        "--batch-rows", type=int, default=10_000, help="rows per batch (shard) of a pool"
     )
-    ap.add_argument("--candidates", type=int, default=2000, help="increment: batch size")
-    ap.add_argument("--picks", type=int, default=500, help="increment: n_samples")
+    ap.add_argument("--inc-rows", nargs="+", type=int, default=[300, 20_000])
+    ap.add_argument("--inc-candidates", type=int, default=2000)
+    ap.add_argument("--inc-picks", type=int, default=200)
+    ap.add_argument("--inc-dim", type=int, default=128)
+    ap.add_argument("--profile", action="store_true", help="increment: cProfile one more run")
+    ap.add_argument("--repro-rows", nargs="+", type=int, default=[10_000, 100_000])
+    ap.add_argument("--repro-dim", type=int, default=128)
     ap.add_argument("--cache-rows", type=int, default=10_000, help="cache: first version's rows")
     ap.add_argument("--cache-picks", type=int, default=1000, help="cache: rows per increment")
     ap.add_argument("--cache-dim", type=int, default=512)
-    ap.add_argument("--pyarrow-path", help="folder appended to sys.path to find pyarrow")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per timing; the best is shown")
+    ap.add_argument("--repeat-budget", type=float, default=30.0, help="no repeat after a run > s")
     ap.add_argument("--tmp", help="where to write (default: the system temp folder)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    rows = sorted(set(args.rows) | ({1_000_000} if args.with_1m else set()))
-    stores: dict[str, tuple[Any, Any]] = {"csv": (csv_write, csv_read)}
-    if "npy" not in args.skip:
-        stores["npy"] = (npy_write, npy_read)
-    pyarrow = None if "parquet" in args.skip else import_pyarrow(args.pyarrow_path)
-    if pyarrow is not None:
-        stores["parquet"] = parquet_store(*pyarrow)
-        print(f"pyarrow {pyarrow[0].__version__}")
-    elif "parquet" not in args.skip:
-        print("pyarrow not installed, skipped")
+    return ap.parse_args(argv)
+
+
+def io_cases(root: Path, args: argparse.Namespace) -> None:
+    """``run_io`` for every --rows x --dims that fits in memory (else says why not)."""
+    for n in args.rows:
+        for d in args.dims:
+            need = n * d * 4 * 6 + n * 2000  # table + Arrow copies + the read-back, measured ~5x
+            if need > mem_available():
+                print(
+                    f"\n== io {n:,} x {d}: skipped, needs ~{need / 1e9:.0f} GB,"
+                    f" {mem_available() / 1e9:.0f} GB available"
+                )
+                continue
+            rng = np.random.default_rng(args.seed)
+            batches = max(1, -(-n // args.batch_rows))
+            table, t_make, _ = measure(lambda: make_pool(n, d, batches=batches, rng=rng))  # noqa: B023
+            print(f"\n(pool table {n:,} x {d} in {batches} batches built in {t_make:.1f} s)")
+            run_io(table, root, args)
+            del table
+
+
+def main() -> None:
+    args = parse()
     print(f"numpy {np.__version__}, pandas {pd.__version__}, python {sys.version.split()[0]}")
     print(f"{load()}; started {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="pool_scale-") as tmp:
         root = Path(tmp)
-        warm = make_pool(50, 8, batches=1, rng=np.random.default_rng(args.seed))
-        for name, (write, read) in stores.items():  # first-call costs (imports) out of timings
-            (root / name).mkdir()
-            write(warm, root / name)
-            read(root / name)
-            shutil.rmtree(root / name)
-        for n in rows:
-            for d in args.dims:
-                rng = np.random.default_rng(args.seed)
-                table, t_make, _ = measure(lambda: make_pool(n, d, batches=10, rng=rng))  # noqa: B023
-                print(f"\n(pool table {n:,} x {d} built in {t_make:.1f} s)")
-                io_times: dict[str, float] = {}
-                if "io" not in args.skip:
-                    io = run_io(table, stores, root)
-                    io_times = {k: w + r for k, (w, r, _) in io.items()}
-                if "increment" not in args.skip:
-                    run_increment(
-                        table,
-                        candidates=args.candidates,
-                        picks=args.picks,
-                        seed=args.seed,
-                        io=io_times,
-                    )
-        if "cache" not in args.skip:
-            run_cache(args.cache_rows, args.cache_picks, args.cache_dim, root, args.seed)
+        if "io" in args.cases:
+            io_cases(root, args)
+        if "increment" in args.cases:
+            run_increment(root, args)
+        if "repro" in args.cases:
+            run_repro(root, args)
+        if "cache" in args.cases:
+            run_cache(root, args)
     print(f"\n{load()}; finished {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")
 
 
