@@ -168,7 +168,10 @@ def discover_images(root: Path, *, on_skip: SkipCallback | None = None) -> list[
         raise InputError(f"cannot read input folder {root_path}: {exc.strerror}") from exc
 
     def skip(path: str, reason: str) -> None:
-        logger.warning("skipping %s: %s", path, reason)
+        # A name that is not UTF-8 holds lone surrogates, which a log handler (or a
+        # test runner's worker channel) cannot encode: log its bytes as \xNN instead.
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        logger.warning("skipping %s: %s", shown, reason)
         if on_skip is not None:
             on_skip(Path(path), reason)
 
