@@ -46,8 +46,10 @@ from datapool.store import (
     Manifest,
     Plan,
     check_rows,
+    is_in,
     load_pool,
     plan_version,
+    read_columns,
     read_manifest,
     write_lightly_csv,
     write_rows,
@@ -115,7 +117,8 @@ def save_pool(
     transaction; None keeps the one recorded now (an edit of rows is no increment).
     """
     check_rows(table, source=f"the new version of {pool_dir}")  # what a reader would refuse
-    recover(pool_dir)
+    if (pool_dir / INCOMING).exists():
+        recover(pool_dir)  # else the last save finished, and the caller read a whole version
     old = read_manifest(pool_dir) if pool_dir.is_dir() else None
     migrated = old is None and (pool_dir / POOL_CSV).is_file()
     if latest_batch is None:
@@ -123,13 +126,13 @@ def save_pool(
     plan = plan_version(table, old, latest_batch=latest_batch)
     table = plan.table  # in shard order, so the CSV lists rows as the shards do
     csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
-    names = image_names(table)
+    leaving = _leaving_images(pool_dir, old, plan)
     try:
-        _stage(pool_dir, table, plan, names, checkpoint=checkpoint, sources=sources, csv=csv)
+        _stage(pool_dir, table, plan, checkpoint=checkpoint, sources=sources, csv=csv)
     except BaseException:
         recover(pool_dir)  # no COMPLETE mark yet: drops the stage and the images it copied
         raise
-    _apply(pool_dir, table, names=names)
+    _apply(pool_dir, table, leaving=leaving)
     return Saved(plan.manifest, shards_written=len(plan.writes), csv=csv, migrated=migrated)
 
 
@@ -137,7 +140,6 @@ def _stage(
     pool_dir: Path,
     table: pd.DataFrame,
     plan: Plan,
-    names: list[str],
     *,
     checkpoint: Path | None,
     sources: Mapping[str, Path],
@@ -149,7 +151,9 @@ def _stage(
     # The stage exists before the first image is copied, so recovery knows that
     # images no table references, beside an unmarked stage, are its leftovers.
     staging.mkdir(parents=True)
-    _copy_missing_images(pool_dir, table, names, sources)
+    # Rows of unchanged shards had their images checked when their shard was written.
+    written = list(plan.writes.values())
+    _copy_missing_images(pool_dir, pd.concat(written) if written else table.iloc[:0], sources)
     fingerprints = {s.file: s.fingerprint for s in plan.manifest.shards}
     for name, rows in plan.writes.items():
         write_rows(rows, staging / name, fingerprint=fingerprints[name])
@@ -182,16 +186,14 @@ def _mark(staging: Path) -> dict[str, Any]:
     return mark if isinstance(mark, dict) else {"csv": True, "shards": []}
 
 
-def _copy_missing_images(
-    pool_dir: Path, table: pd.DataFrame, names: list[str], sources: Mapping[str, Path]
-) -> None:
-    """Copy into ``images/`` each row's image (``names``: :func:`image_names` of the rows)
-    the pool does not hold yet, from ``sources``."""
-    folder = pool_dir / IMAGES_DIR
-    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    hashes, files = table["content_hash"].tolist(), table["filenames"].tolist()
-    for digest, filename, name in zip(hashes, files, names, strict=True):
-        if name in present:
+def _copy_missing_images(pool_dir: Path, rows: pd.DataFrame, sources: Mapping[str, Path]) -> None:
+    """Copy into ``images/`` the image of each of ``rows`` the pool does not hold yet,
+    from ``sources``. Per row, not by listing ``images/``: a merge writes a few
+    thousand rows into a pool of a million images."""
+    present: set[str] = set()
+    hashes, files = rows["content_hash"].tolist(), rows["filenames"].tolist()
+    for digest, filename, name in zip(hashes, files, image_names(rows), strict=True):
+        if name in present or (pool_dir / IMAGES_DIR / name).exists():
             continue
         if str(digest) not in sources:
             raise PoolError(f"the image of {filename!r} ({str(digest)[:12]}) is missing")
@@ -271,9 +273,10 @@ def _checkout_advice(pool_dir: Path) -> str:
     )
 
 
-def _apply(pool_dir: Path, table: pd.DataFrame, *, names: list[str] | None = None) -> None:
+def _apply(pool_dir: Path, table: pd.DataFrame, *, leaving: list[str] | None = None) -> None:
     """Rename the staged files into place (shards, checkpoint, CSV, then the manifest) and
-    sweep by ``table``, the staged rows (``names``: their image names, if known); idempotent."""
+    sweep by ``table``, the staged rows; idempotent. ``leaving`` (from :func:`save_pool`)
+    names the only images that can have become unreferenced; None sweeps by listing."""
     staging = pool_dir / INCOMING
     staged_shards = staging / SHARDS
     if staged_shards.is_dir():
@@ -289,7 +292,12 @@ def _apply(pool_dir: Path, table: pd.DataFrame, *, names: list[str] | None = Non
     if (staging / MANIFEST).exists():
         (staging / MANIFEST).replace(pool_dir / MANIFEST)
     fsync_dir(pool_dir)
-    _sweep(pool_dir, table, names=names)
+    if leaving is None:
+        _sweep(pool_dir, table)
+    else:
+        for name in leaving:
+            (pool_dir / IMAGES_DIR / name).unlink(missing_ok=True)
+        _sweep_shards(pool_dir)
     shutil.rmtree(staging)
 
 
@@ -301,17 +309,45 @@ def _valid_table(folder: Path, *, advice: str, overlay: Path | None = None) -> p
         raise PoolError(f"{err}; no pool image was deleted: {advice}") from err
 
 
-def _sweep(pool_dir: Path, table: pd.DataFrame | None, *, names: list[str] | None = None) -> None:
+def _sweep(pool_dir: Path, table: pd.DataFrame | None) -> None:
     """Delete stored images the validated ``table`` does not reference (all, for None), and
     shards the current manifest does not list."""
     images = pool_dir / IMAGES_DIR
     if images.is_dir():
-        keep: set[str] = set()
-        if table is not None:
-            keep = set(names if names is not None else image_names(table))
+        keep = set(image_names(table)) if table is not None else set()
         for stale in images.iterdir():
             if stale.name not in keep:
                 stale.unlink()
+    _sweep_shards(pool_dir)
+
+
+def _leaving_images(pool_dir: Path, old: Manifest | None, plan: Plan) -> list[str] | None:
+    """Images the new version no longer references: those of the old version's rows in
+    shards it rewrites or drops, unless the new version holds that image under the same
+    name. None (sweep by listing) when there is no old manifest (a new or migrated pool).
+    """
+    if old is None:
+        return None
+    kept = {s.file for s in plan.manifest.shards} - set(plan.writes)
+    gone = [s for s in old.shards if s.file not in kept]
+    if not gone:
+        return []
+    import pyarrow as pa
+
+    parts = [read_columns(pool_dir / s.file, ("content_hash", "filenames")) for s in gone]
+    before = pa.concat_tables(parts).to_pandas()
+    now = plan.table.set_index("content_hash")["filenames"]
+    names = image_names(before)
+    still = is_in(before["content_hash"], plan.table["content_hash"])
+    keep = set()
+    if still.any():
+        moved = before[still]
+        keep = set(image_names(moved.assign(filenames=now.loc[moved["content_hash"]].to_numpy())))
+    return [name for name in names if name not in keep]
+
+
+def _sweep_shards(pool_dir: Path) -> None:
+    """Delete shard files the current manifest does not list."""
     shards = pool_dir / SHARDS
     manifest = read_manifest(pool_dir)
     if shards.is_dir() and manifest is not None:
