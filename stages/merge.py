@@ -60,7 +60,8 @@ def main(
             checkpoint=checkpoint,
             sources=image_sources(table),
             csv_max_rows=csv_max_rows,
-            latest_batch=batch_of(table) if not table.empty else "",
+            # No candidates (nothing in the inbox decoded): no batch id; keep the record.
+            latest_batch=batch_of(table) if not table.empty else None,
         )
     before = 0 if pool is None else len(pool)
     print(
