@@ -195,14 +195,16 @@ def missing_objects(cache: Path, digest: str) -> list[str]:
     return sorted(md5 for md5 in objects_of(cache, digest) if not cache_file(cache, md5).is_file())
 
 
-def version_hashes(workspace: Path, rev: str, name: str) -> list[str] | None:
+def version_hashes(
+    workspace: Path, rev: str, name: str, *, memo: dict[str, list[str]] | None = None
+) -> list[str] | None:
     """The content hashes of pool ``name`` as commit ``rev`` records it, read through
     ``dvc.api.DVCFileSystem`` at ``rev`` (from dvc.lock's merge output or
     ``pools/NAME.dvc``, whichever records it there); one per row, in row order.
 
     None when that version's data is not available locally (not in the cache: a
     clone without ``dvc pull``, or dropped by keep_history=false) or cannot be read
-    as a pool; no remote is contacted.
+    as a pool; no remote is contacted. ``memo``: see :func:`datapool.store.content_hashes`.
     """
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
@@ -212,7 +214,7 @@ def version_hashes(workspace: Path, rev: str, name: str) -> list[str] | None:
     try:
         fs = DVCFileSystem(str(workspace), rev=rev)
         try:
-            return content_hashes(fs, PoolPaths(name).folder)
+            return content_hashes(fs, PoolPaths(name).folder, memo=memo)
         finally:
             fs.close()
     except (OSError, DvcException, PoolError, ValueError):
@@ -255,6 +257,7 @@ def history(workspace: Path, name: str) -> list[Revision]:
     digest: str | None = None
     hashes: set[str] = set()
     params: dict[str, Any] | None = None
+    memo: dict[str, list[str]] = {}  # each shard read once across the versions
     for rev, date, subject in _commits(workspace, LOCK, PoolPaths(name).record):
         record = record_at(workspace, rev, name)
         if record is None or record.digest == digest:
@@ -263,7 +266,7 @@ def history(workspace: Path, name: str) -> list[Revision]:
         if params is None:
             params = flat_params(git_output(workspace, "show", f"{rev}^:{PARAMS}"))
         now = flat_params(git_output(workspace, "show", f"{rev}:{PARAMS}"))
-        listed = version_hashes(workspace, rev, name)
+        listed = version_hashes(workspace, rev, name, memo=memo)
         found = None if listed is None else set(listed)
         out.append(
             Revision(

@@ -473,13 +473,17 @@ def _check_unique(meta: Any, folder: Path) -> None:
     )
 
 
-def content_hashes(fs: Any, folder: str) -> list[str] | None:
+def content_hashes(
+    fs: Any, folder: str, *, memo: dict[str, list[str]] | None = None
+) -> list[str] | None:
     """The content hashes of the pool at ``folder`` as seen through ``fs`` (any fsspec-like
     filesystem with ``exists`` and ``open``, e.g. ``dvc.api.DVCFileSystem`` at a revision).
 
     Reads only the ``content_hash`` column of each shard (or of an older pool's
     CSV). None when the folder holds no pool. Raises what ``fs`` raises for data
     it cannot reach (e.g. not in the DVC cache), and :class:`PoolError` for a bad manifest.
+    ``memo`` keeps each shard's hashes by its fingerprint across calls: a history of many
+    versions reads each shard once, as the versions share all but their newest shards.
     """
     pa = _arrow()
     manifest_path = f"{folder}/{MANIFEST}"
@@ -488,9 +492,14 @@ def content_hashes(fs: Any, folder: str) -> list[str] | None:
             manifest = parse_manifest(handle.read().decode("utf-8"), source=manifest_path)
         hashes: list[str] = []
         for shard in manifest.shards:
+            if memo is not None and shard.fingerprint in memo:
+                hashes += memo[shard.fingerprint]
+                continue
             with fs.open(f"{folder}/{shard.file}", "rb") as handle:
-                shard_rows = pa.ipc.open_file(handle).read_all()
-                hashes += shard_rows.column("content_hash").to_pylist()
+                found = pa.ipc.open_file(handle).read_all().column("content_hash").to_pylist()
+            if memo is not None:
+                memo[shard.fingerprint] = found
+            hashes += found
         return hashes
     if fs.exists(f"{folder}/{POOL_CSV}"):
         with fs.open(f"{folder}/{POOL_CSV}", "rb") as handle:

@@ -316,3 +316,29 @@ def test_user_columns_of_an_older_pool_stay_text(tmp_path: Path) -> None:
     write_table(table, tmp_path / "pool" / POOL_CSV)
     back = read_pool(tmp_path / "pool")
     assert back is not None and list(back["zip"]) == ["007", "0123", ""]
+
+
+def test_content_hashes_reads_each_shard_once_across_versions(tmp_path: Path) -> None:
+    class Counting:
+        """The local file system, counting the shards it opens."""
+
+        def __init__(self) -> None:
+            self.fs, self.opened = fsspec.filesystem("file"), 0
+
+        def exists(self, path: str) -> bool:
+            return bool(self.fs.exists(path))
+
+        def open(self, path: str, mode: str = "rb") -> object:
+            self.opened += path.endswith(".arrow")
+            return self.fs.open(path, mode)
+
+    save(tmp_path / "v1", batches(3, 2))
+    save(tmp_path / "v2", batches(3, 2, 4))
+    fs, memo = Counting(), {}  # type: ignore[var-annotated]
+    assert content_hashes(fs, str(tmp_path / "v1"), memo=memo) == list(
+        batches(3, 2)["content_hash"]
+    )
+    assert content_hashes(fs, str(tmp_path / "v2"), memo=memo) == list(
+        batches(3, 2, 4)["content_hash"]
+    )
+    assert fs.opened == 3  # v2 shares its first two shards with v1
