@@ -26,12 +26,9 @@ from datapool.revisions import history, park, parked_paths
 from datapool.store import read_rows, write_lightly_csv, write_rows
 from datapool.tools import git_commit, head, run_tool
 from datapool.version import JOURNAL
-from tests.conftest import draw_image
 from tests.test_combine import make_pool
 from tests.test_pool import stored_table
 from tests.test_version import (
-    FAKE_MERGE,
-    PIPELINE,
     cli,
     committed,
     killed,
@@ -39,6 +36,7 @@ from tests.test_version import (
     state,
     status,
     subject,
+    tiny_workspace,
 )
 
 
@@ -193,16 +191,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace with the fake pipeline after one run (pool A: 2 rows from in1) and a
     parked pool P (3 rows), all committed; inboxes in1, in2 beside it."""
     root = tmp_path_factory.mktemp("ran")
-    ws = root / "ws"
-    from datapool.workspace import create_workspace
-
-    create_workspace(ws)
-    (ws / "dvc.yaml").write_text(PIPELINE)
-    (ws / "stages" / "merge.py").write_text(FAKE_MERGE)
-    git_commit(ws, "the tiny pipeline", paths=["dvc.yaml", "stages/merge.py"])
-    for name, seeds in (("in1", [1, 2, 3]), ("in2", [4, 5])):
-        for seed in seeds:
-            draw_image(root / name / f"img_{seed}.png", seed=seed)
+    ws = tiny_workspace(root)
     cli(ws, *run_args(ws, "in1", "datapool.name=A", "stopping_condition.n_samples=2"))
     shutil.move(make_pool(root / "P", "P", [6, 7, 8]), pool_dir(ws, "P"))
     park(ws, "P")

@@ -90,10 +90,9 @@ KILLING_PIPELINE = (
 FAILING_PIPELINE = PIPELINE.replace("cmd: python stages/merge.py", "cmd: exit 1 #")
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A workspace with the tiny pipeline and two inboxes beside it, made once."""
-    root = tmp_path_factory.mktemp("made")
+def tiny_workspace(root: Path) -> Path:
+    """``root/ws``: a workspace with the tiny pipeline (its fake merge writes a real pool
+    through save_pool), committed, and inboxes ``root/in1`` (3 images), ``root/in2`` (2)."""
     ws = root / "ws"
     create_workspace(ws)
     (ws / "dvc.yaml").write_text(PIPELINE)
@@ -102,6 +101,14 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, seeds in (("in1", [1, 2, 3]), ("in2", [4, 5])):
         for seed in seeds:
             draw_image(root / name / f"img_{seed}.png", seed=seed)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with the tiny pipeline and two inboxes beside it, made once."""
+    root = tmp_path_factory.mktemp("made")
+    tiny_workspace(root)
     return root
 
 
