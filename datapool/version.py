@@ -495,7 +495,12 @@ def transaction(
         try:
             yield txn
         except BaseException as error:
-            txn._end(error)
+            try:
+                txn._end(error)
+            except BaseException as cleanup:
+                # The command's own error is what the user must see; the journal stays,
+                # so the next command recovers what this clean-up could not.
+                error.add_note(f"datapool could not finish cleaning up: {cleanup}")
             raise
         txn._end(None)
 

@@ -397,3 +397,20 @@ def test_a_run_rolled_back_after_merge_wrote_the_pool_leaves_the_recorded_versio
     assert state(ws) == before  # records and the pool's files as HEAD has them
     assert row_count(pool_dir(ws, "A")) == 3
     assert "Data and pipelines are up to date" in run_tool(["dvc", "status"], cwd=ws, quiet=True)
+
+
+def test_a_failing_clean_up_keeps_the_commands_own_error(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datapool.version as version
+
+    def broken(*args: object, **kwargs: object) -> str:
+        raise OSError("disk full while putting files back")
+
+    monkeypatch.setattr(version, "roll_back", broken)
+    failing = pytest.raises(RuntimeError, match="the command's own failure")
+    with failing as caught, version.transaction(ws) as txn:
+        txn.begin(command="run", pool="A", message="m", parked=False)
+        raise RuntimeError("the command's own failure")
+    assert "could not finish cleaning up: disk full" in "".join(caught.value.__notes__)
+    assert read_journal(ws) is not None  # left for the next command to recover
