@@ -40,6 +40,21 @@ def atomic_open(path: Path, mode: Literal["w", "wb"] = "w") -> Iterator[IO[Any]]
         raise
 
 
+def read_text_if_file(path: Path) -> str | None:
+    """``path``'s UTF-8 text, or None when it is not a file (absent records, lock files)."""
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def put_back(path: Path, data: bytes | None) -> None:
+    """Make ``path`` hold ``data`` again (atomically, only if it differs), or not exist
+    when ``data`` is None: how a rolled-back command restores a file it saved."""
+    if data is None:
+        path.unlink(missing_ok=True)
+    elif not path.is_file() or path.read_bytes() != data:
+        with atomic_open(path, "wb") as handle:
+            handle.write(data)
+
+
 def _umask() -> int:
     """The process's umask (read by setting it and putting it back at once)."""
     mask = os.umask(0o022)

@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datapool.atomic import atomic_open
+from datapool.atomic import atomic_open, read_text_if_file
 from datapool.errors import InputError, PoolError
-from datapool.layout import LOCK, PARAMS, PoolPaths, pool_dir
+from datapool.layout import LOCK, PARAMS, pool_dir
 from datapool.pool import EXTRA_COLUMNS, POOL_CSV, embedding_columns, embedding_dim
 from datapool.revisions import (
     Record,
@@ -398,7 +398,7 @@ def label_pool(
                 txn.done(message)
         except BaseException:
             if written and txn.finished is None and not (workspace / JOURNAL).exists():
-                _undo_data(workspace, name, edits, data, report=report)  # rolled back
+                _undo_data(workspace, name, edits, data)  # rolled back
             raise
     forgotten = txn.finished.forgotten if txn.finished is not None else None
     revision = txn.finished.revision if txn.finished is not None else None
@@ -465,9 +465,9 @@ def _record(workspace: Path, name: str, record: Record) -> None:
     if record.parked:
         park(workspace, name)
         return
-    before = merge_entry(_read(workspace / LOCK))
+    before = merge_entry(read_text_if_file(workspace / LOCK))
     run_tool(["dvc", "commit", "--force", "merge"], cwd=workspace, quiet=True)
-    changed = _inputs_changed(before, merge_entry(_read(workspace / LOCK)))
+    changed = _inputs_changed(before, merge_entry(read_text_if_file(workspace / LOCK)))
     if changed:
         raise InputError(
             f"the pipeline's inputs changed since its last run ({', '.join(changed)}), and "
@@ -475,10 +475,6 @@ def _record(workspace: Path, name: str, record: Record) -> None:
             "nothing was changed. Run the pipeline first (`datapool run`), or put them back, "
             "then label again"
         )
-
-
-def _read(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def _inputs_changed(before: object, after: object) -> list[str]:
@@ -500,17 +496,10 @@ def _inputs_changed(before: object, after: object) -> list[str]:
     return changed
 
 
-def _undo_data(workspace: Path, name: str, edits: Path, data: bytes, *, report: Report) -> None:
-    """After a label rolled back: the pool's data as its (restored) record names it, and
-    EDITS.csv's bytes back if it lay in the pool folder (the user's edited CSV, which
-    writing the version replaced)."""
-    record = current_record(workspace, name)
-    paths = PoolPaths(name)
-    target = paths.record if record is not None and record.parked else paths.folder
-    try:
-        run_tool(["dvc", "checkout", "--force", target], cwd=workspace, quiet=True)
-    except InputError as err:
-        report(f"pool {name}'s data could not be checked out again ({err}); run `dvc checkout`")
+def _undo_data(workspace: Path, name: str, edits: Path, data: bytes) -> None:
+    """After a label rolled back (the rollback has checked the recorded version of the
+    pool out again, its manifest having changed): EDITS.csv's bytes back if it lay in
+    the pool folder (the user's edited CSV, which the checkout replaced)."""
     folder = pool_dir(workspace, name).resolve()
     if edits.resolve().parent == folder:
         with atomic_open(edits, "wb") as handle:

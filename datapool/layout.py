@@ -1,7 +1,7 @@
 """Where a workspace keeps things: every path of a pool, named once.
 
 Paths are relative to the workspace (POSIX strings, as git and DVC name them);
-:meth:`PoolPaths.at` and :func:`pool_dir` make them absolute. dvc.yaml spells
+:func:`pool_dir` (or ``workspace / path``) makes them absolute. dvc.yaml spells
 the same paths through ``${datapool.name}`` (tests/test_layout.py holds the two
 together). What lies *inside* a pool folder (manifest, shards, images) is
 :mod:`datapool.store`'s business.
@@ -59,10 +59,6 @@ class PoolPaths:
     def picks(self) -> str:
         """The picks ``sample`` writes, in pick order."""
         return f"{self.work}/sample/picks.arrow"
-
-    def at(self, workspace: Path, relative: str) -> Path:
-        """``workspace / relative`` for one of the paths above."""
-        return workspace / relative
 
 
 def pool_of_record(path: str) -> str | None:

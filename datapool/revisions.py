@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from datapool.atomic import atomic_open
+from datapool.atomic import put_back, read_text_if_file
 from datapool.errors import InputError, PoolError
 from datapool.layout import LOCK, PARAMS, POOL_IGNORE, POOLS, PoolPaths, pool_dir, pool_of_record
 from datapool.settings import check_pool_name, flatten, load_params
@@ -120,13 +120,11 @@ def record_at(workspace: Path, rev: str, name: str) -> Record | None:
     )
 
 
-def _read(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
 def current_record(workspace: Path, name: str) -> Record | None:
     """How the working tree records pool ``name`` now; None if it does not."""
-    return _record(_read(workspace / LOCK), _read(parked_file(workspace, name)), name)
+    return _record(
+        read_text_if_file(workspace / LOCK), read_text_if_file(parked_file(workspace, name)), name
+    )
 
 
 def pipeline_pool(workspace: Path) -> str:
@@ -322,13 +320,13 @@ def adopt(workspace: Path, name: str) -> None:
     ``dvc add`` fails; nothing is changed then.
     """
     record = parked_file(workspace, name)
-    saved = _read(record)
+    saved = read_text_if_file(record)
     if saved is not None and not pool_exists(pool_dir(workspace, name)):
         raise PoolError(
             f"{record} records pool {name} but {pool_dir(workspace, name)} is missing; "
             f"run `dvc pull {record.relative_to(workspace)}` first"
         )
-    current = lock_pool(_read(workspace / LOCK))
+    current = lock_pool(read_text_if_file(workspace / LOCK))
     previous = current[0] if current is not None and current[0] != name else None
     if previous is not None:
         _check_present(workspace, previous)
@@ -340,17 +338,8 @@ def adopt(workspace: Path, name: str) -> None:
             park(workspace, previous)
     except BaseException:
         if saved is not None:
-            _put_back(record, saved)
+            put_back(record, saved.encode("utf-8"))
         raise
-
-
-def _put_back(path: Path, text: str | None) -> None:
-    """Make ``path`` hold ``text`` again (atomically), or not exist when ``text`` is None."""
-    if text is None:
-        path.unlink(missing_ok=True)
-    elif _read(path) != text:
-        with atomic_open(path, "w") as handle:
-            handle.write(text)
 
 
 def _repark_lost(workspace: Path, name: str) -> None:
@@ -513,11 +502,11 @@ def _other_refs_records(workspace: Path) -> Iterator[tuple[str, Record]]:
 def _workspace_objects(workspace: Path, cache: Path) -> set[str]:
     """Objects every output the working tree tracks now needs (dvc.lock + pools/*.dvc)."""
     digests: set[str] = set()
-    lock = yaml.safe_load(_read(workspace / LOCK) or "") or {}
+    lock = yaml.safe_load(read_text_if_file(workspace / LOCK) or "") or {}
     for stage in (lock.get("stages") or {}).values():
         digests |= {str(o["md5"]) for o in stage.get("outs") or [] if o.get("md5")}
     for record in (workspace / POOLS).glob("*.dvc"):
-        found = _record(None, _read(record), record.stem)
+        found = _record(None, read_text_if_file(record), record.stem)
         digests |= {found.digest} if found else set()
     return set().union(*(objects_of(cache, d) for d in digests)) if digests else set()
 

@@ -445,17 +445,23 @@ def check_rows(table: pd.DataFrame, *, source: str) -> None:
     on reading, so a version is never written that no stage could read back.
     Raises :class:`PoolError` naming ``source`` and the first row at fault.
     """
-    pa = _arrow()
     missing = [c for c in ("filenames", "labels", *EXTRA_COLUMNS) if c not in table.columns]
     if missing or not embedding_dim(table):
         raise PoolError(f"{source} lacks column(s) {', '.join(missing) or 'embedding_*'}")
-    meta = pa.table(
-        {c: pa.array(table[c].astype(str).tolist()) for c in ("filenames", "content_hash")}
-    )
+    meta = _identities(table)
     vectors = table[embedding_columns(embedding_dim(table))].to_numpy(dtype=np.float32)
     _check_finite(vectors, meta, source)
     _check_hash_column(meta, source)
     _check_unique(meta, Path(source))
+
+
+def _identities(table: pd.DataFrame) -> Any:
+    """``filenames`` and ``content_hash`` of ``table`` as text in a pyarrow Table: what
+    the row checks (:func:`_check_hash_column`, :func:`_check_unique`) read."""
+    pa = _arrow()
+    return pa.table(
+        {c: pa.array(table[c].astype(str).tolist()) for c in ("filenames", "content_hash")}
+    )
 
 
 def _check_unique(meta: Any, folder: Path) -> None:
@@ -633,9 +639,7 @@ def read_any(path: Path, *, required: Sequence[str] = ()) -> pd.DataFrame:
 
         table = read_table(path, required=required)
     if "content_hash" in required:  # candidates: embed lists each image once
-        pa = _arrow()
-        meta = pa.table({c: pa.array(table[c].tolist()) for c in ("filenames", "content_hash")})
-        _check_unique(meta, path)
+        _check_unique(_identities(table), path)
     return table
 
 

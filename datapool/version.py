@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -62,9 +63,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datapool.atomic import atomic_open
+from datapool.atomic import atomic_open, put_back, read_text_if_file
 from datapool.errors import DatapoolError, InputError
 from datapool.layout import LOCK, PoolPaths, pool_dir
+from datapool.pool import POOL_CSV
 from datapool.revisions import (
     Forgotten,
     Record,
@@ -79,7 +81,7 @@ from datapool.revisions import (
     restore_record,
     version_paths,
 )
-from datapool.store import row_count
+from datapool.store import MANIFEST, row_count
 from datapool.tools import git_commit, git_output, run_tool
 
 # Held for a whole transaction (see workspace_lock); under .dvc/tmp, which
@@ -225,14 +227,10 @@ def _touched(workspace: Path, pool: str) -> list[str]:
     """Every file a change of ``pool``'s version may write: the version's files, the
     pool's record, and the record of the pool dvc.lock names (adopting parks it)."""
     paths = version_paths(workspace)
-    locked = lock_pool(_text(workspace / LOCK))
+    locked = lock_pool(read_text_if_file(workspace / LOCK))
     names = [pool] if locked is None else [pool, locked[0]]
     paths += [PoolPaths(name).record for name in names]
     return sorted(set(paths))
-
-
-def _text(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def _snapshot(workspace: Path, paths: Sequence[str]) -> dict[str, str | None]:
@@ -256,7 +254,7 @@ def is_recorded(workspace: Path, journal: Journal) -> bool:
         return False
     saved = journal.saved(LOCK)
     before = merge_entry(saved.decode("utf-8") if saved is not None else None)
-    return bool(merge_entry(_text(workspace / LOCK)) != before)
+    return bool(merge_entry(read_text_if_file(workspace / LOCK)) != before)
 
 
 @dataclass(frozen=True)
@@ -313,7 +311,7 @@ def roll_back(workspace: Path, journal: Journal, *, check_out: bool = False) -> 
     again at the version its record names.
     """
     for path in journal.files:
-        _put_back(workspace / path, journal.saved(path))
+        put_back(workspace / path, journal.saved(path))
     folder = pool_dir(workspace, journal.pool)
     unnamed = current_record(workspace, journal.pool) is None
     if journal.new_folder and unnamed and folder.exists():
@@ -339,22 +337,11 @@ def pool_state(workspace: Path, pool: str) -> str:
     """sha256 of pool ``pool``'s manifest (or, in the older layout, its CSV); ``"none"``
     when it has neither. Any write of a pool version changes it (the manifest's
     shards carry fingerprints of their rows)."""
-    import hashlib
-
     folder = pool_dir(workspace, pool)
-    for name in ("manifest.json", "datapool_latest.csv"):
+    for name in (MANIFEST, POOL_CSV):
         if (folder / name).is_file():
             return hashlib.sha256((folder / name).read_bytes()).hexdigest()
     return "none"
-
-
-def _put_back(path: Path, data: bytes | None) -> None:
-    """Make ``path`` hold ``data`` again (atomically), or not exist when ``data`` is None."""
-    if data is None:
-        path.unlink(missing_ok=True)
-    elif not path.is_file() or path.read_bytes() != data:
-        with atomic_open(path, "wb") as handle:
-            handle.write(data)
 
 
 def recover(workspace: Path, *, report: Report = to_stderr) -> str | None:
