@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from datapool import selection
 from datapool.errors import InputError
-from datapool.selection import Selection, k_center_greedy
+from datapool.selection import Selection, k_center_greedy, nearest
 
 
 def reference(
@@ -25,8 +25,11 @@ def reference(
     pool: np.ndarray | None = None,
     n_samples: int | None = None,
     min_distance: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Textbook greedy k-center: one float32 pass per pick, first pick index 0."""
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Textbook greedy k-center: one float32 pass per pick, first pick index 0.
+
+    Returns the picks, their distances and the distance the next pick would have.
+    """
     x = np.asarray(x, dtype=np.float32)
     d2 = np.full(len(x), np.inf, dtype=np.float32)
     for row in [] if pool is None else np.asarray(pool, dtype=np.float32):
@@ -42,7 +45,8 @@ def reference(
         picks.append(i)
         dists.append(dist)
         np.minimum(d2, ((x - x[i]) ** 2).sum(axis=1), out=d2)
-    return np.array(picks, dtype=np.int64), np.array(dists)
+    after = math.sqrt(float(d2.max())) if len(x) else 0.0
+    return np.array(picks, dtype=np.int64), np.array(dists), after
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -58,10 +62,11 @@ def clustered(rng: np.random.Generator, n: int, d: int, k: int = 20) -> np.ndarr
     return out
 
 
-def assert_same(sel: Selection, ref: tuple[np.ndarray, np.ndarray]) -> None:
+def assert_same(sel: Selection, ref: tuple[np.ndarray, np.ndarray, float]) -> None:
     assert sel.indices.dtype == np.int64 and sel.min_distances.dtype == np.float64
     np.testing.assert_array_equal(sel.indices, ref[0])
     np.testing.assert_allclose(sel.min_distances, ref[1], rtol=1e-6)
+    np.testing.assert_allclose(sel.next_distance, ref[2], rtol=1e-6)
 
 
 DATA = {"random": unit, "clustered": clustered}
@@ -460,3 +465,51 @@ def test_too_large_values_and_dimensions_are_refused() -> None:
         k_center_greedy(big, n_samples=2)
     with pytest.raises(InputError, match="pool row 1 has a squared norm"):
         k_center_greedy(np.ones((5, 2), np.float32), pool=big[2:], n_samples=2)
+
+
+def test_each_row_receives_each_pool_row_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool pass keeps exact minima, so making rows exact never re-reads the pool."""
+    applied: list[int] = []
+    chunk = selection._State._pool_chunk
+
+    def counted(self: selection._State, xb: torch.Tensor, *args: Any) -> None:
+        applied.append(xb.shape[0] * args[-1][0].shape[0])
+        chunk(self, xb, *args)
+
+    monkeypatch.setattr(selection, "_CHUNK", 64)
+    monkeypatch.setattr(selection._State, "_pool_chunk", counted)
+    x = clustered(np.random.default_rng(5), 3000, 16)
+    pool, cand = x[:640], x[640:]
+    sel = k_center_greedy(cand, pool=pool, n_samples=400)
+    assert_same(sel, reference(cand, pool, n_samples=400))
+    assert 0 < sum(applied) <= len(cand) * len(pool)
+
+
+@pytest.mark.parametrize("with_pool", [False, True])
+def test_next_distance_without_picks_and_with_every_row_picked(with_pool: bool) -> None:
+    x = unit(np.random.default_rng(2), 300, 8)
+    pool, cand = (x[:100], x[100:]) if with_pool else (None, x)
+    ref = reference(cand, pool, n_samples=0)
+    sel = k_center_greedy(cand, pool=pool, n_samples=0)
+    assert len(sel.indices) == 0
+    if with_pool:  # the coverage radius of the candidates by the pool
+        assert math.isclose(sel.next_distance, ref[2], rel_tol=1e-6)
+    else:
+        assert sel.next_distance == ref[2] == math.inf
+    assert k_center_greedy(cand, pool=pool, n_samples=len(cand)).next_distance == 0.0
+    assert k_center_greedy(cand[:0], pool=pool, n_samples=5).next_distance == 0.0
+
+
+def test_nearest_matches_brute_force() -> None:
+    rng = np.random.default_rng(4)
+    centres = clustered(rng, 2500, 24)
+    queries = np.concatenate([clustered(rng, 700, 24), centres[:5]])
+    got = nearest(queries, centres)
+    d = np.sqrt(((queries[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2, dtype=np.float64))
+    np.testing.assert_allclose(got.distances, d.min(axis=1), atol=2e-3)
+    assert (d[np.arange(len(queries)), got.indices] <= d.min(axis=1) + 2e-3).all()
+    np.testing.assert_array_equal(got.indices[-5:], np.arange(5))
+    empty = nearest(queries, None)
+    assert np.isinf(empty.distances).all() and (empty.indices == -1).all()
+    with pytest.raises(InputError, match="dimension"):
+        nearest(queries, centres[:, :3])
