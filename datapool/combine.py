@@ -9,7 +9,6 @@ combine is refused.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pandas as pd
 
 from datapool.errors import PoolError
 from datapool.increment import StoppingCondition
+from datapool.packs import PoolImages, Source, extract_images
 from datapool.pool import (
     CHECKPOINT,
     POOL_CSV,
@@ -27,7 +27,6 @@ from datapool.pool import (
     embedding_dim,
     embeddings_of,
     read_pool,
-    stored_image,
 )
 
 
@@ -48,14 +47,6 @@ class Combined:
     duplicates: int
     reembedded: int
     thinned: int
-
-
-def image_of(pool_dir: Path, row: pd.Series) -> Path:
-    """The image file of a pool row: the pool's own copy if it has one, else the original."""
-    stored = stored_image(
-        pool_dir, content_hash=str(row["content_hash"]), filename=str(row["filenames"])
-    )
-    return stored if stored.is_file() else Path(str(row["source"])) / str(row["filenames"])
 
 
 def load(pool_dir: Path) -> pd.DataFrame:
@@ -83,23 +74,19 @@ def reembed(
 ) -> pd.DataFrame:
     """``table`` with every row re-embedded from its image by the model in ``checkpoint``.
 
-    Images are looked up with :func:`image_of`. Raises :class:`PoolError` naming
-    the first row whose image is missing, changed or unreadable.
+    Images are read by :class:`datapool.packs.PoolImages` (the pool's pack, else the
+    original) into a scratch folder. Raises :class:`PoolError` naming the first row
+    whose image is missing, changed or unreadable.
     """
     from datapool.embedding.inference import embed_folder, resolve_device
     from datapool.embedding.model import load_checkpoint
 
     model, mid = load_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="datapool-reembed-") as tmp:
-        for position, (_, row) in enumerate(table.iterrows()):
-            source = image_of(pool_dir, row)
-            if not source.is_file():
-                raise PoolError(
-                    f"cannot re-embed {row['filenames']!r} of {pool_dir}: its image is neither "
-                    f"in the pool nor at {source}"
-                )
-            # Named by position, not by a value read from the CSV: the copy stays in tmp.
-            shutil.copyfile(source, Path(tmp) / f"{position}{source.suffix.lower()}")
+        try:
+            extract_images(pool_dir, table, Path(tmp))
+        except PoolError as err:
+            raise PoolError(f"cannot re-embed the images of {pool_dir}: {err}") from err
         batch = embed_folder(
             input_dir=Path(tmp),
             model=model,
@@ -193,13 +180,29 @@ def combine_pools(
     )
 
 
-def images_of(pool_dirs: list[Path], table: pd.DataFrame) -> dict[str, Path]:
-    """content hash -> image file, looking in each pool in turn (first found wins)."""
-    found: dict[str, Path] = {}
+def images_of(pool_dirs: list[Path], table: pd.DataFrame) -> dict[str, Source]:
+    """content hash -> where its image is (a member of a pool's pack, or a file), looking
+    in each pool in turn (first found wins), for :func:`datapool.transaction.create_pool`,
+    which checks each against its hash as it packs it. Only the hashes of ``table``."""
+    wanted = set(table["content_hash"].astype(str))
+    found: dict[str, Source] = {}
     for pool_dir in pool_dirs:
         pooled = read_pool(pool_dir)
+        images = PoolImages(pool_dir)  # locate() opens no pack: nothing to close
         for _, row in (pooled if pooled is not None else table.iloc[:0]).iterrows():
-            path = image_of(pool_dir, row)
-            if str(row["content_hash"]) not in found and path.is_file():
-                found[str(row["content_hash"])] = path
+            digest = str(row["content_hash"])
+            if digest in found or digest not in wanted:
+                continue
+            source = images.locate(row)
+            if not isinstance(source, Path) or source.is_file():
+                found[digest] = source
     return found
+
+
+def image_of(pool_dir: Path, row: pd.Series) -> Path:
+    """Deprecated, kept only while :mod:`datapool.report` still calls it: read a row's
+    image with :func:`datapool.packs.read_image` instead. A pool's own copies are in
+    per-batch packs now, so this names the original file (``source/filenames``) when
+    the pool holds no loose copy; it may not exist."""
+    source = PoolImages(pool_dir).locate(row)
+    return source if isinstance(source, Path) else Path(str(row["source"])) / str(row["filenames"])

@@ -5,7 +5,8 @@ Export writes, into one folder::
     embeddings.csv   filenames,embedding_0..embedding_{D-1},labels  (Lightly's layout)
     labels.json      {"0": "cats", "1": "dogs", ...}: the name of each integer label
     filenames.txt    one image path per line, relative to images/
-    images/          a copy of every pooled image, at the path the CSV names
+    images/          a copy of every pooled image, at the path the CSV names: loose
+                     files (the pool itself packs them per batch, see datapool.packs)
 
 Lightly's ``load_embeddings`` reads labels with ``int()``, so the CSV holds
 integers: the pool's distinct label names in sorted order, numbered from 0 (as
@@ -34,9 +35,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from datapool.combine import image_of, load
+from datapool.combine import load
 from datapool.errors import PoolError
 from datapool.images import content_hash
+from datapool.packs import PoolImages
 from datapool.pool import (
     column_order,
     embedding_columns,
@@ -89,35 +91,23 @@ def label_numbers(labels: Iterable[object]) -> tuple[list[int], dict[int, str]]:
     return [number[t] for t in texts], dict(enumerate(names))
 
 
-def _copy_image(pool_dir: Path, row: pd.Series, target: Path) -> None:
-    """Copy a row's image to ``target``, checking that the copy has the row's content hash.
-
-    The check matters when the pool's own copy is gone and ``source/filenames``
-    is used instead: that file may have changed, or be any file at all.
-    """
-    source = image_of(pool_dir, row)
-    if not source.is_file():
-        raise PoolError(
-            f"the image of {row['filenames']!r} is neither in {pool_dir} nor at {source}"
-        )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        copied = content_hash(target)
-    except OSError as err:
-        raise PoolError(f"cannot export the image of {row['filenames']!r}: {err}") from err
-    if copied != row["content_hash"]:
-        raise PoolError(
-            f"the image of {row['filenames']!r} ({source}) does not hash to its content_hash "
-            f"{row['content_hash']}: it changed since it was pooled, or is another file"
-        )
-
-
 def _write_export(pool_dir: Path, table: pd.DataFrame, folder: Path) -> None:
-    """Write the four outputs of an export of ``table`` into ``folder``."""
+    """Write the four outputs of an export of ``table`` into ``folder``.
+
+    Images are written as loose files (that is what a labelling tool opens), each
+    the exact bytes of the pool's copy (its pack member) or, when the pool does not
+    hold it, of the original -- checked against the row's content hash either way
+    (:meth:`datapool.packs.PoolImages.read`), so no other file can be exported.
+    """
     names = export_names(table)
-    for name, (_, row) in zip(names, table.iterrows(), strict=True):
-        _copy_image(pool_dir, row, folder / IMAGES / name)
+    with PoolImages(pool_dir) as images:
+        for name, (_, row) in zip(names, table.iterrows(), strict=True):
+            data = images.read(row)
+            try:
+                (folder / IMAGES / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / IMAGES / name).write_bytes(data)
+            except OSError as err:
+                raise PoolError(f"cannot export the image of {row['filenames']!r}: {err}") from err
     numbers, label_map = label_numbers(table["labels"])
     lightly = table[["filenames", *embedding_columns(embedding_dim(table)), "labels"]].copy()
     lightly["filenames"] = names

@@ -4,8 +4,9 @@ A pool folder ``pools/NAME/`` holds::
 
     manifest.json            format, dimension, row count, model ids, the shards in order
     shards/<batch>.arrow     the rows one batch added, in pick order
+    images/<batch>.zip       the images of those rows, one uncompressed ZIP per batch
+                             (:mod:`datapool.packs`; members named ``<hash><ext>``)
     checkpoint_latest.ckpt   the model that made the embeddings
-    images/<hash><ext>       the pool's own copy of every image
     datapool_latest.csv      Lightly's layout of every row, *derived* from the shards
                              (see :func:`write_lightly_csv`); never read back
 
@@ -27,7 +28,8 @@ In memory a pool is the same wide table as before (``filenames``,
 ``embedding_0..D-1``, ``labels``, ours, user columns; one float32 block), so
 the selection and merge code does not care how it was stored. Pools written
 before this layout (only ``datapool_latest.csv``) are still read, and the next
-write migrates them.
+write migrates them; so are pools whose images are loose files
+``images/<hash><ext>`` (format ``datapool-pool/1``, before the packs).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ from datapool.atomic import atomic_open
 from datapool.errors import PoolError
 from datapool.pool import (
     EXTRA_COLUMNS,
+    IMAGES_DIR,
     POOL_CSV,
     column_order,
     embedding_columns,
     embedding_dim,
+    image_names,
 )
 
 MANIFEST = "manifest.json"
@@ -59,10 +63,17 @@ SHARDS = "shards"
 INCOMING = ".incoming"
 COMPLETE = "COMPLETE"
 FINGERPRINT_KEY = b"datapool.fingerprint"  # a shard's own record of the rows it holds
-FORMAT = "datapool-pool/1"
+# /2: every batch's images are in a pack (images/batch-<key>.zip) the manifest lists.
+# /1 (still read): images are loose files images/<hash><ext>, and the manifest lists no pack.
+# The number changed so that a datapool before the packs refuses a /2 pool by name
+# instead of looking for loose images that are not there.
+FORMAT = "datapool-pool/2"
+LOOSE_FORMAT = "datapool-pool/1"
 EMBEDDING = "embedding"  # the shard column holding the vectors
 SUFFIX = ".arrow"  # shards, candidates, picks
+PACK_SUFFIX = ".zip"
 _SHARD_NAME = re.compile(r"shards/batch-[0-9a-f]{16}\.arrow")
+_PACK_NAME = re.compile(r"images/batch-[0-9a-f]{16}\.zip")
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,24 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Pack:
+    """One batch's images as the manifest lists them (see :mod:`datapool.packs`).
+
+    Attributes:
+        file: path inside the pool folder, ``images/batch-<16 hex>.zip`` (the key of
+            the batch's shard, :func:`batch_key`).
+        batch_id: the increment whose rows' images it holds.
+        members: its member count (one per row of the batch: a row's image is unique).
+        fingerprint: sha256 of its sorted member names (:func:`members_fingerprint`).
+    """
+
+    file: str
+    batch_id: str
+    members: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a pool folder holds: ``dim``-long embeddings, ``rows`` rows in ``shards`` order.
 
@@ -95,7 +124,9 @@ class Manifest:
         latest_batch: the batch id of the increment that wrote this version (``merge``),
             even when it added no row; ``""`` when no increment did (combine, import).
             It decides which increment a run may redo (:func:`datapool.increment.batch_identity`).
-        format: :data:`FORMAT`.
+        packs: one per shard, same order: where each batch's images are. Empty in a
+            pool of :data:`LOOSE_FORMAT`, whose images are loose files.
+        format: :data:`FORMAT`, or :data:`LOOSE_FORMAT` for a pool written before the packs.
     """
 
     dim: int
@@ -104,17 +135,38 @@ class Manifest:
     shards: list[Shard]
     user_columns: list[str] = field(default_factory=list)
     latest_batch: str = ""
+    packs: list[Pack] = field(default_factory=list)
     format: str = FORMAT
+
+    @property
+    def loose(self) -> bool:
+        """True for a pool written before the packs: its images are ``images/<hash><ext>``."""
+        return self.format == LOOSE_FORMAT
 
     def to_json(self) -> str:
         """The manifest as JSON text (stable key order, one shard per line)."""
         return json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n"
 
 
+def batch_key(batch_id: str) -> str:
+    """``batch-<first 16 hex of sha256(batch_id)>``: the name a batch's shard and pack
+    share, safe for any batch id (ids may be long or hold any character)."""
+    return f"batch-{hashlib.sha256(batch_id.encode('utf-8')).hexdigest()[:16]}"
+
+
 def shard_file(batch_id: str) -> str:
-    """``shards/batch-<first 16 hex of sha256(batch_id)>.arrow``: a file name any batch
-    id maps to safely (ids may be long or hold any character)."""
-    return f"{SHARDS}/batch-{hashlib.sha256(batch_id.encode('utf-8')).hexdigest()[:16]}{SUFFIX}"
+    """``shards/<batch_key>.arrow``: the file of a batch's rows."""
+    return f"{SHARDS}/{batch_key(batch_id)}{SUFFIX}"
+
+
+def pack_file(batch_id: str) -> str:
+    """``images/<batch_key>.zip``: the file of a batch's images."""
+    return f"{IMAGES_DIR}/{batch_key(batch_id)}{PACK_SUFFIX}"
+
+
+def members_fingerprint(names: Sequence[str]) -> str:
+    """sha256 of a pack's member names, sorted, one per line: what a pack holds."""
+    return hashlib.sha256("".join(f"{n}\n" for n in sorted(names)).encode("utf-8")).hexdigest()
 
 
 def read_manifest(folder: Path) -> Manifest | None:
@@ -132,7 +184,7 @@ def parse_manifest(text: str, *, source: str) -> Manifest:
     """A manifest from its JSON ``text`` (``source`` names it in errors); PoolError if bad."""
     try:
         data = json.loads(text)
-        if data.get("format") != FORMAT:
+        if data.get("format") not in (FORMAT, LOOSE_FORMAT):
             raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
         shards = [Shard(**s) for s in data["shards"]]
         manifest = Manifest(
@@ -142,6 +194,8 @@ def parse_manifest(text: str, *, source: str) -> Manifest:
             shards=shards,
             user_columns=[str(c) for c in data.get("user_columns", [])],
             latest_batch=str(data.get("latest_batch", "")),
+            packs=[Pack(**p) for p in data.get("packs", [])],
+            format=str(data["format"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise PoolError(f"{source} is not a datapool manifest: {err}") from err
@@ -150,7 +204,31 @@ def parse_manifest(text: str, *, source: str) -> Manifest:
         raise PoolError(f"{source}: shard {bad[0]!r} is not a file of the pool's shards/ folder")
     if sum(s.rows for s in shards) != manifest.rows or manifest.dim < 1:
         raise PoolError(f"{source}: rows {manifest.rows} is not the sum of its shards' rows")
+    _check_packs(manifest, source)
     return manifest
+
+
+def _check_packs(manifest: Manifest, source: str) -> None:
+    """A /2 manifest lists one pack per shard (same batch, one member per row, a file of
+    ``images/``); a /1 manifest lists none. PoolError naming ``source`` otherwise."""
+    if manifest.loose:
+        if manifest.packs:
+            raise PoolError(f"{source}: format {LOOSE_FORMAT} lists no packs, this one does")
+        return
+    if len(manifest.packs) != len(manifest.shards):
+        raise PoolError(
+            f"{source} lists {len(manifest.packs)} image packs for {len(manifest.shards)} shards"
+        )
+    for shard, pack in zip(manifest.shards, manifest.packs, strict=True):
+        if not _PACK_NAME.fullmatch(pack.file) or pack.file != pack_file(shard.batch_id):
+            raise PoolError(
+                f"{source}: pack {pack.file!r} is not the pack of batch {shard.batch_id!r}"
+            )
+        if pack.batch_id != shard.batch_id or pack.members != shard.rows:
+            raise PoolError(
+                f"{source}: pack {pack.file} holds {pack.members} images of batch "
+                f"{pack.batch_id!r}, its shard {shard.rows} rows of {shard.batch_id!r}"
+            )
 
 
 def pool_exists(folder: Path) -> bool:
@@ -519,27 +597,34 @@ def content_hashes(
 
 @dataclass(frozen=True)
 class Plan:
-    """How to write a pool version: its manifest and the shards that must be (re)written.
+    """How to write a pool version: its manifest and the shards and packs to (re)write.
 
     Attributes:
         manifest: the new version's manifest.
         writes: ``{shard file: rows}`` for shards whose rows differ from the old version's
             (every shard when there was none); shards not listed stay as they are.
+        packs: ``{pack file: rows}`` for packs whose image set differs from the old
+            version's (every pack when it had none: a new pool, or one migrated from
+            loose images); packs not listed stay as they are, unopened.
         table: the rows in shard order (as :func:`load_pool` will read them back).
     """
 
     manifest: Manifest
     writes: dict[str, pd.DataFrame]
+    packs: dict[str, pd.DataFrame]
     table: pd.DataFrame
 
 
 def plan_version(table: pd.DataFrame, old: Manifest | None, *, latest_batch: str = "") -> Plan:
-    """Split ``table`` (wide layout, a pool's rows) into one shard per batch, in order of
-    each batch's first row, and list the shards whose content changed since ``old``.
+    """Split ``table`` (wide layout, a pool's rows) into one shard and one image pack per
+    batch, in order of each batch's first row, and list those whose content changed since ``old``.
 
     Rows of a batch that are not contiguous (a migrated pool the user sorted) are
     gathered behind the batch's first row. A shard is unchanged when its
-    :func:`fingerprint` equals the old manifest's for the same file.
+    :func:`fingerprint` equals the old manifest's for the same file. A pack is unchanged
+    when its shard is (same rows, so same images: its member names are not even
+    computed), or when its :func:`members_fingerprint` equals the old one (a new model
+    or an edited label rewrites the shard, not the pack).
     ``latest_batch`` goes into the manifest (see :class:`Manifest`).
     """
     dim = embedding_dim(table)
@@ -551,13 +636,24 @@ def plan_version(table: pd.DataFrame, old: Manifest | None, *, latest_batch: str
         codes = np.sort(codes, kind="stable")
     bounds = np.searchsorted(codes, np.arange(len(batches) + 1))
     before = {s.file: s.fingerprint for s in (old.shards if old else [])}
-    shards, writes = [], {}
+    packed = {p.file: p for p in (old.packs if old else [])}
+    shards, packs, writes, pack_writes = [], [], {}, {}
     for i, batch in enumerate(batches):
         rows = table.iloc[bounds[i] : bounds[i + 1]].reset_index(drop=True)
         shard = Shard(shard_file(str(batch)), str(batch), len(rows), fingerprint(rows))
         shards.append(shard)
+        previous = packed.get(pack_file(str(batch)))
         if before.get(shard.file) != shard.fingerprint:
             writes[shard.file] = rows
+        elif previous is not None:
+            packs.append(previous)
+            continue
+        pack = Pack(
+            pack_file(str(batch)), str(batch), len(rows), members_fingerprint(image_names(rows))
+        )
+        packs.append(pack)
+        if pack != previous:
+            pack_writes[pack.file] = rows
     manifest = Manifest(
         dim=dim,
         rows=len(table),
@@ -565,8 +661,9 @@ def plan_version(table: pd.DataFrame, old: Manifest | None, *, latest_batch: str
         shards=shards,
         user_columns=user,
         latest_batch=latest_batch,
+        packs=packs,
     )
-    return Plan(manifest=manifest, writes=writes, table=table)
+    return Plan(manifest=manifest, writes=writes, packs=pack_writes, table=table)
 
 
 def fingerprint(rows: pd.DataFrame) -> str:

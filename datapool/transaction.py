@@ -1,24 +1,37 @@
 """Writing a pool version as one transaction, and recovering after a crash.
 
-A version is the manifest, the shards it lists, ``checkpoint_latest.ckpt``, the
-images its rows reference and (for pools up to ``csv_max_rows``) the derived
-``datapool_latest.csv`` (:mod:`datapool.store`). Each file can be replaced
-atomically, but not several at once, so a new version is first staged in
-``.incoming/`` -- the shards that changed, the manifest, the CSV, the
-checkpoint -- and marked ``COMPLETE``; only then are the files renamed into
-place, the manifest last. :func:`recover` finishes an interrupted rename (roll
-forward, if the mark exists) or discards the stage (roll back), and removes
-shards and images the version does not reference. Whatever instant a run is
-killed at, after recovery the pool is exactly the old or exactly the new version.
-A version is validated before anything is deleted by it: a damaged table stops
-recovery with a message instead of taking the recorded version's images with it.
-A pool written before the shards (its CSV alone) is migrated by its next save.
+A version is the manifest, the shards it lists, the image packs it lists
+(``images/batch-*.zip``, :mod:`datapool.packs`), ``checkpoint_latest.ckpt`` and
+(for pools up to ``csv_max_rows``) the derived ``datapool_latest.csv``
+(:mod:`datapool.store`). Each file can be replaced atomically, but not several
+at once, so a new version is first staged in ``.incoming/`` -- the shards and
+packs that changed, the manifest, the CSV, the checkpoint -- and marked
+``COMPLETE``; only then are the files renamed into place, the manifest last.
+Nothing is written outside ``.incoming/`` before the mark. :func:`recover`
+finishes an interrupted rename (roll forward, if the mark exists) or discards
+the stage (roll back), and removes shards and packs the version does not list.
+Whatever instant a run is killed at, after recovery the pool is exactly the old
+or exactly the new version. A version is validated before anything is deleted
+by it: a damaged table stops recovery with a message instead of taking the
+recorded version's images with it.
+
+Work is proportional to the rows written: a save opens only the packs it
+rewrites (to take the images it keeps from them), never an untouched batch's.
+
+Migration: a pool written before the shards (its CSV alone), or before the
+packs (loose ``images/<hash><ext>``, manifest format ``datapool-pool/1``), is
+read as it is; its next save packs every batch's images from the loose files
+and removes those after the new manifest is in place (:meth:`Saved.note` says so).
+
+Test hook: :func:`datapool.version.crash_point` ``staged`` (after the mark,
+before any rename) and ``applying`` (shards and packs renamed in, the manifest
+not yet) kill the process there.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +42,7 @@ import pandas as pd
 
 from datapool.atomic import atomic_open, fsync_dir
 from datapool.errors import PoolError
+from datapool.packs import Member, Packs, PoolImages, Source, read_source, same_content, write_pack
 from datapool.pool import (
     CHECKPOINT,
     IMAGES_DIR,
@@ -36,24 +50,23 @@ from datapool.pool import (
     ensure_pool_present,
     image_names,
     read_legacy_pool,
-    stored_image,
 )
 from datapool.store import (
     COMPLETE,
     INCOMING,
     MANIFEST,
+    PACK_SUFFIX,
     SHARDS,
     Manifest,
     Plan,
     check_rows,
-    is_in,
     load_pool,
     plan_version,
-    read_columns,
     read_manifest,
     write_lightly_csv,
     write_rows,
 )
+from datapool.version import crash_point
 
 # Up to this many rows a pool also gets Lightly's datapool_latest.csv (see README):
 # at 100,000 x 64 it is ~100 MB and ~2 s to write; beyond, every version would add
@@ -70,12 +83,16 @@ class Saved:
         shards_written: shards written anew (the others were unchanged).
         csv: whether ``datapool_latest.csv`` was written (else it was removed).
         migrated: the pool was in the layout before shards (its CSV alone) until now.
+        packs_written: image packs written anew (the others were not opened).
+        packed: loose images (the layout before packs) this save packed and removed.
     """
 
     manifest: Manifest
     shards_written: int
     csv: bool
     migrated: bool
+    packs_written: int = 0
+    packed: int = 0
 
     def note(self, pool_dir: Path) -> str:
         """One line about the store, for the stage's output; empty when nothing is notable."""
@@ -84,6 +101,12 @@ class Saved:
             notes.append(
                 f"{pool_dir} migrated from {POOL_CSV} alone to Arrow shards + {MANIFEST} "
                 f"({self.manifest.rows} rows); {POOL_CSV} is now derived from them"
+            )
+        if self.packed:
+            notes.append(
+                f"{pool_dir}/{IMAGES_DIR}: {self.packed} loose images packed into "
+                f"{len(self.manifest.packs)} per-batch ZIPs ({IMAGES_DIR}/batch-*{PACK_SUFFIX}) "
+                "and removed"
             )
         if not self.csv:
             notes.append(
@@ -98,23 +121,25 @@ def save_pool(
     table: pd.DataFrame,
     *,
     checkpoint: Path | None,
-    sources: Mapping[str, Path],
+    sources: Mapping[str, Source],
     csv_max_rows: int = CSV_MAX_ROWS,
     latest_batch: str | None = None,
 ) -> Saved:
     """Make ``table`` (with the model in ``checkpoint``) the pool's current version.
 
-    ``sources`` maps content hash -> original file for rows whose image the pool
-    does not hold yet; each is copied to :func:`~datapool.pool.stored_image` and
-    must still have that hash, else :class:`PoolError` (missing, or changed since
-    it was embedded) and the pool is left as it was. ``checkpoint=None`` leaves
-    the pool without a model (an imported pool's embeddings have none). Only the
-    shards whose rows changed are written (:func:`datapool.store.plan_version`);
-    ``datapool_latest.csv`` is written when the pool has at most ``csv_max_rows``
-    rows (0: never) and removed otherwise, so it never shows an older version.
-    ``latest_batch`` is the increment writing this version (``merge``; see
-    :attr:`datapool.store.Manifest.latest_batch`), recorded in the same
-    transaction; None keeps the one recorded now (an edit of rows is no increment).
+    ``sources`` maps content hash -> where to read an image the pool does not hold
+    yet (an original file, or a member of another pool's pack: see
+    :func:`datapool.combine.images_of`); each image packed is checked against its
+    row's hash, else :class:`PoolError` (missing, or changed since it was embedded)
+    and the pool is left as it was. ``checkpoint=None`` leaves the pool without a
+    model (an imported pool's embeddings have none). Only the shards whose rows
+    changed and the packs whose image set changed are written
+    (:func:`datapool.store.plan_version`); a rewritten pack takes the images it
+    keeps from the old one. ``datapool_latest.csv`` is written when the pool has at
+    most ``csv_max_rows`` rows (0: never) and removed otherwise, so it never shows
+    an older version. ``latest_batch`` is the increment writing this version
+    (``merge``; see :attr:`datapool.store.Manifest.latest_batch`), recorded in the
+    same transaction; None keeps the one recorded now (an edit of rows is no increment).
     """
     check_rows(table, source=f"the new version of {pool_dir}")  # what a reader would refuse
     if (pool_dir / INCOMING).exists():
@@ -126,14 +151,31 @@ def save_pool(
     plan = plan_version(table, old, latest_batch=latest_batch)
     table = plan.table  # in shard order, so the CSV lists rows as the shards do
     csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
-    leaving = _leaving_images(pool_dir, old, plan)
+    loose = _loose_images(pool_dir) if old is None or old.loose else 0
     try:
-        _stage(pool_dir, table, plan, checkpoint=checkpoint, sources=sources, csv=csv)
+        _stage(pool_dir, table, plan, old=old, checkpoint=checkpoint, sources=sources, csv=csv)
     except BaseException:
-        recover(pool_dir)  # no COMPLETE mark yet: drops the stage and the images it copied
+        recover(pool_dir)  # no COMPLETE mark yet: drops the stage
         raise
-    _apply(pool_dir, table, leaving=leaving)
-    return Saved(plan.manifest, shards_written=len(plan.writes), csv=csv, migrated=migrated)
+    crash_point("staged")
+    _apply(pool_dir, table)
+    return Saved(
+        plan.manifest,
+        shards_written=len(plan.writes),
+        csv=csv,
+        migrated=migrated,
+        packs_written=len(plan.packs),
+        packed=loose,
+    )
+
+
+def _loose_images(pool_dir: Path) -> int:
+    """How many loose images (the layout before packs) ``images/`` holds."""
+    try:
+        with os.scandir(pool_dir / IMAGES_DIR) as entries:
+            return sum(1 for e in entries if not e.name.endswith(PACK_SUFFIX))
+    except FileNotFoundError:
+        return 0
 
 
 def _stage(
@@ -141,19 +183,16 @@ def _stage(
     table: pd.DataFrame,
     plan: Plan,
     *,
+    old: Manifest | None,
     checkpoint: Path | None,
-    sources: Mapping[str, Path],
+    sources: Mapping[str, Source],
     csv: bool,
 ) -> None:
-    """Copy the new images in, write changed shards, manifest, CSV and model to the stage,
-    then mark it COMPLETE (listing the staged shards and whether a CSV belongs to it)."""
+    """Write the changed packs and shards, manifest, CSV and model to the stage, then
+    mark it COMPLETE (listing the staged shards and packs and whether a CSV belongs to it)."""
     staging = pool_dir / INCOMING
-    # The stage exists before the first image is copied, so recovery knows that
-    # images no table references, beside an unmarked stage, are its leftovers.
     staging.mkdir(parents=True)
-    # Rows of unchanged shards had their images checked when their shard was written.
-    written = list(plan.writes.values())
-    _copy_missing_images(pool_dir, pd.concat(written) if written else table.iloc[:0], sources)
+    _write_packs(pool_dir, plan, old=old, sources=sources)
     fingerprints = {s.file: s.fingerprint for s in plan.manifest.shards}
     for name, rows in plan.writes.items():
         write_rows(rows, staging / name, fingerprint=fingerprints[name])
@@ -167,43 +206,78 @@ def _stage(
             handle.write(checkpoint.read_bytes())
     with atomic_open(staging / MANIFEST, "w") as handle:
         handle.write(plan.manifest.to_json())
-    for folder in (staging / SHARDS, pool_dir / IMAGES_DIR, staging):
+    for folder in (staging / SHARDS, staging / IMAGES_DIR, staging):
         if folder.is_dir():
-            fsync_dir(folder)  # the copied images too: COMPLETE promises the whole version
-    mark = {"csv": csv, "shards": sorted(plan.writes)}
+            fsync_dir(folder)
+    mark = {"csv": csv, "shards": sorted(plan.writes), "packs": sorted(plan.packs)}
     with atomic_open(staging / COMPLETE, "w") as handle:
         handle.write(json.dumps(mark) + "\n")
 
 
+def _write_packs(
+    pool_dir: Path, plan: Plan, *, old: Manifest | None, sources: Mapping[str, Source]
+) -> None:
+    """Write each pack ``plan`` lists into the stage. An image comes from the pool's own
+    copy (the old version's pack of that batch, or a loose file before the packs) if it
+    has one, else from ``sources``; each is checked against its row's content hash."""
+    staging = pool_dir / INCOMING
+    with PoolImages(pool_dir, manifest=old) as own:
+        for file, rows in plan.packs.items():
+            names = image_names(rows)
+            wanted = dict(
+                zip(names, zip(rows["content_hash"], rows["filenames"], strict=True), strict=True)
+            )
+            batch = str(rows["batch_id"].iloc[0])
+
+            def read(name: str, batch: str = batch, wanted: Any = wanted) -> bytes:
+                digest, filename = str(wanted[name][0]), str(wanted[name][1])
+                return _image(own, sources, digest=digest, filename=filename, batch_id=batch)
+
+            write_pack(staging / file, names, read)
+
+
+def _image(
+    own: PoolImages, sources: Mapping[str, Source], *, digest: str, filename: str, batch_id: str
+) -> bytes:
+    """One image to pack, checked: the pool's own copy, else ``sources[digest]``."""
+    source: Source | None = own.own_copy(content_hash=digest, filename=filename, batch_id=batch_id)
+    if isinstance(source, Member) and source.name not in own.packs.names(
+        source.pack, source.listed
+    ):
+        source = None  # a new image of a batch being redone
+    if source is None:
+        if digest not in sources:
+            raise PoolError(f"the image of {filename!r} ({digest[:12]}) is missing")
+        source = sources[digest]
+    data = read_source(source, own.packs)
+    if same_content(data, digest):
+        return data
+    if isinstance(source, Member):
+        raise PoolError(
+            f"{source.pack}: image {source.name} does not hash to the content_hash of "
+            f"{filename!r}: the pack was edited or damaged"
+        )
+    raise PoolError(
+        f"{source} changed since it was embedded (content hash differs); "
+        "run the pipeline again (dvc repro -f) to re-embed it"
+    )
+
+
 def _mark(staging: Path) -> dict[str, Any]:
-    """What a COMPLETE mark says: ``{"csv": bool, "shards": [staged shard files]}``. A mark
-    left by datapool before the shards is plain text: a version with a CSV, no shards."""
+    """What a COMPLETE mark says: ``{"csv": bool, "shards": [...], "packs": [...]}`` (staged
+    files). A mark left by datapool before the shards is plain text: a CSV, no shards."""
     text = (staging / COMPLETE).read_text(encoding="utf-8")
     try:
         mark = json.loads(text)
     except ValueError:
-        return {"csv": True, "shards": []}
-    return mark if isinstance(mark, dict) else {"csv": True, "shards": []}
-
-
-def _copy_missing_images(pool_dir: Path, rows: pd.DataFrame, sources: Mapping[str, Path]) -> None:
-    """Copy into ``images/`` the image of each of ``rows`` the pool does not hold yet,
-    from ``sources``. Per row, not by listing ``images/``: a merge writes a few
-    thousand rows into a pool of a million images."""
-    present: set[str] = set()
-    hashes, files = rows["content_hash"].tolist(), rows["filenames"].tolist()
-    for digest, filename, name in zip(hashes, files, image_names(rows), strict=True):
-        if name in present or (pool_dir / IMAGES_DIR / name).exists():
-            continue
-        if str(digest) not in sources:
-            raise PoolError(f"the image of {filename!r} ({str(digest)[:12]}) is missing")
-        target = stored_image(pool_dir, content_hash=str(digest), filename=str(filename))
-        _copy_verified(sources[str(digest)], target, content_hash=str(digest))
-        present.add(name)
+        mark = None
+    if not isinstance(mark, dict):
+        mark = {"csv": True}
+    return {"shards": [], "packs": [], **mark}
 
 
 def create_pool(
-    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Path]
+    pool_dir: Path, table: pd.DataFrame, *, checkpoint: Path | None, sources: Mapping[str, Source]
 ) -> Saved:
     """A new pool at ``pool_dir`` (see :func:`save_pool`); nothing is left behind on failure.
 
@@ -223,8 +297,9 @@ def recover(pool_dir: Path) -> pd.DataFrame | None:
 
     Returns the pool's rows, validated (:func:`~datapool.store.load_pool`), or
     None when it has none. Every version is validated before anything is
-    deleted, and a shard or image goes only when the version it ends with does
-    not reference it (an abandoned stage's copies, a previous version's files).
+    deleted, and a shard, pack or loose image goes only when the version it ends
+    with does not reference it (a previous version's files, an older datapool's
+    abandoned image copies).
     Raises :class:`PoolError` naming the file (and row) and deletes nothing when
     the current version or a staged one marked complete does not validate: it
     is not a version, and sweeping by it would drop the recorded version's images.
@@ -250,7 +325,8 @@ def _staged_version(pool_dir: Path) -> pd.DataFrame | None:
     """The version a COMPLETE stage makes, validated; PoolError (deleting nothing) if it
     does not validate, with advice that fits how far its renames got."""
     staging = pool_dir / INCOMING
-    untouched = all((staging / name).is_file() for name in _mark(staging)["shards"])
+    mark = _mark(staging)
+    untouched = all((staging / name).is_file() for name in [*mark["shards"], *mark["packs"]])
     advice = (
         f"remove {staging} to keep the current version"
         if untouched  # no staged shard was renamed over the current version's yet
@@ -263,7 +339,24 @@ def _staged_version(pool_dir: Path) -> pd.DataFrame | None:
             return read_legacy_pool(staging)
         except PoolError as err:
             raise PoolError(f"{err}; no pool image was deleted: {advice}") from err
-    return _valid_table(pool_dir, overlay=staging, advice=advice)
+    table = _valid_table(pool_dir, overlay=staging, advice=advice)
+    _check_staged_packs(staging, mark["packs"], advice=advice)
+    return table
+
+
+def _check_staged_packs(staging: Path, files: list[str], *, advice: str) -> None:
+    """Each pack still in the stage opens and holds what the staged manifest lists."""
+    manifest = read_manifest(staging)
+    listed = {p.file: p for p in (manifest.packs if manifest is not None else [])}
+    with Packs() as packs:
+        for file in files:
+            if (staging / file).is_file():
+                try:
+                    if file not in listed:
+                        raise PoolError(f"{staging / file} is a pack the staged manifest lacks")
+                    packs.names(staging / file, listed[file])
+                except PoolError as err:
+                    raise PoolError(f"{err}; no pool image was deleted: {advice}") from err
 
 
 def _checkout_advice(pool_dir: Path) -> str:
@@ -273,17 +366,18 @@ def _checkout_advice(pool_dir: Path) -> str:
     )
 
 
-def _apply(pool_dir: Path, table: pd.DataFrame, *, leaving: list[str] | None = None) -> None:
-    """Rename the staged files into place (shards, checkpoint, CSV, then the manifest) and
-    sweep by ``table``, the staged rows; idempotent. ``leaving`` (from :func:`save_pool`)
-    names the only images that can have become unreferenced; None sweeps by listing."""
+def _apply(pool_dir: Path, table: pd.DataFrame | None) -> None:
+    """Rename the staged files into place (shards and packs, checkpoint, CSV, then the
+    manifest) and sweep by the new manifest (``table``: its rows); idempotent."""
     staging = pool_dir / INCOMING
-    staged_shards = staging / SHARDS
-    if staged_shards.is_dir():
-        (pool_dir / SHARDS).mkdir(exist_ok=True)
-        for shard in sorted(staged_shards.iterdir()):
-            shard.replace(pool_dir / SHARDS / shard.name)
-        fsync_dir(pool_dir / SHARDS)
+    for folder in (SHARDS, IMAGES_DIR):
+        staged = staging / folder
+        if staged.is_dir():
+            (pool_dir / folder).mkdir(exist_ok=True)
+            for file in sorted(staged.iterdir()):
+                file.replace(pool_dir / folder / file.name)
+            fsync_dir(pool_dir / folder)
+    crash_point("applying")
     for name in (CHECKPOINT, POOL_CSV):
         if (staging / name).exists():
             (staging / name).replace(pool_dir / name)
@@ -292,12 +386,7 @@ def _apply(pool_dir: Path, table: pd.DataFrame, *, leaving: list[str] | None = N
     if (staging / MANIFEST).exists():
         (staging / MANIFEST).replace(pool_dir / MANIFEST)
     fsync_dir(pool_dir)
-    if leaving is None:
-        _sweep(pool_dir, table)
-    else:
-        for name in leaving:
-            (pool_dir / IMAGES_DIR / name).unlink(missing_ok=True)
-        _sweep_shards(pool_dir)
+    _sweep(pool_dir, table)
     shutil.rmtree(staging)
 
 
@@ -310,68 +399,32 @@ def _valid_table(folder: Path, *, advice: str, overlay: Path | None = None) -> p
 
 
 def _sweep(pool_dir: Path, table: pd.DataFrame | None) -> None:
-    """Delete stored images the validated ``table`` does not reference (all, for None), and
-    shards the current manifest does not list."""
+    """Delete what the current version does not reference: in ``images/``, every file but
+    the packs the manifest lists (so, after a migration, the loose images); in a pool
+    before the packs, the loose images the validated ``table`` does not reference (all,
+    for None). Then shards the manifest does not list. Lists ``images/``: O(batches)
+    once a pool has packs."""
+    manifest = read_manifest(pool_dir)
     images = pool_dir / IMAGES_DIR
     if images.is_dir():
-        keep = set(image_names(table)) if table is not None else set()
+        if manifest is not None and not manifest.loose:
+            keep = {Path(p.file).name for p in manifest.packs}
+        else:
+            keep = set(image_names(table)) if table is not None else set()
         for stale in images.iterdir():
-            if stale.name not in keep:
+            if stale.name not in keep and stale.is_file():
                 stale.unlink()
-    _sweep_shards(pool_dir)
+    _sweep_shards(pool_dir, manifest)
 
 
-def _leaving_images(pool_dir: Path, old: Manifest | None, plan: Plan) -> list[str] | None:
-    """Images the new version no longer references: those of the old version's rows in
-    shards it rewrites or drops, unless the new version holds that image under the same
-    name. None (sweep by listing) when there is no old manifest (a new or migrated pool).
-    """
-    if old is None:
-        return None
-    kept = {s.file for s in plan.manifest.shards} - set(plan.writes)
-    gone = [s for s in old.shards if s.file not in kept]
-    if not gone:
-        return []
-    import pyarrow as pa
-
-    parts = [read_columns(pool_dir / s.file, ("content_hash", "filenames")) for s in gone]
-    before = pa.concat_tables(parts).to_pandas()
-    now = plan.table.set_index("content_hash")["filenames"]
-    names = image_names(before)
-    still = is_in(before["content_hash"], plan.table["content_hash"])
-    keep = set()
-    if still.any():
-        moved = before[still]
-        keep = set(image_names(moved.assign(filenames=now.loc[moved["content_hash"]].to_numpy())))
-    return [name for name in names if name not in keep]
-
-
-def _sweep_shards(pool_dir: Path) -> None:
-    """Delete shard files the current manifest does not list."""
+def _sweep_shards(pool_dir: Path, manifest: Manifest | None) -> None:
+    """Delete shard files ``manifest`` (the current one) does not list."""
     shards = pool_dir / SHARDS
-    manifest = read_manifest(pool_dir)
     if shards.is_dir() and manifest is not None:
         listed = {Path(s.file).name for s in manifest.shards}
         for stale in shards.iterdir():
             if stale.name not in listed:
                 stale.unlink()
-
-
-def _copy_verified(source: Path, target: Path, *, content_hash: str) -> None:
-    """Copy ``source`` to ``target`` atomically, checking its sha256 on the way."""
-    digest = hashlib.sha256()
-    try:
-        with source.open("rb") as reader, atomic_open(target, "wb") as writer:
-            while chunk := reader.read(1 << 20):
-                digest.update(chunk)
-                writer.write(chunk)
-            if digest.hexdigest() != content_hash:
-                raise PoolError(
-                    f"{source} changed since it was embedded (content hash differs); "
-                    "run the pipeline again (dvc repro -f) to re-embed it"
-                )
-    except OSError as err:
-        raise PoolError(f"cannot copy {source} into the pool: {err}") from err
 
 
 def open_pool(pool_dir: Path, *, lock_file: Path) -> pd.DataFrame | None:

@@ -13,7 +13,8 @@ from datapool.embedding.model import ModelConfig, build_model, save_checkpoint
 from datapool.errors import PoolError
 from datapool.images import content_hash
 from datapool.increment import StoppingCondition
-from datapool.pool import CHECKPOINT, POOL_CSV, column_order, read_pool, stored_image
+from datapool.packs import read_image
+from datapool.pool import CHECKPOINT, IMAGES_DIR, POOL_CSV, column_order, read_pool
 from datapool.transaction import create_pool
 from tests.conftest import draw_image
 
@@ -104,9 +105,12 @@ def test_create_pool_copies_images_by_content_and_refuses_overwrite(tmp_path: Pa
     files = images_of([a, b], done.table)
     target = tmp_path / "pools" / "c"
     create_pool(target, done.table, sources=files, checkpoint=None)
+    assert (
+        sorted(p.suffix for p in (target / IMAGES_DIR).iterdir()) == [".zip"] * 2
+    )  # a pack per batch
     for _, row in done.table.iterrows():
-        image = stored_image(target, content_hash=row["content_hash"], filename=row["filenames"])
-        assert content_hash(image) == row["content_hash"]
+        image = read_image(target, row)  # checked against the row's content hash
+        assert image == (tmp_path / f"inbox_{row['batch_id'][2:]}" / row["filenames"]).read_bytes()
     with pytest.raises(PoolError, match="already exists"):
         create_pool(target, done.table, sources=files, checkpoint=None)
 

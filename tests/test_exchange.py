@@ -14,7 +14,7 @@ import pytest
 from datapool.errors import PoolError
 from datapool.exchange import export_names, export_pool, import_pool, import_table
 from datapool.images import content_hash
-from datapool.pool import embeddings_of, read_pool, stored_image
+from datapool.pool import IMAGES_DIR, embeddings_of, read_pool
 from tests.conftest import draw_image
 from tests.test_combine import SHARD, craft_hash, make_pool
 
@@ -43,6 +43,9 @@ def test_export_then_import_round_trips(tmp_path: Path) -> None:
     assert sorted(listed) == sorted(
         p.relative_to(done.images).as_posix() for p in done.images.rglob("*.png")
     )
+    # Loose files, out of the pool's pack, byte for byte the originals.
+    for name in listed:
+        assert (done.images / name).read_bytes() == (tmp_path / "inbox_a" / name).read_bytes()
     rows, duplicates = import_pool(done.csv, done.images, tmp_path / "pools" / "b")
     assert (rows, duplicates) == (3, 0)
     before, after = read_pool(pool), read_pool(tmp_path / "pools" / "b")
@@ -160,7 +163,8 @@ def test_export_refuses_an_original_that_is_not_the_pooled_image(tmp_path: Path)
     pool = make_pool(tmp_path, "a", [1, 2])
     table = read_pool(pool)
     assert table is not None
-    stored_image(pool, content_hash=table["content_hash"][1], filename="x.png").unlink()
+    for pack in (pool / IMAGES_DIR).iterdir():  # the pool's copies gone (not checked out)
+        pack.unlink()
     draw_image(tmp_path / "inbox_a" / "img_2.png", seed=99)  # another image at the original path
     with pytest.raises(PoolError, match=r"'img_2\.png'.*does not hash to its content_hash"):
         export_pool(pool, tmp_path / "out")

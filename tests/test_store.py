@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from datapool.errors import PoolError
-from datapool.pool import POOL_CSV, embeddings_of, read_pool, stored_image, write_table
+from datapool.pool import POOL_CSV, embeddings_of, read_pool, write_table
 from datapool.store import (
     MANIFEST,
     SHARDS,
@@ -40,13 +40,24 @@ def batches(*sizes: int, dim: int = 4) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def save(folder: Path, table: pd.DataFrame, **kwargs: object) -> object:
-    """save_pool with every row's image already in the pool (so nothing is copied)."""
+def image_sources(folder: Path, table: pd.DataFrame) -> dict[str, Path]:
+    """Real image files for rows of :func:`stored_table` (``img_S_I.png``'s content is
+    ``hS_I``, whose sha256 is its content_hash), in an inbox beside ``folder``."""
+    inbox = folder.parent / f"{folder.name}-inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    sources = {}
     for digest, name in zip(table["content_hash"], table["filenames"], strict=True):
-        stored = stored_image(folder, content_hash=str(digest), filename=str(name))
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        stored.write_bytes(b"x")
-    return save_pool(folder, table, checkpoint=None, sources={}, **kwargs)  # type: ignore[arg-type]
+        data = f"h{str(name).removeprefix('img_').removesuffix('.png')}".encode()
+        assert hashlib.sha256(data).hexdigest() == digest, f"{name} is not a stored_table row"
+        (inbox / str(name)).write_bytes(data)
+        sources[str(digest)] = inbox / str(name)
+    return sources
+
+
+def save(folder: Path, table: pd.DataFrame, **kwargs: object) -> object:
+    """save_pool with every row's image at hand (see :func:`image_sources`)."""
+    sources = image_sources(folder, table)
+    return save_pool(folder, table, checkpoint=None, sources=sources, **kwargs)  # type: ignore[arg-type]
 
 
 def shard_files(folder: Path) -> dict[str, tuple[int, bytes]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -34,19 +35,37 @@ def _pool_with_images(tmp_path: Path, n: int) -> tuple[pd.DataFrame, dict[str, P
     return table, sources
 
 
+def members(pool: Path) -> dict[str, bytes]:
+    """Every image in the pool's packs, by member name."""
+    found: dict[str, bytes] = {}
+    for pack in sorted((pool / IMAGES_DIR).glob("*.zip")):
+        with zipfile.ZipFile(pack) as opened:
+            found |= {name: opened.read(name) for name in opened.namelist()}
+    return found
+
+
+def unpack(pool: Path) -> None:
+    """Turn the pool's packs into loose images/<hash><ext>: the layout before the packs."""
+    for name, data in members(pool).items():
+        (pool / IMAGES_DIR / name).write_bytes(data)
+    for pack in (pool / IMAGES_DIR).glob("*.zip"):
+        pack.unlink()
+
+
 def test_save_pool_copies_images_by_content(tmp_path: Path) -> None:
     table, sources = _pool_with_images(tmp_path, 3)
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"weights")
     save_pool(tmp_path / "pool", table, checkpoint=ckpt, sources=sources)
-    stored = sorted(p.name for p in (tmp_path / "pool" / IMAGES_DIR).iterdir())
-    assert stored == sorted(f"{h}.png" for h in table["content_hash"])
-    for digest, src in sources.items():
-        assert (tmp_path / "pool" / IMAGES_DIR / f"{digest}.png").read_bytes() == src.read_bytes()
+    assert [p.name for p in (tmp_path / "pool" / IMAGES_DIR).iterdir()] == [
+        Path(p.file).name
+        for p in read_manifest(tmp_path / "pool").packs  # type: ignore[union-attr]
+    ]
+    assert members(tmp_path / "pool") == {f"{d}.png": s.read_bytes() for d, s in sources.items()}
     assert (tmp_path / "pool" / CHECKPOINT).read_bytes() == b"weights"
     # A smaller next version drops the images its rows no longer reference.
     save_pool(tmp_path / "pool", table.iloc[:1], checkpoint=ckpt, sources={})
-    assert len(list((tmp_path / "pool" / IMAGES_DIR).iterdir())) == 1
+    assert len(members(tmp_path / "pool")) == 1
 
 
 def test_save_pool_refuses_a_source_changed_since_embedding(tmp_path: Path) -> None:
@@ -73,14 +92,20 @@ def _two_versions(tmp_path: Path) -> tuple[Path, dict[str, bytes], dict[str, byt
 
 
 def _stage_v2(tmp_path: Path, pool: Path, new: dict[str, bytes], *, complete: bool) -> None:
-    """Leave ``pool`` as a crash would: v2's images copied and its files staged."""
+    """Leave ``pool`` as a crash would: v2's files (all of them) staged."""
     for name, data in new.items():
-        staged = name in (POOL_CSV, CHECKPOINT, MANIFEST) or name.startswith(f"{SHARDS}/")
-        target = pool / INCOMING / name if staged else pool / name
+        target = pool / INCOMING / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     if complete:
         (pool / INCOMING / COMPLETE).write_text("done")
+
+
+def _rename_in(pool: Path, *folders: str) -> None:
+    """What _apply did before it was killed: the staged files of ``folders`` renamed in."""
+    for folder in folders:
+        for staged in (pool / INCOMING / folder).iterdir():
+            staged.replace(pool / folder / staged.name)
 
 
 def test_crash_before_the_mark_rolls_back(tmp_path: Path) -> None:
@@ -93,9 +118,8 @@ def test_crash_before_the_mark_rolls_back(tmp_path: Path) -> None:
 def test_crash_after_the_mark_rolls_forward(tmp_path: Path) -> None:
     pool, old, new = _two_versions(tmp_path)
     _stage_v2(tmp_path, pool, new, complete=True)
-    # Killed mid-apply: the shards and checkpoint are in place, CSV and manifest still staged.
-    for shard in (pool / INCOMING / SHARDS).iterdir():
-        shard.replace(pool / SHARDS / shard.name)
+    # Killed mid-apply: shards, packs and checkpoint are in place, CSV and manifest staged.
+    _rename_in(pool, SHARDS, IMAGES_DIR)
     (pool / INCOMING / CHECKPOINT).replace(pool / CHECKPOINT)
     assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is not None
     assert snapshot(pool) == new
@@ -106,8 +130,7 @@ def test_crash_after_both_renames_rolls_forward(tmp_path: Path) -> None:
     pool, _, new = _two_versions(tmp_path)
     _stage_v2(tmp_path, pool, new, complete=True)
     # Killed after the manifest was renamed in, before the sweep and the stage's removal.
-    for shard in (pool / INCOMING / SHARDS).iterdir():
-        shard.replace(pool / SHARDS / shard.name)
+    _rename_in(pool, SHARDS, IMAGES_DIR)
     for name in (CHECKPOINT, POOL_CSV, MANIFEST):
         (pool / INCOMING / name).replace(pool / name)
     assert open_pool(pool, lock_file=tmp_path / "dvc.lock") is not None
@@ -144,7 +167,7 @@ def test_truncated_shard_is_refused_and_no_image_is_deleted(tmp_path: Path) -> N
     (pool / INCOMING).mkdir()  # as a crash leaves it: recovery must validate before sweeping
     with pytest.raises(PoolError, match=f"{shard.name} is not a readable Arrow file.*dvc checkout"):
         open_pool(pool, lock_file=tmp_path / "dvc.lock")
-    assert len(list((pool / IMAGES_DIR).iterdir())) == 4
+    assert len(members(pool)) == 4
     changed = {
         k for k in set(before) | set(snapshot(pool)) if before.get(k) != snapshot(pool).get(k)
     }
@@ -159,6 +182,7 @@ def test_truncated_csv_of_an_older_pool_is_refused_and_no_image_is_deleted(tmp_p
     assert table is not None
     shutil.rmtree(pool / SHARDS)
     (pool / MANIFEST).unlink()
+    unpack(pool)
     write_table(table, pool / POOL_CSV)
     text = (pool / POOL_CSV).read_text()
     cut = text.index("\n", text.index("\n") + 1) + 20
@@ -222,6 +246,7 @@ def test_a_stage_left_by_datapool_before_the_shards_rolls_forward_to_its_csv(
     shutil.rmtree(pool / SHARDS)
     for name in (MANIFEST, POOL_CSV):
         (pool / name).unlink()
+    unpack(pool)
     write_table(table.iloc[:2], pool / POOL_CSV)  # the old version: 2 rows
     (pool / INCOMING).mkdir()
     write_table(table, pool / INCOMING / POOL_CSV)  # the staged one: all 4

@@ -8,6 +8,9 @@ never compared with each other.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from datapool.embedding.training import train_contrastive
 from datapool.errors import PoolError
 from datapool.images import ImageFile
 from datapool.increment import batch_identity
-from datapool.pool import CHECKPOINT, embedding_columns, known_embeddings, stored_image
+from datapool.packs import extract_images
+from datapool.pool import CHECKPOINT, embedding_columns, known_embeddings
 from datapool.store import read_manifest
 
 
@@ -52,20 +56,26 @@ class Training:
     max_images: int = 2000
 
 
-def pool_images(pool_dir: Path, pool: pd.DataFrame) -> list[Path]:
-    """The pool's stored copies of its images, in row order; PoolError if any is missing."""
-    paths = [
-        stored_image(pool_dir, content_hash=str(h), filename=str(f))
-        for h, f in zip(pool["content_hash"], pool["filenames"], strict=True)
-    ]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise PoolError(
-            f"{len(missing)} of the pool's {len(paths)} images are not in {pool_dir / 'images'} "
-            f"(e.g. {missing[0].name}); they are needed to re-embed the pool with a new model. "
-            "Run `dvc pull` or `dvc checkout`, or keep training off (embed.train_epochs=0)"
-        )
-    return paths
+@contextmanager
+def pool_images(pool_dir: Path, pool: pd.DataFrame) -> Iterator[list[Path]]:
+    """The pool's images as files, in row order, in a scratch folder removed on exit.
+
+    Decision: the images are copied out of their packs (:mod:`datapool.packs`) because
+    training and embedding decode files by path; this costs a copy of the pool's images
+    in the system's temp folder, only when the model changes (a retrain re-embeds every
+    row anyway). Each is read by :class:`datapool.packs.PoolImages` (the pool's pack,
+    else the original, checked against its content hash). Raises :class:`PoolError`
+    naming the image (and pack) that cannot be read.
+    """
+    with tempfile.TemporaryDirectory(prefix="datapool-pool-images-") as tmp:
+        try:
+            paths = extract_images(pool_dir, pool, Path(tmp))
+        except PoolError as err:
+            raise PoolError(
+                f"{err}; the pool's images are needed to re-embed the pool with a new model. "
+                "Run `dvc pull` or `dvc checkout`, or keep training off (embed.train_epochs=0)"
+            ) from err
+        yield paths
 
 
 def choose_model(
@@ -86,25 +96,26 @@ def choose_model(
     """
     has_model = (pool_dir / CHECKPOINT).exists()
     model = model_for_pool(pool_dir / CHECKPOINT, wanted=wanted, seed=seed)
-    if training.epochs:
-        images = [*(pool_images(pool_dir, pool) if pool is not None else []), *_batch(input_dir)]
-        epochs = training.epochs
-    elif not has_model and wanted.weights.lower() == "none" and training.bootstrap_epochs:
-        images, epochs = (
-            _sample(_batch(input_dir), training.max_images, seed),
-            training.bootstrap_epochs,
+    with ExitStack() as scratch:
+        if training.epochs:
+            pooled = scratch.enter_context(pool_images(pool_dir, pool)) if pool is not None else []
+            images, epochs = [*pooled, *_batch(input_dir)], training.epochs
+        elif not has_model and wanted.weights.lower() == "none" and training.bootstrap_epochs:
+            images, epochs = (
+                _sample(_batch(input_dir), training.max_images, seed),
+                training.bootstrap_epochs,
+            )
+        else:
+            return model
+        return train_contrastive(
+            model,
+            images,
+            epochs=epochs,
+            batch_size=training.batch_size,
+            learning_rate=training.learning_rate,
+            seed=seed,
+            device=device,
         )
-    else:
-        return model
-    return train_contrastive(
-        model,
-        images,
-        epochs=epochs,
-        batch_size=training.batch_size,
-        learning_rate=training.learning_rate,
-        seed=seed,
-        device=device,
-    )
 
 
 def _batch(input_dir: Path) -> list[Path]:
@@ -132,20 +143,22 @@ def reembed_pool(
 ) -> pd.DataFrame | None:
     """The pool's rows embedded by ``model``; None if they already are.
 
-    Uses the pool's stored images. Raises :class:`PoolError` if one is missing
-    or can no longer be decoded.
+    Uses the pool's stored images (:func:`pool_images`). Raises :class:`PoolError`
+    if one is missing or can no longer be decoded.
     """
     if pool.empty or set(pool["model_id"]) == {model_id}:
         return None
-    paths = pool_images(pool_dir, pool)
-    files = [ImageFile(path=p, relpath=p.name, label="") for p in paths]
-    vectors, failed = embed_files(
-        files, model=model, batch_size=batch_size, num_workers=num_workers, device=device
-    )
+    with pool_images(pool_dir, pool) as paths:
+        files = [ImageFile(path=p, relpath=p.name, label="") for p in paths]
+        vectors, failed = embed_files(
+            files, model=model, batch_size=batch_size, num_workers=num_workers, device=device
+        )
     if failed:
         name, reason = next(iter(failed.items()))
+        row = pool.iloc[int(Path(name).stem)]  # extracted as <position><ext>
         raise PoolError(
-            f"the pool's image {pool_dir / 'images' / name} cannot be decoded: {reason}"
+            f"the pool's image of {row['filenames']!r} ({row['content_hash'][:12]}) cannot be "
+            f"decoded: {reason}"
         )
     table = pool.copy()
     table[embedding_columns(model.config.embedding_dim)] = np.stack(

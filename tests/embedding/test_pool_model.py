@@ -151,10 +151,16 @@ def test_training_reembeds_the_pool_from_its_own_images(
 def test_missing_pool_images_stop_reembedding(
     tmp_path: Path, make_images: Callable[..., Path]
 ) -> None:
+    # The pool's pack not checked out, and one original gone from the inbox: that image
+    # is nowhere (the others are read from their originals, checked by content hash).
     pool_dir, table = _pool(tmp_path, make_images)
     next((pool_dir / IMAGES_DIR).iterdir()).unlink()
+    gone = table.iloc[2]
+    (Path(gone["source"]) / gone["filenames"]).unlink()
     other = build_model(CONFIG, seed=5)
-    with pytest.raises(PoolError, match=r"1 of the pool's 4 images are not in"):
+    with pytest.raises(
+        PoolError, match=rf"'{gone['filenames']}' is neither in .* are needed to re-embed"
+    ):
         reembed_pool(
             pool_dir=pool_dir,
             pool=table,
