@@ -168,22 +168,40 @@ def read_picks(path: Path) -> pd.DataFrame:
     return picks
 
 
-def select_increment(
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose_increment` decided.
+
+    Attributes:
+        picks: the picks in pick order, columns :data:`PICK_COLUMNS`.
+        next_distance: Euclidean distance of the farthest fresh candidate left
+            unpicked to the pool and every pick: the batch's coverage radius after
+            this increment and the distance at which selection stopped (0.0 when
+            every fresh candidate was picked or there were none).
+        fresh: how many candidates were new (not already in the pool's other batches).
+    """
+
+    picks: pd.DataFrame
+    next_distance: float
+    fresh: int
+
+
+def choose_increment(
     candidates: pd.DataFrame, pool: pd.DataFrame | None, stop: StoppingCondition
-) -> pd.DataFrame:
+) -> Choice:
     """Greedy k-center over ``candidates`` conditioned on the pool's other batches.
 
-    Candidates whose content is already in the pool are never picked. Returns
-    the picks in pick order with columns :data:`PICK_COLUMNS`; ``pick_distance``
-    is the Euclidean distance to the nearest pool row or earlier pick when the
-    candidate was picked (``inf`` for the first pick into an empty pool).
+    Candidates whose content is already in the pool are never picked.
+    ``pick_distance`` is the Euclidean distance to the nearest pool row or
+    earlier pick when the candidate was picked (``inf`` for the first pick into
+    an empty pool).
     """
     prior = prior_rows(pool, batch_of(candidates)) if not candidates.empty else None
     check_compatible(prior, candidates)
     fresh = new_candidates(candidates, pool)
     pool_embeddings = None if prior is None or prior.empty else embeddings_of(prior)
     if fresh.empty:
-        return pd.DataFrame({c: [] for c in PICK_COLUMNS})
+        return Choice(pd.DataFrame({c: [] for c in PICK_COLUMNS}), 0.0, 0)
     # Imported here, not at the top: selection needs torch (seconds to import), and
     # the CLI and workspace modules use this module's pandas helpers without it.
     from datapool.selection import k_center_greedy
@@ -197,7 +215,14 @@ def select_increment(
     picks = fresh.iloc[chosen.indices][["filenames", "content_hash"]].reset_index(drop=True)
     picks["pick_rank"] = np.arange(1, len(picks) + 1)
     picks["pick_distance"] = chosen.min_distances
-    return picks
+    return Choice(picks, float(chosen.next_distance), len(fresh))
+
+
+def select_increment(
+    candidates: pd.DataFrame, pool: pd.DataFrame | None, stop: StoppingCondition
+) -> pd.DataFrame:
+    """The picks of :func:`choose_increment`, in pick order (columns :data:`PICK_COLUMNS`)."""
+    return choose_increment(candidates, pool, stop).picks
 
 
 def merge_increment(

@@ -5,12 +5,14 @@ model (bootstrapped by a short self-supervised run when it has random weights);
 trains it further when embed.train_epochs > 0. If the model is not the one that
 embedded the pool, the pool's stored images are embedded again. Writes to
 --out-dir: candidates.arrow (the pool's shard format, datapool.store), model.ckpt,
-corrupt.json, duplicates.json and, when the model changed, pool_reembedded.arrow.
+corrupt.json, duplicates.json, settings.json (the options it ran with, for the
+report) and, when the model changed, pool_reembedded.arrow.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +22,7 @@ from datapool.console import user_errors
 from datapool.embedding.inference import resolve_device
 from datapool.embedding.model import ModelConfig
 from datapool.embedding.pool_model import Training, embed_increment
+from datapool.metrics import write_seconds
 from datapool.store import write_rows
 from datapool.transaction import open_pool
 
@@ -47,8 +50,27 @@ def main(
     learning_rate: Annotated[float, typer.Option(help="peak learning rate of training")] = 1e-3,
     train_batch_size: Annotated[int, typer.Option(help="images per training step")] = 128,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 (faster, ~1e-3 apart)")] = "fp32",
+    timings: Annotated[
+        Path | None, typer.Option(help="folder recording each stage's seconds")
+    ] = None,
 ) -> None:
     """Embed --input-dir into --out-dir."""
+    started = time.perf_counter()
+    # What the report shows of this stage's settings (it never reads params.yaml).
+    settings = {"input_dir": str(input_dir)} | {
+        f"embed.{k}": v
+        for k, v in {
+            "model": model,
+            "weights": weights,
+            "embedding_dim": embedding_dim,
+            "image_size": image_size,
+            "precision": precision,
+            "device": device,
+            "seed": seed,
+            "bootstrap_epochs": bootstrap_epochs,
+            "train_epochs": train_epochs,
+        }.items()
+    }
     with user_errors("embed"):
         pool = open_pool(pool_dir, lock_file=lock_file)
         wanted = ModelConfig(
@@ -79,9 +101,11 @@ def main(
         for name, listing in (
             ("corrupt.json", batch.corrupt),
             ("duplicates.json", batch.duplicates),
+            ("settings.json", settings),
         ):
             text = json.dumps(listing, indent=2, ensure_ascii=False) + "\n"
             (out_dir / name).write_text(text, encoding="utf-8")
+        write_seconds(timings, "embed", time.perf_counter() - started)
     reembedded = "" if refreshed is None else f"; pool re-embedded ({len(refreshed)} rows)"
     print(
         f"embed: {len(batch.files)} images from {input_dir} (batch {batch.batch_id}, "

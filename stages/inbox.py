@@ -19,6 +19,7 @@ with coarse timestamps), and a cache made for another folder is ignored.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,7 @@ import typer
 from datapool.atomic import atomic_open
 from datapool.console import user_errors
 from datapool.images import inbox_manifest, read_hash_cache
+from datapool.metrics import write_seconds
 
 app = typer.Typer(add_completion=False)
 
@@ -36,14 +38,19 @@ def main(
     input_dir: Annotated[Path, typer.Option(help="folder of new images, searched recursively")],
     out: Annotated[Path, typer.Option(help="where the manifest (JSON) goes")],
     hash_cache: Annotated[Path, typer.Option(help="content hashes of the last listing")],
+    timings: Annotated[
+        Path | None, typer.Option(help="folder recording each stage's seconds")
+    ] = None,
 ) -> None:
     """List --input-dir into --out."""
+    started = time.perf_counter()
     with user_errors("inbox"):
         manifest = inbox_manifest(input_dir, known=read_hash_cache(hash_cache, root=input_dir))
         with atomic_open(out, "w") as handle:
             handle.write(manifest.to_json())
         with atomic_open(hash_cache, "w") as handle:
             handle.write(manifest.cache_json())
+        write_seconds(timings, "inbox", time.perf_counter() - started)
     print(
         f"inbox: {len(manifest.images)} images under {input_dir}, "
         f"{len(manifest.skipped)} entries skipped"

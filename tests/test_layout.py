@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from datapool.layout import PoolPaths, pool_dir, pool_of_record
+from datapool.layout import PLOT_FILES, PoolPaths, pool_dir, pool_of_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,8 +17,26 @@ def test_dvc_yaml_uses_the_paths_layout_names() -> None:
     commands = " ".join(str(stage["cmd"]) for stage in stages.values())
     for path in (paths.folder, paths.candidates, paths.picks, paths.reembedded):
         assert f"'{path}'" in commands, path
-    assert stages["merge"]["outs"] == [{paths.folder: {"persist": True}}]
+    assert stages["merge"]["outs"] == [{paths.folder: {"persist": True}}, paths.report]
     assert paths.picks in stages["sample"]["outs"]
+    assert paths.selection_info in stages["sample"]["outs"]
+    for path in (paths.selection_info, paths.report, paths.metrics, paths.plots, paths.timings):
+        assert f"'{path}'" in commands, path
+
+
+def test_dvc_yaml_declares_the_metrics_and_every_plot_file() -> None:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    paths = PoolPaths("${datapool.name}")
+    merge = spec["stages"]["merge"]
+    assert merge["metrics"] == [paths.metrics]
+    assert merge["plots"] == [paths.plots]
+    # Each plot file drawn by a top-level definition: its key, or a y of a named one.
+    drawn: set[str] = set()
+    for definition in spec["plots"]:
+        ((key, config),) = definition.items()
+        ys = config.get("y")
+        drawn |= set(ys) if isinstance(ys, dict) else {key}
+    assert drawn == {paths.plot_file(role) for role in PLOT_FILES}
 
 
 def test_paths_of_a_pool() -> None:
