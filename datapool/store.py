@@ -543,17 +543,26 @@ def _identities(table: pd.DataFrame) -> Any:
 
 
 def _check_unique(meta: Any, folder: Path) -> None:
-    """No content hash twice in the pool (``meta``: its rows as a pyarrow Table)."""
+    """No content hash twice in the pool (``meta``: its rows as a pyarrow Table). The error
+    names both rows (and both batches, when ``meta`` has them): in a pool, the image of
+    one row would be packed twice, once per batch."""
     import pyarrow.compute as pc
 
     hashes = meta.column("content_hash")
     if len(pc.unique(hashes)) == len(hashes):
         return  # the common case, decided in C++; pandas' duplicated takes ~1 s at 1M rows
-    repeated = hashes.to_pandas().duplicated().to_numpy()
-    row = int(np.flatnonzero(repeated)[0])
+    values = hashes.to_pandas()
+    row = int(np.flatnonzero(values.duplicated().to_numpy())[0])
+    first = int(np.flatnonzero((values == values.iloc[row]).to_numpy())[0])
+    names = meta.column("filenames")
+    batches = ""
+    if "batch_id" in meta.column_names:
+        column = meta.column("batch_id")
+        batches = f" (batches {column[row].as_py()!r} and {column[first].as_py()!r})"
     raise PoolError(
-        f"{folder}: row {row + 1} (filenames={meta.column('filenames')[row].as_py()!r}) "
-        "repeats the content_hash of an earlier row; each image may appear once"
+        f"{folder}: row {row + 1} (filenames={names[row].as_py()!r}) repeats the content_hash "
+        f"of row {first + 1} (filenames={names[first].as_py()!r}){batches}; each image may "
+        "appear once"
     )
 
 
