@@ -197,9 +197,9 @@ def write_run_report(
         picks=selection,
         histogram=plots["nn"],
         labels=plots["labels"],
-        map_points={
-            "pool": plots["map_pool"],
-            "new": plots["map_new"],
+        map_points={  # drawn in this order: the many new points under the pool and picks
+            "new, not picked": plots["map_new"],
+            "pool before": plots["map_pool"],
             "picked": plots["map_picked"],
         },
         thumbs=pick_thumbs(facts),

@@ -128,8 +128,14 @@ def _cards(metrics: dict[str, Any]) -> str:
         (f"{sel['picked']} of {cands['new']}", "new images picked"),
         (str(cands["already_in_pool"]), "candidates already in the pool"),
         (f"{cands['duplicates']} / {cands['corrupt']}", "duplicates / corrupt files skipped"),
-        (_distance(sel["coverage_radius_before"]), "farthest new image from the pool, before"),
-        (_distance(sel["coverage_radius_after"]), "… after (where selection stopped)"),
+        (
+            _distance(sel["coverage_radius_before"]),
+            "coverage radius before: farthest new image from the pool",
+        ),
+        (
+            _distance(sel["coverage_radius_after"]),
+            "coverage radius after (where selection stopped)",
+        ),
     ]
     body = "".join(
         f'<div class="card"><b>{escape(v)}</b><span>{escape(k)}</span></div>' for v, k in cards
@@ -140,9 +146,10 @@ def _cards(metrics: dict[str, Any]) -> str:
 def _charts(data: PageData) -> str:
     """The four charts: distance per pick, distance histograms, labels, 2-D map."""
     picks, hist = data.picks, data.histogram
-    rules = (
-        [(data.min_distance, f"min_distance {data.min_distance:g}")] if data.min_distance else []
-    )
+    stop = data.metrics["selection"]["stop_distance"]
+    rules = [(stop, f"stopped: next would be {stop:.3g}")] if stop else []
+    if data.min_distance:
+        rules.append((data.min_distance, f"min_distance {data.min_distance:g}"))
     charts = [
         svg.line_chart(
             "picks",
@@ -156,7 +163,7 @@ def _charts(data: PageData) -> str:
         svg.histogram_chart(
             "nn",
             list(hist["distance"]),
-            {"before": list(hist["before"]), "after": list(hist["after"])},
+            {"before": list(hist["before"]), "after (picks at 0)": list(hist["after"])},
             title="New images' distance to the nearest pool image",
             x_label="distance to nearest pool image",
             y_label="images",

@@ -17,7 +17,7 @@ from html import escape
 WIDTH, HEIGHT = 460, 260
 LEFT, RIGHT, TOP, BOTTOM = 56, 14, 26, 42
 COLOURS = {
-    "pool": "#9aa0a6",
+    "pool": "#6b6b6b",
     "new": "#4e79a7",
     "picked": "#e15759",
     "before": "#9aa0a6",
@@ -90,7 +90,12 @@ def _svg(name: str, body: str) -> str:
     )
 
 
-def legend(items: Sequence[tuple[str, str]], *, x: float = WIDTH - RIGHT - 120) -> str:
+def colour(series: str) -> str:
+    """The colour of a series: by the first word of its name (``"after (picks at 0)"``)."""
+    return COLOURS.get(series.split(" ")[0].rstrip(","), COLOURS["bar"])
+
+
+def legend(items: Sequence[tuple[str, str]], *, x: float = WIDTH - RIGHT - 130) -> str:
     """Coloured squares with names, top right: ``[(name, colour)]``."""
     return "".join(
         f'<rect x="{x}" y="{TOP + 4 + 15 * i}" width="10" height="10" fill="{c}"/>'
@@ -143,22 +148,23 @@ def histogram_chart(
 ) -> str:
     """Overlaid translucent bar histograms on shared bins (``series``: name -> counts)."""
     width = (centres[1] - centres[0]) if len(centres) > 1 else 1.0
-    top = max((max(c, default=0) for c in series.values()), default=0) * 1.05 or 1.0
+    # Head room above the tallest bar for the legend.
+    top = max((max(c, default=0) for c in series.values()), default=0) * 1.3 or 1.0
     frame = Frame(
         min(centres, default=0.0) - width / 2, max(centres, default=1.0) + width / 2, 0.0, top
     )
     body = [_axes(frame, title, x_label, y_label)]
     for key, counts in series.items():
-        colour = COLOURS.get(key, COLOURS["bar"])
+        fill = colour(key)
         for centre, count in zip(centres, counts, strict=True):
             if count:
                 x, y = frame.x(centre - width / 2), frame.y(count)
                 w = frame.x(centre + width / 2) - x
                 body.append(
                     f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w - 1, 1):.1f}" '
-                    f'height="{frame.y(0) - y:.1f}" fill="{colour}" opacity="0.6"/>'
+                    f'height="{frame.y(0) - y:.1f}" fill="{fill}" opacity="0.6"/>'
                 )
-    body.append(legend([(k, COLOURS.get(k, COLOURS["bar"])) for k in series]))
+    body.append(legend([(k, colour(k)) for k in series]))
     return _svg(name, "".join(body))
 
 
@@ -202,15 +208,16 @@ def scatter_chart(
     xs = [x for gx, _ in groups.values() for x in gx] or [0.0, 1.0]
     ys = [y for _, gy in groups.values() for y in gy] or [0.0, 1.0]
     pad_x, pad_y = (max(xs) - min(xs)) * 0.05 or 1.0, (max(ys) - min(ys)) * 0.05 or 1.0
-    frame = Frame(min(xs) - pad_x, max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y)
+    # Room on the right for the legend, so it covers no point.
+    frame = Frame(min(xs) - pad_x, max(xs) + 8 * pad_x, min(ys) - pad_y, max(ys) + pad_y)
     body = [_axes(frame, title, x_label, y_label)]
     for key, (gx, gy) in groups.items():
-        colour = COLOURS.get(key, COLOURS["bar"])
-        radius = 3 if key == "picked" else 2
+        fill = colour(key)
+        radius = 3.5 if key == "picked" else 2.5
         body.extend(
             f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="{radius}" '
-            f'fill="{colour}" opacity="0.75"/>'
+            f'fill="{fill}" opacity="0.75"/>'
             for x, y in zip(gx, gy, strict=True)
         )
-    body.append(legend([(k, COLOURS.get(k, COLOURS["bar"])) for k in groups]))
+    body.append(legend([(k, colour(k)) for k in groups]))
     return _svg(name, "".join(body))
