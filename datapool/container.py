@@ -6,7 +6,7 @@
 * ``/home/input_dir`` (read-only): this increment's images.
 * ``/home/shared_dir``: the workspace (git + DVC), made on first use; it holds
   every pool and its history, so the next run continues from it.
-* ``/home/output_dir``: this run's lists and report (see :func:`write_outputs`).
+* ``/home/output_dir``: this run's lists, metrics and report.html (see :func:`write_outputs`).
 
 The three folders can be moved with ``DATAPOOL_INPUT_DIR``, ``DATAPOOL_SHARED_DIR``
 and ``DATAPOOL_OUTPUT_DIR`` (the tests run this module on plain folders).
@@ -26,7 +26,7 @@ from pathlib import Path
 from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import read_picks
-from datapool.layout import PARAMS, PoolPaths, pool_dir
+from datapool.layout import PARAMS, REPORT_FILES, PoolPaths, pool_dir
 from datapool.pool import POOL_CSV, read_pool
 from datapool.settings import check_value, flatten, load_params, parse_settings
 from datapool.tools import head
@@ -131,22 +131,33 @@ def write_outputs(
 ) -> None:
     """This run's results, in the Lightly Docker's spirit, into ``output_dir``:
 
-    ``sampled_filenames.txt`` (picks in pick order, relative to the input folder),
-    ``removed_filenames.txt`` (candidates not picked), ``corrupt.json``,
-    ``duplicates.json``, ``datapool_latest.csv`` (the whole pool after the run,
-    written from its shards whatever ``csv_max_rows`` says: the output folder is
-    not versioned) and ``report.json`` (pool, rows before/after, revision, settings).
+    what ``merge`` wrote into ``work/NAME/report`` (:data:`datapool.layout.REPORT_FILES`:
+    ``sampled_filenames.txt`` in pick order, ``removed_filenames.txt``,
+    ``duplicate_filenames.txt``, ``corrupt_filenames.txt`` and their reasons,
+    ``selection.csv``, ``report.html``) and ``metrics.json``; ``corrupt.json`` and
+    ``duplicates.json`` as ``embed`` wrote them; ``datapool_latest.csv`` (the whole
+    pool after the run, written from its shards whatever ``csv_max_rows`` says: the
+    output folder is not versioned) and ``report.json`` (pool, rows before/after,
+    revision, settings). A workspace whose pipeline predates the report (no
+    ``work/NAME/report``) gets the two lists written from the picks, as before.
     """
     from datapool.store import read_any, write_lightly_csv
 
     paths = PoolPaths(step.pool)
     output_dir.mkdir(parents=True, exist_ok=True)
     picks = read_picks(workspace / paths.picks)
-    candidates = read_any(workspace / paths.candidates)
-    picked = [str(f) for f in picks["filenames"]]
-    removed = sorted(set(map(str, candidates["filenames"])) - set(picked))
-    for name, lines in (("sampled_filenames.txt", picked), ("removed_filenames.txt", removed)):
-        (output_dir / name).write_text("".join(f"{n}\n" for n in lines), encoding="utf-8")
+    report_dir = workspace / paths.report
+    if report_dir.is_dir():
+        for name in REPORT_FILES.values():
+            if (report_dir / name).is_file():
+                shutil.copyfile(report_dir / name, output_dir / name)
+        shutil.copyfile(workspace / paths.metrics, output_dir / "metrics.json")
+    else:
+        candidates = read_any(workspace / paths.candidates)
+        picked = [str(f) for f in picks["filenames"]]
+        removed = sorted(set(map(str, candidates["filenames"])) - set(picked))
+        for name, lines in ((REPORT_FILES["sampled"], picked), (REPORT_FILES["removed"], removed)):
+            (output_dir / name).write_text("".join(f"{n}\n" for n in lines), encoding="utf-8")
     for name in ("corrupt.json", "duplicates.json"):
         shutil.copyfile(workspace / paths.work / "embed" / name, output_dir / name)
     pool = read_pool(pool_dir(workspace, step.pool))
@@ -156,7 +167,7 @@ def write_outputs(
         "pool": step.pool,
         "rows_before": step.before,
         "rows_after": step.after,
-        "sampled": len(picked),
+        "sampled": len(picks),
         "revision": revision,
         "params": flatten(load_params((workspace / PARAMS).read_text(encoding="utf-8"))),
     }

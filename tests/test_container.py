@@ -62,6 +62,16 @@ def test_seed_invocation_grows_a_pool_in_the_shared_dir(tmp_path: Path, digits: 
     assert all((inbox / name).is_file() for name in sampled + removed)
     assert (out1 / POOL_CSV).read_bytes() == (shared / "pools/my_datapool" / POOL_CSV).read_bytes()
     assert json.loads((out1 / "corrupt.json").read_text()) == {}
+    # The report opens from the output folder: self-contained, with the run's numbers.
+    page = (out1 / "report.html").read_text()
+    assert page.count("<svg") == 4 and "data:image/jpeg;base64," in page
+    metrics = json.loads((out1 / "metrics.json").read_text())
+    assert metrics["pool"]["rows_after"] == report["rows_after"]
+    assert metrics["selection"]["picked"] == len(sampled)
+    selection = (out1 / "selection.csv").read_text().splitlines()
+    assert [line.split(",")[1] for line in selection[1:]] == sampled
+    for name in ("duplicate_filenames.txt", "corrupt_filenames.txt", "corrupt_filenames.json"):
+        assert (out1 / name).is_file(), name
     # Second week: a new inbox in the same mount point; the pool and history carry on.
     shutil.rmtree(inbox)
     shutil.copytree(digits / "batch_2", inbox)
