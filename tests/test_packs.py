@@ -80,6 +80,17 @@ def test_adding_a_batch_writes_one_pack_and_leaves_the_others(tmp_path: Path) ->
     assert set(after) - set(before) == {pack_of("b2")}
 
 
+def test_a_save_never_opens_the_pack_of_a_batch_it_leaves_alone(tmp_path: Path) -> None:
+    # Work in proportion to the rows written: b0's pack could be anything, unread.
+    pool = tmp_path / "pool"
+    save(pool, batches(3, 2))
+    untouched = pool / IMAGES_DIR / pack_of("b0")
+    untouched.write_bytes(b"not even a zip")
+    saved = save(pool, batches(3, 3, 2))  # b1 redone, b2 added
+    assert saved.packs_written == 2  # type: ignore[attr-defined]
+    assert untouched.read_bytes() == b"not even a zip"
+
+
 def test_a_redo_rewrites_its_pack_a_new_model_rewrites_none(tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     save(pool, batches(3, 2))
