@@ -240,3 +240,59 @@ def test_a_pool_of_loose_images_is_read_then_packed_by_its_next_save(tmp_path: P
     assert saved.packed == 5 and "5 loose images packed" in saved.note(pool)
     assert sorted(packs(pool)) == sorted(pack_of(b) for b in ("b0", "b1", "b2"))  # loose gone
     assert all_images(pool, grown)[:5] == expected
+
+
+def _loose(pool: Path) -> None:
+    """Rewrite ``pool`` as datapool wrote it before the packs (format /1, loose images)."""
+    unpack(pool)
+    manifest = json.loads((pool / MANIFEST).read_text())
+    manifest["format"], manifest["packs"] = LOOSE_FORMAT, []
+    (pool / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_through_dvc_a_loose_pool_migrates_and_its_old_revision_still_restores(
+    tmp_path: Path,
+) -> None:
+    from datapool.tools import git_commit, run_tool
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        run_tool(cmd, cwd=repo, quiet=True)
+    run_tool(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+        cwd=repo,
+        quiet=True,
+    )
+    pool, table = repo / "pools" / "p", batches(3, 2)
+    save(pool, table)
+    _loose(pool)
+    sources = image_sources(pool, table)
+    expected = [sources[h].read_bytes() for h in table["content_hash"]]
+
+    def record(message: str) -> str:
+        run_tool(["dvc", "add", "-q", "pools/p"], cwd=repo, quiet=True)
+        git_commit(repo, message, paths=["pools/p.dvc", "pools/.gitignore"])
+        return run_tool(["git", "rev-parse", "HEAD"], cwd=repo, quiet=True).strip()
+
+    old = record("loose")
+    grown = batches(3, 2, 1)
+    saved = save_pool(
+        pool, grown, checkpoint=None, sources=image_sources(tmp_path / "later", grown.iloc[5:])
+    )
+    assert saved.packed == 5
+    record("packed")
+    nfiles = yaml_nfiles(repo / "pools" / "p.dvc")
+    assert nfiles == 1 + 3 + 3 + 1  # manifest, a shard and a pack per batch, the CSV
+    run_tool(["git", "checkout", "-q", old], cwd=repo, quiet=True)
+    run_tool(["dvc", "checkout", "-q", "--force"], cwd=repo, quiet=True)
+    manifest = read_manifest(pool)
+    assert manifest is not None and manifest.loose
+    assert all_images(pool, table) == expected  # the old revision reads its loose images
+
+
+def yaml_nfiles(record: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load(record.read_text())["outs"][0]["nfiles"])
