@@ -217,38 +217,47 @@ def _stage(
 def _write_packs(
     pool_dir: Path, plan: Plan, *, old: Manifest | None, sources: Mapping[str, Source]
 ) -> None:
-    """Write each pack ``plan`` lists into the stage. An image comes from the pool's own
-    copy (the old version's pack of that batch, or a loose file before the packs) if it
-    has one, else from ``sources``; each is checked against its row's content hash."""
+    """Write each pack ``plan`` lists into the stage (see :func:`_image` for where each
+    image comes from); every image is checked against its row's content hash."""
     staging = pool_dir / INCOMING
     with PoolImages(pool_dir, manifest=old) as own:
         for file, rows in plan.packs.items():
             names = image_names(rows)
-            wanted = dict(
-                zip(names, zip(rows["content_hash"], rows["filenames"], strict=True), strict=True)
-            )
-            batch = str(rows["batch_id"].iloc[0])
+            columns = ("content_hash", "filenames", "batch_id", "source")
+            rows_text = rows[list(columns)].astype(str).itertuples(index=False, name=None)
+            wanted = dict(zip(names, rows_text, strict=True))
 
-            def read(name: str, batch: str = batch, wanted: Any = wanted) -> bytes:
-                digest, filename = str(wanted[name][0]), str(wanted[name][1])
-                return _image(own, sources, digest=digest, filename=filename, batch_id=batch)
+            def read(name: str, wanted: Any = wanted) -> bytes:
+                return _image(own, sources, *wanted[name])
 
             write_pack(staging / file, names, read)
 
 
 def _image(
-    own: PoolImages, sources: Mapping[str, Source], *, digest: str, filename: str, batch_id: str
+    own: PoolImages,
+    sources: Mapping[str, Source],
+    digest: str,
+    filename: str,
+    batch_id: str,
+    source_dir: str,
 ) -> bytes:
-    """One image to pack, checked: the pool's own copy, else ``sources[digest]``."""
+    """One image to pack, checked against ``digest``, from the first place that has it: the
+    pool's own copy (its batch's old pack, or a loose file before the packs), then
+    ``sources``, then the row's original ``source_dir/filename`` (a pool whose own copy is
+    not checked out; safe, as only the image the row's hash names is taken)."""
     source: Source | None = own.own_copy(content_hash=digest, filename=filename, batch_id=batch_id)
     if isinstance(source, Member) and source.name not in own.packs.names(
         source.pack, source.listed
     ):
         source = None  # a new image of a batch being redone
     if source is None:
-        if digest not in sources:
+        original = Path(source_dir) / filename
+        if digest in sources:
+            source = sources[digest]
+        elif original.is_file():
+            source = original
+        else:
             raise PoolError(f"the image of {filename!r} ({digest[:12]}) is missing")
-        source = sources[digest]
     data = read_source(source, own.packs)
     if same_content(data, digest):
         return data
