@@ -11,10 +11,13 @@ Distances are Euclidean between embeddings. Two kinds come from different places
   would have been picked first), and *after* it is ``next_distance``.
 * The histograms, the redundant pairs and the 2-D map come from
   :func:`datapool.selection.nearest` over the *evaluated* candidates: all of
-  them up to :data:`EVALUATED_LIMIT`, an evenly spaced sample of that many
-  above. Each call is one pass over the pool (a matrix product), so with 1M
-  pool rows and 20k evaluated candidates it stays in the seconds a selection
-  already costs, while the exact metrics never depend on the sample.
+  them up to :func:`evaluated_limit`, an evenly spaced sample of that many
+  above. Each call is one pass of them over the pool (a matrix product), so
+  the limit keeps candidates x pool rows near :data:`PAIR_BUDGET` (about 10 s
+  on a loaded 2-core machine): 20,000 candidates against a pool of up to 10k
+  rows, 1,000 (the floor: still a smooth histogram) against 200k rows and more.
+  The exact metrics never depend on the sample; the redundant pairs are the
+  closest among the evaluated candidates.
 """
 
 from __future__ import annotations
@@ -31,12 +34,20 @@ import pandas as pd
 
 from datapool.pool import embeddings_of
 
-# Candidates whose nearest-neighbour distances the report measures (see module doc).
+# Candidates whose nearest-neighbour distances the report measures (see module doc):
+# at most EVALUATED_LIMIT, at least EVALUATED_FLOOR, else PAIR_BUDGET / pool rows.
 EVALUATED_LIMIT = 20_000
+EVALUATED_FLOOR = 1_000
+PAIR_BUDGET = 200_000_000
 # Points of the 2-D map per group (pool / new / picked): more only blur the picture.
 MAP_LIMIT = 2_000
 HISTOGRAM_BINS = 30
 STAGES = ("inbox", "embed", "sample", "merge")
+
+
+def evaluated_limit(pool_rows: int) -> int:
+    """How many candidates to measure against a pool of ``pool_rows`` (module docstring)."""
+    return max(EVALUATED_FLOOR, min(EVALUATED_LIMIT, PAIR_BUDGET // max(pool_rows, 1)))
 
 
 def evaluated_rows(n: int, limit: int = EVALUATED_LIMIT) -> npt.NDArray[np.int64]:
@@ -72,15 +83,18 @@ def neighbours(
     prior: npt.NDArray[np.floating[Any]] | None,
     picked: npt.NDArray[np.floating[Any]],
     *,
-    limit: int = EVALUATED_LIMIT,
+    limit: int | None = None,
 ) -> Neighbours:
     """:class:`Neighbours` of the candidates ``fresh`` ``[n, d]`` given the pool before the
     run ``prior`` ``[m, d]`` (None when empty) and the picks ``picked`` ``[k, d]``.
 
-    One pass over the pool and one over the picks (``after`` is the smaller of the two).
+    One pass over the pool and one over the picks (``after`` is the smaller of the
+    two). ``limit``: candidates measured, default :func:`evaluated_limit` of the pool.
     """
     from datapool.selection import nearest
 
+    if limit is None:
+        limit = evaluated_limit(0 if prior is None else len(prior))
     rows = evaluated_rows(len(fresh), limit)
     if len(rows) == 0:
         empty = np.zeros(0)
@@ -199,9 +213,12 @@ def pca_map(
         return {k: pd.DataFrame({"pc1": [], "pc2": []}) for k in groups}
     everything = np.concatenate(stacked)
     centre = everything.mean(axis=0)
-    _, _, vt = np.linalg.svd(everything - centre, full_matrices=False)
+    # Eigenvectors of the d x d covariance: O(n d^2), and quicker than an SVD of the n x d data.
+    centred = everything - centre
+    _, vectors = np.linalg.eigh(centred.T @ centred)
     axes = np.zeros((2, everything.shape[1]))
-    axes[: min(2, len(vt))] = vt[:2]
+    top = vectors[:, ::-1][:, :2].T  # eigh sorts ascending
+    axes[: len(top)] = top
     signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
     axes *= np.where(signs == 0, 1.0, signs)[:, None]
     out = {}

@@ -17,7 +17,7 @@ import pytest
 
 from datapool.increment import StoppingCondition, choose_increment, merge_increment
 from datapool.layout import PLOT_FILES, REPORT_FILES
-from datapool.metrics import evaluated_rows, neighbours
+from datapool.metrics import evaluated_limit, evaluated_rows, neighbours
 from datapool.pool import embeddings_of
 from datapool.report import RunFacts, write_run_report
 from tests.conftest import draw_image
@@ -168,6 +168,10 @@ def test_neighbours_match_brute_force_and_sample_evenly() -> None:
         np.linalg.norm(queries - centres[near.after_index], axis=1), near.after, atol=1e-4
     )
     assert list(evaluated_rows(3, 5)) == [0, 1, 2]
+    assert [evaluated_limit(r) for r in (0, 10_000, 100_000, 10**6)] == [20_000] * 2 + [
+        2_000,
+        1_000,
+    ]
 
 
 def test_report_html_is_self_contained(tmp_path: Path) -> None:
@@ -207,3 +211,32 @@ def test_a_run_without_new_candidates_still_reports(tmp_path: Path) -> None:
     assert numbers["selection"]["coverage_radius_after"] == 0.0
     assert (out / "report" / REPORT_FILES["sampled"]).read_text() == ""
     assert "No candidate was left out" in (out / "report" / REPORT_FILES["html"]).read_text()
+
+
+@pytest.mark.slow  # 12k images drawn, 1,000 picks: 20-45 s
+def test_a_10k_candidate_run_makes_a_light_page(tmp_path: Path) -> None:
+    prior = _with_images(pool_table(2_000, 64, seed=0), tmp_path / "old", 20_000)
+    cands = _with_images(pool_table(10_000, 64, seed=7, batch="b2"), tmp_path / "inbox", 0)
+    cands = cands.drop(columns=["pick_rank", "pick_distance"])
+    choice = choose_increment(cands, prior, StoppingCondition(n_samples=1_000, min_distance=0.0))
+    after = merge_increment(prior, cands, choice.picks, weak_labels=True)
+    facts = RunFacts(
+        pool_dir=tmp_path / "pool",
+        prior=prior,
+        after=after,
+        candidates=cands,
+        fresh=cands,
+        picks=choice.picks,
+        next_distance=choice.next_distance,
+        corrupt={},
+        duplicates={},
+        seconds={},
+        settings={},
+    )
+    out = tmp_path / "work"
+    write_run_report(
+        facts, report_dir=out / "report", metrics_file=out / "metrics.json", plots_dir=out / "plots"
+    )
+    page = out / "report" / REPORT_FILES["html"]
+    assert page.stat().st_size < 3_000_000
+    assert page.read_text().count("data:image/jpeg;base64,") == 240 + 2 * 12  # capped
