@@ -8,11 +8,13 @@ increments; the tests then probe it. Each `dvc repro` really runs the stages
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -126,6 +128,29 @@ def test_noop_repro_runs_nothing(grown: Grown) -> None:
     ws = grown.ws
     # Only the inbox listing, which runs every time (DVC no longer hashes the inbox).
     assert reproduce(ws) == ["inbox"]
+
+
+def test_dvc_metrics_and_plots_show_each_version(grown: Grown) -> None:
+    ws = grown.ws
+
+    def dvc_json(*args: str) -> dict[str, Any]:
+        return dict(json.loads(run_tool(["dvc", *args, "--json"], cwd=ws, quiet=True)))
+
+    shown = dvc_json("metrics", "show")
+    (numbers,) = [f["data"] for rev in shown.values() for f in rev["data"].values()]
+    assert numbers["pool"] == {"rows_before": 12, "rows_after": 24, "added": 12}
+    assert numbers["selection"]["picked"] == 12
+    # The first version's metrics come from the DVC cache (work/ is not in git).
+    diff = dvc_json("metrics", "diff", grown.first_rev)["work/my_datapool/metrics.json"]
+    assert diff["pool.rows_after"] == {"old": 12, "new": 24, "diff": 12}
+    assert diff["selection.coverage_radius_before"]["old"] is None  # first batch: empty pool
+    plots = dvc_json("plots", "show")
+    assert not plots.get("errors"), plots["errors"]
+    assert len(plots["data"]) == 4  # the four top-level definitions, each file once
+    for name, drawn in plots["data"].items():
+        assert drawn and drawn[0]["content"]["data"]["values"], name
+    report = (ws / "work/my_datapool/report/report.html").read_text(encoding="utf-8")
+    assert "grew by 12 images" in report
 
 
 def test_checkout_restores_first_pool_byte_for_byte(grown: Grown, tmp_path: Path) -> None:
