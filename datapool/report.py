@@ -170,7 +170,26 @@ def write_run_report(
     write_lists(facts, report_dir)
     selection = m.selection_table(facts.picks)
     selection.to_csv(report_dir / REPORT_FILES["selection"], index=False)
-    numbers = m.run_metrics(
+    numbers = run_numbers(facts)
+    metrics_file.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+    fresh = m.fresh_embeddings(facts.fresh)
+    prior = embeddings_of(facts.prior) if facts.prior is not None and len(facts.prior) else None
+    # The picks' rows of `fresh`, in pick order (Neighbours.after_index counts them so).
+    pick_rows = pd.Index(facts.fresh["content_hash"]).get_indexer(
+        pd.Index(facts.picks["content_hash"])
+    )
+    near = m.neighbours(fresh, prior, fresh[pick_rows])
+    plots = _plot_tables(facts, selection, near, prior, fresh)
+    for role, table in plots.items():
+        table.to_csv(plots_dir / PLOT_FILES[role], index=False)
+    page = _page_data(facts, numbers, selection, plots, near)
+    (report_dir / REPORT_FILES["html"]).write_text(render_page(page), encoding="utf-8")
+    return numbers
+
+
+def run_numbers(facts: RunFacts) -> dict[str, Any]:
+    """``metrics.json`` of the run (:func:`datapool.metrics.run_metrics`)."""
+    return m.run_metrics(
         rows_before=0 if facts.prior is None else len(facts.prior),
         rows_after=len(facts.after),
         candidates=len(facts.candidates),
@@ -181,17 +200,17 @@ def write_run_report(
         corrupt=len(facts.corrupt),
         seconds=facts.seconds,
     )
-    metrics_file.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
-    fresh = m.fresh_embeddings(facts.fresh)
-    prior = embeddings_of(facts.prior) if facts.prior is not None and len(facts.prior) else None
-    is_pick = facts.fresh["content_hash"].isin(facts.picks["content_hash"]).to_numpy()
-    hashes = pd.Index(facts.fresh["content_hash"])
-    pick_rows = hashes.get_indexer(pd.Index(facts.picks["content_hash"]))
-    near = m.neighbours(fresh, prior, fresh[pick_rows])
-    plots = _plot_tables(facts, selection, near, prior, fresh, is_pick)
-    for role, table in plots.items():
-        table.to_csv(plots_dir / PLOT_FILES[role], index=False)
-    page = PageData(
+
+
+def _page_data(
+    facts: RunFacts,
+    numbers: dict[str, Any],
+    selection: pd.DataFrame,
+    plots: dict[str, pd.DataFrame],
+    near: m.Neighbours,
+) -> PageData:
+    """What the page shows: the numbers, plot tables, thumbnails and settings."""
+    return PageData(
         title=f"datapool: {facts.pool_dir.name} grew by {len(facts.picks)} images",
         metrics=numbers,
         picks=selection,
@@ -208,8 +227,6 @@ def write_run_report(
         evaluated=(len(near.rows), len(facts.fresh)),
         min_distance=float(facts.settings.get("stopping_condition.min_distance", 0.0) or 0.0),
     )
-    (report_dir / REPORT_FILES["html"]).write_text(render_page(page), encoding="utf-8")
-    return numbers
 
 
 def _plot_tables(
@@ -218,9 +235,9 @@ def _plot_tables(
     near: m.Neighbours,
     prior: np.ndarray | None,
     fresh: np.ndarray,
-    is_pick: np.ndarray,
 ) -> dict[str, pd.DataFrame]:
     """Every CSV of :data:`datapool.layout.PLOT_FILES`, by role."""
+    is_pick = facts.fresh["content_hash"].isin(facts.picks["content_hash"]).to_numpy()
     dim = fresh.shape[1] if fresh.size else (prior.shape[1] if prior is not None else 0)
     empty = np.zeros((0, dim), dtype=np.float32)
     points = m.pca_map(
