@@ -111,6 +111,7 @@ class Packs:
 
     def __init__(self) -> None:
         self._open: dict[Path, zipfile.ZipFile] = {}
+        self._names: dict[Path, frozenset[str]] = {}
 
     def __enter__(self) -> Packs:
         return self
@@ -125,10 +126,13 @@ class Packs:
         for pack in self._open.values():
             pack.close()
         self._open.clear()
+        self._names.clear()
 
-    def names(self, pack: Path, listed: Pack) -> set[str]:
+    def names(self, pack: Path, listed: Pack) -> frozenset[str]:
         """The member names of ``pack``, which must hold what ``listed`` says."""
-        return set(self._opened(pack, listed).namelist())
+        if pack not in self._names:
+            self._names[pack] = frozenset(self._opened(pack, listed).namelist())
+        return self._names[pack]
 
     def read(self, member: Member) -> bytes:
         """A member's bytes (its CRC checked by ``zipfile``); PoolError naming the pack
