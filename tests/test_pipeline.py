@@ -140,6 +140,7 @@ def test_dvc_metrics_and_plots_show_each_version(grown: Grown) -> None:
     (numbers,) = [f["data"] for rev in shown.values() for f in rev["data"].values()]
     assert numbers["pool"] == {"rows_before": 12, "rows_after": 24, "added": 12}
     assert numbers["selection"]["picked"] == 12
+    assert set(numbers["seconds"]) == {"inbox", "embed", "sample", "merge"}
     # The first version's metrics come from the DVC cache (work/ is not in git).
     diff = dvc_json("metrics", "diff", grown.first_rev)["work/my_datapool/metrics.json"]
     assert diff["pool.rows_after"] == {"old": 12, "new": 24, "diff": 12}
@@ -151,6 +152,7 @@ def test_dvc_metrics_and_plots_show_each_version(grown: Grown) -> None:
         assert drawn and drawn[0]["content"]["data"]["values"], name
     report = (ws / "work/my_datapool/report/report.html").read_text(encoding="utf-8")
     assert "grew by 12 images" in report
+    assert "embed.bootstrap_epochs" in report and "stopping_condition.n_samples" in report
 
 
 def test_checkout_restores_first_pool_byte_for_byte(grown: Grown, tmp_path: Path) -> None:
