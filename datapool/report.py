@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from datapool import metrics as m
-from datapool.combine import image_of
 from datapool.errors import PoolError
 from datapool.layout import PLOT_FILES, REPORT_FILES
+from datapool.packs import read_image
 from datapool.pool import embeddings_of
 from datapool.report_page import (
     MAX_PAIRS,
@@ -74,11 +74,11 @@ def pool_image_bytes(pool_dir: Path, row: pd.Series) -> bytes | None:
     """The bytes of a pool row's image, or None if it cannot be read (the page then says so:
     a missing thumbnail must not fail the run).
 
-    The one place the report reads a pool image: when the pool keeps its images
-    in another form (one zip per batch), only this function changes.
+    The one place the report reads a pool image (the pool's own copy, in its
+    batch's pack, else the original file), checked against the row's content hash.
     """
     try:
-        return image_of(pool_dir, row).read_bytes()
+        return read_image(pool_dir, row)
     except (OSError, PoolError):
         return None
 

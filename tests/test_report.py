@@ -29,9 +29,8 @@ DUPLICATES = {"sub/copy.png": "a.png"}
 
 def _with_images(table: pd.DataFrame, folder: Path, seed: int) -> pd.DataFrame:
     """``table`` whose rows name real PNGs drawn in ``folder``."""
-    for i, name in enumerate(table["filenames"]):
-        draw_image(folder / name, seed=seed + i)
-    digests = [hashlib.sha256(h.encode()).hexdigest() for h in table["content_hash"]]
+    files = [draw_image(folder / name, seed=seed + i) for i, name in enumerate(table["filenames"])]
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     return table.assign(source=str(folder), content_hash=digests)
 
 
