@@ -1,0 +1,955 @@
+"""Selection strategies beyond diversity, combined with greedy k-center (issue 11).
+
+Lightly's selection is a list of strategies; this module gives the same over
+arrays: small strategy functions, one combination loop (:func:`combine`) and a
+dispatcher (:func:`select`) that applies the inputs, evaluates the strategies
+and keeps plain diversity on the exact fast engine
+(:func:`datapool.selection.k_center_greedy`). File readers are in
+:mod:`datapool.strategy_inputs`.
+
+The combination
+---------------
+Candidates are first narrowed: only ``relevant`` rows, never ``masked`` ones
+(they influence nothing: no objective, no distance, no balance count), never
+``preselected`` ones (those are picks already), then every THRESHOLD
+(``column op value``, op one of ``< <= > >=``) in order. A threshold that
+leaves no candidate is an error. Every objective below is computed over the
+candidates that remain (the set picks come from), never over masked rows.
+
+Pre-selected rows count as pool (their distances shape everyone's diversity)
+and come first in the picks, in candidate order, whatever their distance.
+Like Lightly's ``n_samples`` ("including the preselected"), ``n_samples``
+counts them: the strategies add ``n_samples - len(preselected)`` picks.
+
+Then each greedy step takes, among the *eligible* candidates, the one
+maximising
+
+    score(i) = prod_s objective_s(i) ** strength_s
+
+(ties: the lowest index; computed as ``sum_s strength_s * log objective_s(i)``
+in float64, where equal objectives give equal sums, so ties stay ties).
+Normalisations (each objective is positive and scale-free):
+
+* DIVERSITY: ``d(i) / max_j d(j)``, ``d`` the Euclidean distance to the
+  nearest pool row, pre-selected row or pick, the maximum over the remaining
+  candidates, both updated after every pick. Before any centre exists (no pool,
+  nothing picked) every ``d`` is ``inf`` and the objective is 1.
+* TYPICALITY: ``1 / m(i)`` normalised by its maximum, i.e. ``min_j m(j) / m(i)``,
+  ``m`` the mean distance to the ``k`` nearest other candidates (default 20;
+  ``min(k, size - 1)`` when fewer are there; 1 for a lone candidate). Exact up to
+  :data:`TYPICALITY_SAMPLE` candidates (all candidates are the reference, blocked,
+  never an n x n matrix). Above that the neighbours are searched in a seeded
+  uniform random sample of :data:`TYPICALITY_SAMPLE` candidates: the mean
+  distance to the ``k`` nearest sample points estimates the mean distance to the
+  ``k * n / sample`` nearest candidates, i.e. the same density at a coarser
+  scale (outliers, far from every sample point, still score lowest). 10,000 keeps
+  1M x 128 near a minute on one core (bench/strategies.py). ``m`` is clamped
+  below at its smallest positive value: ``k`` exact duplicates would give
+  ``m = 0`` and a division by zero; they get the maximum, 1.
+* WEIGHTS: a non-negative numeric column divided by its maximum (an all-zero
+  column is refused: nothing to weigh).
+* BALANCE over a categorical column (or weak labels): with ``p`` picks so far
+  (pre-selected included) and ``count_l`` of them labelled ``l``, label ``l``
+  scores ``max(target_l * (p + 1) - count_l, 0)``, normalised by the maximum over
+  labels. Targets: ``uniform`` (1/L over the candidates' labels), ``input`` (the
+  candidates' label distribution) or explicit proportions (summing to 1; labels
+  not named get 0). Targets are renormalised over the labels that still have an
+  eligible candidate, so some label always scores > 0; with integer
+  ``target_l * n_samples`` the final counts equal the targets exactly.
+* SIMILARITY to query embeddings: ``1 / (1 + q(i) / mean_j q(j))``, ``q`` the
+  distance to the nearest query (:func:`datapool.selection.nearest`); 1 for all
+  when every ``q`` is 0.
+
+A negative strength inverts an objective (``o ** -s = (1/o) ** s``); strength 0
+ignores it (``o ** 0 = 1``, even for ``o = 0``). An objective of 0 under a
+positive strength makes the score 0, and a candidate scoring 0 is never
+picked (a balance label at its target, a zero weight); under a negative
+strength it makes the score infinite (such candidates win, lowest index
+first); with both, 0 wins.
+
+A candidate is *eligible* while it is unpicked, its diversity distance is
+> 0 (a duplicate of a centre is never picked) and ``>= min_distance`` (when
+given), and its score is > 0. Selection stops when ``n_samples`` is reached or
+no candidate is eligible; for plain diversity that is exactly
+:func:`k_center_greedy`'s stop rule. Distances are always tracked, even when
+DIVERSITY is not configured, for that rule and the reported pick distances.
+
+Exactness and cost
+------------------
+Distances are the textbook float32 values ``sum((x - c)^2)`` that
+:func:`k_center_greedy` matches: each pick is applied to every remaining row as
+one matrix-vector product per block, and only rows whose distance may change
+are recomputed directly (``selection._gemm_min``, shared so both paths have
+one definition). So diversity alone through :func:`combine` gives
+:func:`k_center_greedy`'s picks. Per pick that costs one pass over the
+candidates (O(n d)); the fast engine needs far fewer passes, which is why
+plain diversity stays there. The pool pass here is not pruned: O(n m d).
+Everything runs on the CPU tensors given; per-pick work on one thread, the
+blocked passes (pool, typicality) on ``threads``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from datapool.errors import InputError
+from datapool.selection import (
+    _checked_inputs,
+    _gemm_min,
+    _kappa,
+    _pinned_numerics,
+    _threads,
+    k_center_greedy,
+    nearest,
+)
+from datapool.strategy_inputs import ScoreTable
+
+__all__ = [
+    "KINDS",
+    "OPERATIONS",
+    "TYPICALITY_SAMPLE",
+    "Balance",
+    "Combined",
+    "Objective",
+    "Picks",
+    "StrategyConfig",
+    "balance_targets",
+    "combine",
+    "describe",
+    "is_plain_diversity",
+    "parse_strategies",
+    "select",
+    "similarity",
+    "threshold",
+    "typicality",
+    "weights",
+]
+
+KINDS = ("diversity", "typicality", "weights", "threshold", "balance", "similarity")
+OPERATIONS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
+TYPICALITY_SAMPLE = 10_000  # reference rows for the k-NN search (module docstring)
+_PICK_ROWS = 1 << 16  # rows per block of the per-pick update
+_PASS_BYTES = 16 << 20  # product output per block in the blocked passes
+_CHUNK = 1024  # centres per product in the pool pass
+_SUM_TOLERANCE = 1e-6  # explicit balance proportions must sum to 1 within this
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """One strategy as configured (``selection.strategies`` in params.yaml).
+
+    Attributes:
+        strategy: one of :data:`KINDS`.
+        strength: exponent of the objective (not used by ``threshold``).
+        column: score-file column (``weights``, ``threshold``; ``balance``:
+            ``""`` means the weak labels).
+        operation: ``threshold`` only, one of :data:`OPERATIONS`.
+        value: ``threshold`` only.
+        target: ``balance`` only: ``"uniform"``, ``"input"`` or label -> proportion.
+        k: ``typicality`` only: neighbours per candidate.
+    """
+
+    strategy: str
+    strength: float = 1.0
+    column: str = ""
+    operation: str = ""
+    value: float = math.nan
+    target: str | Mapping[str, float] = "uniform"
+    k: int = 20
+
+    @property
+    def name(self) -> str:
+        """Key of its objective in results: ``"weights:uncertainty"``, ``"typicality"``..."""
+        if self.strategy in ("weights", "threshold"):
+            return f"{self.strategy}:{self.column}"
+        if self.strategy == "balance":
+            return f"balance:{self.column or 'labels'}"
+        return self.strategy
+
+
+_KEYS = {
+    "diversity": {"strength"},
+    "typicality": {"strength", "k"},
+    "weights": {"strength", "column"},
+    "threshold": {"column", "operation", "value"},
+    "balance": {"strength", "column", "target"},
+    "similarity": {"strength"},
+}
+
+
+def _number(raw: Any, what: str) -> float:
+    """``raw`` as a finite float, else InputError naming ``what``."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        raise InputError(f"{what} must be a finite number, got {raw!r}")
+    return float(raw)
+
+
+def _target(raw: Any, where: str) -> str | dict[str, float]:
+    """A balance target: ``uniform``, ``input`` or proportions summing to 1."""
+    if raw in ("uniform", "input"):
+        return str(raw)
+    if not isinstance(raw, Mapping) or not raw:
+        raise InputError(f"{where}.target must be uniform, input or label: proportion, got {raw!r}")
+    out = {str(k): _number(v, f"{where}.target[{k!r}]") for k, v in raw.items()}
+    if any(v < 0 for v in out.values()):
+        raise InputError(f"{where}.target: proportions must be >= 0, got {out}")
+    total = sum(out.values())
+    if abs(total - 1) > _SUM_TOLERANCE:
+        raise InputError(f"{where}.target: proportions must sum to 1, they sum to {total:g}")
+    return out
+
+
+def _parse_one(raw: Mapping[str, Any], where: str) -> StrategyConfig:
+    """One entry of ``selection.strategies``; InputError naming ``where`` and the key at fault."""
+    kind = raw.get("strategy")
+    if kind not in _KEYS:
+        raise InputError(f"{where}.strategy must be one of {', '.join(KINDS)}, got {kind!r}")
+    extra = set(raw) - _KEYS[kind] - {"strategy"}
+    if extra:
+        raise InputError(f"{where}: {kind} takes no {', '.join(sorted(extra))}")
+    strength = _number(raw.get("strength", 1.0), f"{where}.strength")
+    column = raw.get("column", "")
+    if kind in ("weights", "threshold") and (not isinstance(column, str) or not column):
+        raise InputError(f"{where}: {kind} needs column (a column of the score file)")
+    if not isinstance(column, str):
+        raise InputError(f"{where}.column must be a column name, got {column!r}")
+    cfg = StrategyConfig(str(kind), strength, column)
+    if kind == "threshold":
+        op = raw.get("operation")
+        if op not in OPERATIONS:
+            raise InputError(f"{where}.operation must be one of < <= > >=, got {op!r}")
+        cfg = StrategyConfig(
+            kind, 1.0, column, str(op), _number(raw.get("value"), f"{where}.value")
+        )
+    if kind == "balance":
+        cfg = StrategyConfig(
+            kind, strength, column, target=_target(raw.get("target", "uniform"), where)
+        )
+    if kind == "typicality":
+        k = raw.get("k", 20)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"{where}.k must be an integer >= 1, got {k!r}")
+        cfg = StrategyConfig(kind, strength, k=k)
+    return cfg
+
+
+def parse_strategies(raw: Sequence[Mapping[str, Any]] | None) -> tuple[StrategyConfig, ...]:
+    """Validate ``selection.strategies`` (a list of mappings; None or [] = plain diversity).
+
+    Raises InputError for an unknown strategy or key, a non-finite strength,
+    a threshold without column/operation/value, a bad balance target, or two
+    entries with the same :attr:`StrategyConfig.name`.
+    """
+    if raw is None:
+        return ()
+    if isinstance(raw, str | bytes | Mapping) or not isinstance(raw, Sequence):
+        raise InputError(f"selection.strategies must be a list, got {raw!r}")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"selection.strategies[{i}]"
+        if not isinstance(entry, Mapping):
+            raise InputError(f"{where} must be a mapping with a strategy key, got {entry!r}")
+        out.append(_parse_one(entry, where))
+    names = [c.name for c in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"selection.strategies: {twice[0]} is configured twice")
+    return tuple(out)
+
+
+def is_plain_diversity(configs: Sequence[StrategyConfig]) -> bool:
+    """True when the picks are greedy k-center's: no strategy, or one positive
+    DIVERSITY, beside any THRESHOLDs (these only narrow the candidates)."""
+    rest = [c for c in configs if c.strategy != "threshold"]
+    return not rest or (len(rest) == 1 and rest[0].strategy == "diversity" and rest[0].strength > 0)
+
+
+def describe(configs: Sequence[StrategyConfig]) -> dict[str, dict[str, Any]]:
+    """The strategies as a plain dict for a version's metadata: name -> settings.
+
+    An empty configuration is ``{"diversity": {"strength": 1.0}}``.
+    """
+    if not configs:
+        return {"diversity": {"strength": 1.0}}
+    out: dict[str, dict[str, Any]] = {}
+    for c in configs:
+        entry: dict[str, Any] = {"strategy": c.strategy}
+        if c.strategy == "threshold":
+            entry |= {"column": c.column, "operation": c.operation, "value": c.value}
+        else:
+            entry["strength"] = c.strength
+        if c.strategy in ("weights", "balance"):
+            entry["column"] = c.column
+        if c.strategy == "balance":
+            entry["target"] = c.target if isinstance(c.target, str) else dict(c.target)
+        if c.strategy == "typicality":
+            entry["k"] = c.k
+        out[c.name] = entry
+    return out
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _float32(x: Any) -> torch.Tensor:
+    """``x`` as a CPU float32 tensor [n, d] (no copy when it already is one)."""
+    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    return t.detach().to(torch.float32)
+
+
+def _knn_mean(x: torch.Tensor, ref: torch.Tensor, self_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean Euclidean distance of each row of ``x`` to its ``k`` nearest ``ref`` rows.
+
+    ``self_pos[i]`` is row i's own position in ``ref`` (-1 if absent), which is
+    skipped. Blocked: ``rows x len(ref)`` products of at most 16 MiB.
+    """
+    rn = (ref * ref).sum(dim=1)
+    rows = max(1, _PASS_BYTES // (4 * ref.shape[0]))
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    for s in range(0, x.shape[0], rows):
+        xb = x[s : s + rows]
+        g = torch.addmm(rn.unsqueeze(0), xb, ref.T, alpha=-2.0)
+        g.add_((xb * xb).sum(dim=1, keepdim=True))
+        pos = self_pos[s : s + rows]
+        own = (pos >= 0).nonzero().squeeze(1)
+        g[own, pos[own]] = math.inf
+        near = g.topk(k, dim=1, largest=False).values
+        # rounding can push a true 0 slightly below 0: sqrt would give NaN
+        out[s : s + rows] = near.clamp_(min=0).sqrt_().mean(dim=1, dtype=torch.float64)
+    return out
+
+
+def typicality(
+    x: Any,
+    *,
+    k: int = 20,
+    sample: int = TYPICALITY_SAMPLE,
+    seed: int = 0,
+    threads: int | None = None,
+) -> npt.NDArray[np.float64]:
+    """TYPICALITY objective of each row of ``x`` [n, d], float64 ``[n]`` in (0, 1].
+
+    ``min_j m(j) / m(i)`` with ``m`` the mean distance to the ``k`` nearest other
+    rows, searched among all rows when ``n <= sample`` and else among a seeded
+    uniform sample of ``sample`` rows (module docstring). ``threads``: torch CPU
+    threads for the products (default: torch's setting).
+    """
+    t = _float32(x)
+    n = t.shape[0]
+    if n <= 1:
+        return np.ones(n)
+    if n <= sample:
+        ref_idx = torch.arange(n)
+    else:
+        chosen = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+        ref_idx = torch.from_numpy(chosen)
+    self_pos = torch.full((n,), -1, dtype=torch.int64)
+    self_pos[ref_idx] = torch.arange(len(ref_idx))
+    with torch.no_grad(), _threads(threads or torch.get_num_threads()):
+        m = _knn_mean(t, t[ref_idx], self_pos, min(k, len(ref_idx) - 1))
+    positive = m[m > 0]
+    if positive.numel() == 0:
+        return np.ones(n)
+    floor = positive.min()
+    return (floor / m.clamp(min=float(floor))).numpy()
+
+
+def weights(values: Any, *, where: Any = None) -> npt.NDArray[np.float64]:
+    """WEIGHTS objective: ``values / max(values)``, float64 ``[n]`` in [0, 1].
+
+    ``where(i)`` names row i in messages (e.g. :meth:`ScoreTable.where`).
+    Raises InputError for a NaN, infinite or negative value, or all zeros.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    name = where or (lambda i: f"row {i}")
+    bad = np.flatnonzero(~np.isfinite(v) | (v < 0))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(f"{name(i)}: weight {v[i]!r} must be a finite number >= 0")
+    top = float(v.max()) if v.size else 0.0
+    if v.size and top == 0:
+        raise InputError("every weight is 0: nothing to weigh (check the column)")
+    return v / top if v.size else v
+
+
+def threshold(values: Any, operation: str, value: float) -> npt.NDArray[np.bool_]:
+    """THRESHOLD: bool ``[n]``, True where ``values <operation> value`` (``< <= > >=``)."""
+    if operation not in OPERATIONS:
+        raise InputError(f"threshold operation must be one of < <= > >=, got {operation!r}")
+    out: npt.NDArray[np.bool_] = OPERATIONS[operation](np.asarray(values, np.float64), value)
+    return out
+
+
+def similarity(x: Any, queries: Any, *, threads: int | None = None) -> npt.NDArray[np.float64]:
+    """SIMILARITY objective: ``1 / (1 + q / mean(q))``, float64 ``[n]`` in (0, 1].
+
+    ``q`` is each row's distance to its nearest query ``[Q, d]``. Raises
+    InputError when there are no queries, or for mismatched dimensions.
+    """
+    if queries is None or len(queries) == 0:
+        raise InputError("similarity needs query embeddings, got none (no query images?)")
+    q = nearest(x, queries, threads=threads).distances
+    mean = float(q.mean()) if q.size else 0.0
+    if mean == 0:
+        return np.ones(len(q))
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + q / mean)
+    return out
+
+
+def balance_targets(labels: Sequence[str], target: str | Mapping[str, float]) -> dict[str, float]:
+    """Target proportion per label of the candidates' ``labels`` (module docstring).
+
+    Raises InputError for an explicit target naming a label no candidate has.
+    """
+    present, counts = np.unique(np.asarray(list(labels), dtype=object), return_counts=True)
+    names = [str(p) for p in present]
+    if target == "uniform":
+        return {p: 1 / len(names) for p in names}
+    if target == "input":
+        return {p: float(c) / len(labels) for p, c in zip(names, counts, strict=True)}
+    if isinstance(target, str):
+        raise InputError(f"balance target must be uniform, input or proportions, got {target!r}")
+    unknown = sorted(set(target) - set(names))
+    if unknown:
+        raise InputError(
+            f"balance target names label {unknown[0]!r}, which no candidate has "
+            f"(labels: {', '.join(names) or 'none'})"
+        )
+    return {p: float(target.get(p, 0.0)) for p in names}
+
+
+# --------------------------------------------------------------------------- combination
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A fixed objective over the candidates: float64 ``values`` [n] in [0, 1]."""
+
+    name: str
+    strength: float
+    values: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Balance:
+    """The BALANCE term of :func:`combine`.
+
+    Attributes:
+        name, strength: as for :class:`Objective`.
+        codes: int64 ``[n]``, each candidate's label as an index into ``targets``.
+        targets: float64 ``[L]``, target proportion per label (sum 1).
+        counts: int64 ``[L]``, picks already made per label (the pre-selected).
+        made: how many picks already exist (pre-selected, labelled or not).
+    """
+
+    name: str
+    strength: float
+    codes: npt.NDArray[np.int64]
+    targets: npt.NDArray[np.float64]
+    counts: npt.NDArray[np.int64]
+    made: int = 0
+
+
+@dataclass(frozen=True)
+class Combined:
+    """Result of :func:`combine` (indices into its candidates).
+
+    Attributes:
+        indices: int64 ``[k]`` in pick order.
+        distances: float64 ``[k]``, each pick's diversity distance when picked
+            (``inf`` for a first pick without pool).
+        objectives: name -> float64 ``[k]``, each objective's normalised value
+            at the moment of the pick (``"diversity"`` always included).
+        next_distance: distance of the farthest unpicked candidate to the
+            centres when selection stopped (``inf``: no centre; 0.0: none left).
+        reason: why it stopped: ``"n_samples"``, ``"min_distance"``,
+            ``"zero score"`` or ``"no candidates left"``.
+    """
+
+    indices: npt.NDArray[np.int64]
+    distances: npt.NDArray[np.float64]
+    objectives: dict[str, npt.NDArray[np.float64]]
+    next_distance: float
+    reason: str
+
+
+class _Coverage:
+    """Exact (textbook float32) squared distance ``d2`` [n] of each row to its nearest centre."""
+
+    def __init__(self, x: torch.Tensor, pass_threads: int) -> None:
+        self.x = x
+        self.xn = (x * x).sum(dim=1)
+        self.d2 = torch.full((x.shape[0],), math.inf, dtype=torch.float32)
+        self.kappa = _kappa(max(1, x.shape[1]))
+        self.threads = pass_threads
+        self.centres = 0
+
+    def add(self, c: torch.Tensor) -> None:
+        """Apply centres ``c`` [m, d] (any float dtype) to every row, blocked."""
+        if c.shape[0] == 0:
+            return
+        one = c.shape[0] == 1
+        rows = _PICK_ROWS if one else max(1, _PASS_BYTES // (4 * _CHUNK))
+        with _threads(1 if one else self.threads):
+            for j in range(0, c.shape[0], _CHUNK):
+                cj = c[j : j + _CHUNK].to(torch.float32)
+                for s in range(0, self.x.shape[0], rows):
+                    e = s + rows
+                    self.d2[s:e] = _gemm_min(
+                        self.x[s:e], self.xn[s:e], self.d2[s:e], cj, self.kappa
+                    )
+        self.centres += c.shape[0]
+
+
+def _log_term(o: torch.Tensor, strength: float) -> torch.Tensor:
+    """``strength * log(o)`` with ``o = 0`` giving -inf (positive strength) or +inf (negative)."""
+    if strength == 0:  # o ** 0 = 1, even for o = 0
+        return torch.zeros_like(o, dtype=torch.float64)
+    zero = -math.inf if strength > 0 else math.inf
+    # clamp only keeps log(0) out of the branch torch.where discards
+    return torch.where(o > 0, o.double().clamp(min=1e-300).log() * strength, zero)
+
+
+def _static_score(objectives: Sequence[Objective], n: int) -> torch.Tensor:
+    """Sum of ``strength * log(value)`` over the fixed objectives, float64 [n]."""
+    score = torch.zeros(n, dtype=torch.float64)
+    for o in objectives:
+        if o.strength != 0:
+            score += _log_term(torch.from_numpy(np.asarray(o.values, np.float64)), o.strength)
+    # -inf + inf is NaN: a zero under a positive strength wins (never picked)
+    return torch.nan_to_num(score, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _balance_values(
+    b: Balance, eligible: torch.Tensor, made: int, counts: torch.Tensor
+) -> torch.Tensor:
+    """Normalised balance objective per label, float64 [L] (module docstring)."""
+    codes = torch.from_numpy(b.codes)
+    available = torch.bincount(codes[eligible], minlength=len(b.targets)) > 0
+    t = torch.from_numpy(b.targets) * available
+    if float(t.sum()) > 0:
+        t = t / t.sum()
+    v = (t * (made + 1) - counts).clamp(min=0)
+    top = float(v.max()) if v.numel() else 0.0
+    return v / top if top > 0 else v
+
+
+@dataclass
+class _Loop:
+    """State of :func:`combine` between picks."""
+
+    cov: _Coverage
+    static: torch.Tensor
+    min_d2: float
+    picked: list[int] = field(default_factory=list)
+    dists: list[float] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def diversity(self, strength: float) -> tuple[torch.Tensor, float]:
+        """Log diversity term [n] and the current maximum squared distance."""
+        d2 = self.cov.d2
+        top = float(d2.max())
+        if self.cov.centres == 0 or strength == 0 or not top > 0:
+            return torch.zeros_like(d2, dtype=torch.float64), top
+        return (d2.double().log() - math.log(top)) * (strength / 2), top
+
+
+def combine(
+    x: Any,
+    *,
+    pool: Any = None,
+    preselected: Any = None,
+    objectives: Sequence[Objective] = (),
+    balance: Balance | None = None,
+    diversity: float = 1.0,
+    n_samples: int | None = None,
+    min_distance: float | None = None,
+    threads: int | None = None,
+) -> Combined:
+    """The combination loop: greedy picks maximising the product of objectives.
+
+    Args:
+        x: candidates ``[n, d]`` (numpy or torch, float).
+        pool: rows already in the dataset ``[m, d]``, or None.
+        preselected: rows picked before this call ``[p, d]``: centres like the pool.
+        objectives: fixed objectives over the candidates (values ``[n]``).
+        balance: the BALANCE term, or None.
+        diversity: DIVERSITY's strength (0: distances only decide eligibility).
+        n_samples: picks to make (None: until no candidate is eligible).
+        min_distance: candidates closer than this to a centre are ineligible.
+        threads: CPU threads for the pool pass (default torch's setting).
+
+    Raises:
+        InputError: as :func:`k_center_greedy` for the arrays, a negative
+            ``n_samples`` or ``min_distance``, or objectives of the wrong length.
+    """
+    if n_samples is not None and n_samples < 0:
+        raise InputError(f"n_samples must be >= 0, got {n_samples}")
+    if min_distance is not None and not min_distance >= 0:
+        raise InputError(f"min_distance must be a number >= 0, got {min_distance!r}")
+    xt, pool_t, _ = _checked_inputs(x, pool, None)
+    n = xt.shape[0]
+    for o in objectives:
+        if len(o.values) != n:
+            raise InputError(f"objective {o.name} has {len(o.values)} values for {n} candidates")
+    pre = None if preselected is None else _checked_inputs(preselected, None, None)[0]
+    limit = n if n_samples is None else min(n_samples, n)
+    with _pinned_numerics("cpu", 1):
+        cov = _Coverage(xt.to(torch.float32), threads or torch.get_num_threads())
+        for c in (pool_t, pre):
+            if c is not None:
+                cov.add(c)
+        md = min_distance or 0.0
+        loop = _Loop(cov, _static_score(objectives, n), md * md)
+        loop.values = {"diversity": [], **{o.name: [] for o in objectives}}
+        if balance is not None:
+            loop.values[balance.name] = []
+        reason = _run(loop, objectives, balance, diversity, limit, min_distance, n_samples)
+    d2 = cov.d2
+    nxt = 0.0 if n == 0 else math.sqrt(float(d2.max()))
+    return Combined(
+        np.asarray(loop.picked, dtype=np.int64),
+        np.asarray(loop.dists, dtype=np.float64),
+        {k: np.asarray(v, dtype=np.float64) for k, v in loop.values.items()},
+        nxt,
+        reason,
+    )
+
+
+def _run(
+    loop: _Loop,
+    objectives: Sequence[Objective],
+    balance: Balance | None,
+    diversity: float,
+    limit: int,
+    min_distance: float | None,
+    requested: int | None,
+) -> str:
+    """Pick until ``limit`` or no eligible candidate; returns the stop reason
+    (``requested``: the ``n_samples`` asked for, ``limit`` capped at the candidates)."""
+    counts = torch.zeros(0, dtype=torch.float64)
+    if balance is not None:
+        counts = torch.from_numpy(balance.counts.astype(np.float64))
+    made = 0 if balance is None else balance.made
+    while len(loop.picked) < limit:
+        d2 = loop.cov.d2
+        div, top = loop.diversity(diversity)
+        reach = d2 > 0
+        if min_distance is not None:
+            reach &= d2.double().sqrt() >= min_distance
+        score = loop.static + div
+        bal = None
+        if balance is not None:
+            bal = _balance_values(balance, reach & (score > -math.inf), made, counts)
+            term = _log_term(bal[torch.from_numpy(balance.codes)], balance.strength)
+            score = torch.nan_to_num(score + term, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        eligible = reach & (score > -math.inf)  # NaN (excluded) compares False too
+        if not bool(eligible.any()):
+            return _why(d2, reach)
+        i = int(torch.where(eligible, score, -math.inf).argmax())
+        loop.picked.append(i)
+        loop.dists.append(math.sqrt(float(d2[i])))
+        loop.values["diversity"].append(
+            1.0 if loop.cov.centres == 0 else math.sqrt(float(d2[i]) / top)
+        )
+        for o in objectives:
+            loop.values[o.name].append(float(o.values[i]))
+        if balance is not None and bal is not None:
+            code = int(balance.codes[i])
+            loop.values[balance.name].append(float(bal[code]))
+            counts[code] += 1
+            made += 1
+        loop.cov.add(loop.cov.x[i : i + 1])
+    return "n_samples" if limit == requested else "no candidates left"
+
+
+def _why(d2: torch.Tensor, reach: torch.Tensor) -> str:
+    """Stop reason when no candidate is eligible."""
+    if not bool((d2 > 0).any()):
+        return "no candidates left"
+    if not bool(reach.any()):
+        return "min_distance"
+    return "zero score"
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
+@dataclass(frozen=True)
+class Picks:
+    """Result of :func:`select` (indices into the rows given to it).
+
+    Attributes:
+        indices: int64 ``[k]``: the pre-selected rows first, then the picks in order.
+        distances: float64 ``[k]``: each one's Euclidean distance to the pool and
+            the rows before it (``inf`` for the first without pool).
+        objectives: name -> float64 ``[k]``: each strategy's normalised
+            objective at the moment of the pick (NaN for pre-selected rows).
+        preselected: how many leading rows of ``indices`` were pre-selected.
+        next_distance: see :class:`Combined`.
+        reason: see :class:`Combined`.
+        strategies: :func:`describe` of the configuration.
+    """
+
+    indices: npt.NDArray[np.int64]
+    distances: npt.NDArray[np.float64]
+    objectives: dict[str, npt.NDArray[np.float64]]
+    preselected: int
+    next_distance: float
+    reason: str
+    strategies: dict[str, dict[str, Any]]
+
+
+def _chain_distances(rows: torch.Tensor, pool: torch.Tensor | None) -> npt.NDArray[np.float64]:
+    """Distance of each of ``rows`` [p, d] to the pool and the rows before it (float64 [p])."""
+    with _pinned_numerics("cpu", 1):
+        cov = _Coverage(rows.to(torch.float32), 1)
+        if pool is not None:
+            cov.add(pool)
+        out = np.empty(rows.shape[0])
+        for i in range(rows.shape[0]):
+            out[i] = math.sqrt(float(cov.d2[i]))
+            cov.add(cov.x[i : i + 1])
+    return out
+
+
+def _plain(
+    xc: torch.Tensor,
+    pool: torch.Tensor | None,
+    budget: int | None,
+    min_distance: float | None,
+    threads: int | None,
+) -> Combined:
+    """Plain diversity on the exact fast engine, as a :class:`Combined`."""
+    chosen = k_center_greedy(
+        xc, pool=pool, n_samples=budget, min_distance=min_distance, threads=threads
+    )
+    k = len(chosen.indices)
+    if budget is not None and k == budget:
+        reason = "n_samples"
+    elif chosen.next_distance == 0:
+        reason = "no candidates left"
+    else:
+        reason = "min_distance"
+    # each pick is the farthest candidate: its normalised distance is 1
+    return Combined(
+        chosen.indices,
+        chosen.min_distances,
+        {"diversity": np.ones(k)},
+        chosen.next_distance,
+        reason,
+    )
+
+
+def _mask(value: Any, n: int, name: str, default: bool) -> npt.NDArray[np.bool_]:
+    """``value`` as a bool [n] mask (``default`` everywhere when None)."""
+    if value is None:
+        return np.full(n, default)
+    out = np.asarray(value, dtype=bool)
+    if out.shape != (n,):
+        raise InputError(f"{name} must have one flag per candidate ({n}), got shape {out.shape}")
+    return out
+
+
+def _need_scores(scores: ScoreTable | None, cfg: StrategyConfig) -> ScoreTable:
+    if scores is None:
+        raise InputError(
+            f"{cfg.name} reads column {cfg.column!r} but no score file is given "
+            "(selection.scores_file)"
+        )
+    return scores
+
+
+def _thresholds(
+    keep: npt.NDArray[np.bool_],
+    configs: Sequence[StrategyConfig],
+    scores: ScoreTable | None,
+    filenames: Sequence[str],
+) -> npt.NDArray[np.int64]:
+    """Indices of the rows of ``keep`` that pass every THRESHOLD, in order.
+
+    Raises InputError when a threshold leaves no candidate.
+    """
+    idx = np.flatnonzero(keep)
+    for cfg in configs:
+        if cfg.strategy != "threshold" or idx.size == 0:
+            continue
+        table = _need_scores(scores, cfg)
+        values = table.numbers(cfg.column, [filenames[int(i)] for i in idx])
+        passed = idx[threshold(values, cfg.operation, cfg.value)]
+        if passed.size == 0:
+            raise InputError(
+                f"threshold {cfg.column} {cfg.operation} {cfg.value:g} leaves none of the "
+                f"{idx.size} candidates (values from {table.path} range "
+                f"{values.min():g} to {values.max():g})"
+            )
+        idx = passed
+    return idx
+
+
+def _labels(
+    cfg: StrategyConfig,
+    rows: npt.NDArray[np.int64],
+    filenames: Sequence[str],
+    scores: ScoreTable | None,
+    weak: Sequence[str] | None,
+) -> list[str]:
+    """The balance labels of ``rows``: a score-file column, or the weak labels."""
+    if cfg.column:
+        return list(_need_scores(scores, cfg).labels(cfg.column, [filenames[i] for i in rows]))
+    if weak is None:
+        raise InputError(f"{cfg.name} balances weak labels, but none are given")
+    return [str(weak[i]) for i in rows]
+
+
+def _balance(
+    cfg: StrategyConfig,
+    cand: npt.NDArray[np.int64],
+    pre: npt.NDArray[np.int64],
+    filenames: Sequence[str],
+    scores: ScoreTable | None,
+    weak: Sequence[str] | None,
+) -> Balance:
+    """The :class:`Balance` term for candidates ``cand`` after pre-selected rows ``pre``."""
+    own = _labels(cfg, cand, filenames, scores, weak)
+    targets = balance_targets(own, cfg.target)
+    order = {label: j for j, label in enumerate(targets)}
+    counts = np.zeros(len(order), dtype=np.int64)
+    for label in _labels(cfg, pre, filenames, scores, weak) if pre.size else []:
+        if label in order:
+            counts[order[label]] += 1
+    codes = np.array([order[label] for label in own], dtype=np.int64)
+    return Balance(
+        cfg.name, cfg.strength, codes, np.array(list(targets.values())), counts, len(pre)
+    )
+
+
+def _objectives(
+    configs: Sequence[StrategyConfig],
+    xc: torch.Tensor,
+    cand: npt.NDArray[np.int64],
+    filenames: Sequence[str],
+    scores: ScoreTable | None,
+    queries: Any,
+    seed: int,
+    threads: int | None,
+) -> list[Objective]:
+    """The fixed objectives (typicality, weights, similarity) over the candidates ``cand``."""
+    out = []
+    names = [filenames[i] for i in cand]
+    for cfg in configs:
+        if cfg.strategy == "typicality":
+            values = typicality(xc, k=cfg.k, seed=seed, threads=threads)
+        elif cfg.strategy == "weights":
+            table = _need_scores(scores, cfg)
+            raw = table.numbers(cfg.column, names)
+            values = weights(raw, where=lambda i, t=table: t.where(names[i]))
+        elif cfg.strategy == "similarity":
+            values = similarity(xc, queries, threads=threads)
+        else:
+            continue
+        out.append(Objective(cfg.name, cfg.strength, values))
+    return out
+
+
+def select(
+    embeddings: Any,
+    filenames: Sequence[str],
+    *,
+    strategies: Sequence[StrategyConfig] = (),
+    pool: Any = None,
+    n_samples: int | None = None,
+    min_distance: float | None = None,
+    relevant: Any = None,
+    masked: Any = None,
+    preselected: Any = None,
+    scores: ScoreTable | None = None,
+    labels: Sequence[str] | None = None,
+    queries: Any = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> Picks:
+    """Choose among ``embeddings`` [n, d] (one row per ``filenames`` entry) by ``strategies``.
+
+    Plain diversity (:func:`is_plain_diversity`) runs on :func:`k_center_greedy`
+    over the narrowed candidates with the pre-selected rows added to the pool:
+    the same picks and speed as calling it directly. Anything else goes through
+    :func:`combine`.
+
+    Args:
+        relevant, masked, preselected: bool ``[n]`` masks (e.g.
+            :attr:`datapool.strategy_inputs.Flags.mask`); default: all relevant,
+            none masked or pre-selected.
+        scores: the score file, for ``weights``, ``threshold`` and column ``balance``.
+        labels: weak labels ``[n]``, for ``balance`` without a column.
+        queries: query embeddings ``[Q, d]`` for ``similarity``.
+        n_samples: total picks, pre-selected included; min_distance: as in
+            :func:`combine`. At least one is required.
+        seed: typicality's reference sample. threads: CPU threads for the
+            blocked passes (default torch's setting).
+
+    Raises:
+        InputError: every input error named in the module docstring and in
+            :mod:`datapool.strategy_inputs`, a row both masked and pre-selected,
+            masks of the wrong length, no stopping rule.
+    """
+    if n_samples is None and min_distance is None:
+        raise InputError("selection needs n_samples or min_distance (or both)")
+    if n_samples is not None and (isinstance(n_samples, bool) or n_samples < 0):
+        raise InputError(f"n_samples must be an integer >= 0, got {n_samples!r}")
+    xt, pool_t, _ = _checked_inputs(embeddings, pool, None)
+    n = xt.shape[0]
+    if len(filenames) != n:
+        raise InputError(f"{len(filenames)} filenames for {n} embeddings")
+    rel = _mask(relevant, n, "relevant", True)
+    msk = _mask(masked, n, "masked", False)
+    pre = _mask(preselected, n, "preselected", False)
+    both = np.flatnonzero(msk & pre)
+    if both.size:
+        raise InputError(f"{filenames[int(both[0])]!r} is both masked and pre-selected")
+    cand = _thresholds(rel & ~msk & ~pre, strategies, scores, filenames)
+    pre_idx = np.flatnonzero(pre)
+    pre_rows = xt[torch.from_numpy(pre_idx)] if pre_idx.size else None
+    pre_dist = np.empty(0) if pre_rows is None else _chain_distances(pre_rows, pool_t)
+    budget = None if n_samples is None else max(0, n_samples - pre_idx.size)
+    xc = xt if cand.size == n else xt[torch.from_numpy(cand)]
+    if is_plain_diversity(strategies):
+        centres = pool_t
+        if pre_rows is not None:
+            parts = [t.to(torch.float32) for t in (pool_t, pre_rows) if t is not None]
+            centres = torch.cat(parts)
+        got = _plain(xc, centres, budget, min_distance, threads)
+    else:
+        div = [c.strength for c in strategies if c.strategy == "diversity"]
+        bal = [c for c in strategies if c.strategy == "balance"]
+        got = combine(
+            xc,
+            pool=pool_t,
+            preselected=pre_rows,
+            objectives=_objectives(strategies, xc, cand, filenames, scores, queries, seed, threads),
+            balance=_balance(bal[0], cand, pre_idx, filenames, scores, labels) if bal else None,
+            diversity=div[0] if div else 0.0,
+            n_samples=budget,
+            min_distance=min_distance,
+            threads=threads,
+        )
+    nan = np.full(pre_idx.size, math.nan)
+    return Picks(
+        np.concatenate([pre_idx, cand[got.indices]]).astype(np.int64),
+        np.concatenate([pre_dist, got.distances]),
+        {k: np.concatenate([nan, v]) for k, v in got.objectives.items()},
+        int(pre_idx.size),
+        got.next_distance,
+        got.reason,
+        describe(strategies),
+    )

@@ -1,0 +1,376 @@
+"""Tests of datapool.strategies and datapool.strategy_inputs on small arrays with known answers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from datapool.errors import InputError
+from datapool.selection import k_center_greedy
+from datapool.strategies import (
+    StrategyConfig,
+    balance_targets,
+    combine,
+    describe,
+    is_plain_diversity,
+    parse_strategies,
+    select,
+    similarity,
+    typicality,
+    weights,
+)
+from datapool.strategy_inputs import flags_for, read_flags, read_names, read_scores
+
+
+def gaussian(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    return rng.standard_normal((n, d)).astype(np.float32)
+
+
+def names(n: int) -> list[str]:
+    return [f"img/{i:04d}.png" for i in range(n)]
+
+
+def strategies(*entries: dict[str, Any]) -> tuple[StrategyConfig, ...]:
+    return parse_strategies(list(entries))
+
+
+def score_file(tmp_path: Path, columns: dict[str, Any], n: int) -> Path:
+    path = tmp_path / "scores.csv"
+    rows = ["filenames," + ",".join(columns)]
+    for i, name in enumerate(names(n)):
+        rows.append(name + "," + ",".join(str(v[i]) for v in columns.values()))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- the two paths agree
+
+
+@pytest.mark.parametrize(("n", "d", "m", "dups"), [(2000, 16, 0, 0), (3000, 32, 400, 50)])
+def test_diversity_alone_gives_k_center_picks(n: int, d: int, m: int, dups: int) -> None:
+    rng = np.random.default_rng(n)
+    x = gaussian(rng, n, d)
+    pool = gaussian(rng, m, d) if m else None
+    if dups:  # duplicates of the pool and of other candidates are never picked
+        assert pool is not None
+        x[:dups] = pool[:dups]
+        x[dups : 2 * dups] = x[-dups:]
+    want = k_center_greedy(x, pool=pool, n_samples=300)
+    got = combine(x, pool=pool, n_samples=300)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.distances, want.min_distances)
+    assert got.next_distance == want.next_distance
+    assert got.reason == "n_samples"
+
+
+def test_min_distance_stops_both_paths_alike() -> None:
+    rng = np.random.default_rng(1)
+    x = gaussian(rng, 1500, 4)
+    want = k_center_greedy(x, min_distance=1.0)
+    got = combine(x, min_distance=1.0)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    assert got.reason == "min_distance"
+    assert got.next_distance == want.next_distance < 1.0
+
+
+def test_min_distance_makes_candidates_ineligible_in_a_combination() -> None:
+    rng = np.random.default_rng(2)
+    x = gaussian(rng, 1500, 4)
+    got = select(
+        x,
+        names(1500),
+        strategies=strategies({"strategy": "diversity"}, {"strategy": "typicality"}),
+        min_distance=1.0,
+    )
+    assert (got.distances[1:] >= 1.0).all()
+    assert got.reason == "min_distance" and got.next_distance < 1.0
+
+
+# --------------------------------------------------------------------------- each strategy
+
+
+def outlier_data() -> np.ndarray:
+    """Two tight clusters of 60 and a planted outlier (row 120) far from both."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.0, 0.1, (60, 2))
+    b = rng.normal(0.0, 0.1, (60, 2)) + np.array([5.0, 0.0])
+    return np.vstack([a, b, [[2.5, 20.0]]]).astype(np.float32)
+
+
+def test_typicality_skips_the_outlier_diversity_takes_first() -> None:
+    x = outlier_data()
+    plain = select(x, names(len(x)), n_samples=3)
+    assert plain.indices[1] == 120  # k-center: the farthest row right after row 0
+    both = select(
+        x,
+        names(len(x)),
+        strategies=strategies({"strategy": "diversity"}, {"strategy": "typicality"}),
+        n_samples=10,
+    )
+    assert 120 not in both.indices
+    assert {int(i) // 60 for i in both.indices[:2]} == {0, 1}  # one pick in each cluster
+
+
+def test_typicality_by_hand_and_with_a_sample() -> None:
+    x = np.array([[0.0], [1.0], [3.0]], dtype=np.float32)
+    np.testing.assert_allclose(typicality(x, k=1), [1.0, 1.0, 0.5], rtol=1e-6)
+    # k=5 > 2 others: mean over both, m = [2, 1.5, 2.5]
+    np.testing.assert_allclose(typicality(x, k=5), [0.75, 1.0, 0.6], rtol=1e-6)
+    x = outlier_data()  # a 40-row sample still ranks the outlier last
+    t = typicality(x, k=5, sample=40, seed=1)
+    assert int(np.argmin(t)) == 120 and t.max() == 1.0
+    dup = np.zeros((5, 2), dtype=np.float32)  # all at distance 0: no division by zero
+    np.testing.assert_array_equal(typicality(dup, k=2), np.ones(5))
+
+
+@pytest.mark.parametrize(
+    ("target", "n", "want"),
+    [
+        ("uniform", 9, {"a": 3, "b": 3, "c": 3}),
+        ("input", 8, {"a": 4, "b": 2, "c": 2}),
+        ({"a": 0.5, "b": 0.3, "c": 0.2}, 10, {"a": 5, "b": 3, "c": 2}),
+    ],
+)
+def test_balance_hits_target_counts(target: Any, n: int, want: dict[str, int]) -> None:
+    rng = np.random.default_rng(4)
+    x = gaussian(rng, 120, 8)
+    labels = ["a"] * 60 + ["b"] * 30 + ["c"] * 30
+    for extra in ({"strategy": "diversity"}, {"strategy": "typicality"}):
+        cfg = strategies(extra, {"strategy": "balance", "target": target})
+        got = select(x, names(120), strategies=cfg, labels=labels, n_samples=n)
+        assert Counter(labels[i] for i in got.indices) == want
+
+
+def test_balance_counts_the_preselected() -> None:
+    rng = np.random.default_rng(5)
+    x = gaussian(rng, 40, 4)
+    labels = ["a"] * 20 + ["b"] * 20
+    pre = np.zeros(40, dtype=bool)
+    pre[:3] = True  # three "a" already picked
+    cfg = strategies({"strategy": "diversity"}, {"strategy": "balance"})
+    got = select(x, names(40), strategies=cfg, labels=labels, preselected=pre, n_samples=6)
+    assert Counter(labels[i] for i in got.indices) == {"a": 3, "b": 3}
+    assert list(got.indices[:3]) == [0, 1, 2] and got.preselected == 3
+
+
+def test_threshold_filters_before_diversity(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    x = gaussian(rng, 500, 8)
+    sharp = rng.uniform(0, 1, 500).round(3)
+    table = read_scores(score_file(tmp_path, {"sharp": sharp}, 500))
+    cfg = strategies({"strategy": "threshold", "column": "sharp", "operation": ">=", "value": 0.5})
+    assert is_plain_diversity(cfg)
+    got = select(x, names(500), strategies=cfg, scores=table, n_samples=50)
+    kept = np.flatnonzero(sharp >= 0.5)
+    want = k_center_greedy(x[kept], n_samples=50)
+    np.testing.assert_array_equal(got.indices, kept[want.indices])
+    # the combination loop filters the same way
+    weighted = (
+        *cfg,
+        *strategies(
+            {"strategy": "diversity"}, {"strategy": "weights", "column": "sharp", "strength": 0}
+        ),
+    )
+    again = select(x, names(500), strategies=weighted, scores=table, n_samples=50)
+    np.testing.assert_array_equal(again.indices, got.indices)
+
+
+def test_weights_with_strength_zero_are_pure_diversity(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    x = gaussian(rng, 800, 16)
+    table = read_scores(score_file(tmp_path, {"u": rng.uniform(0, 1, 800).round(4)}, 800))
+    cfg = strategies(
+        {"strategy": "diversity"}, {"strategy": "weights", "column": "u", "strength": 0}
+    )
+    assert not is_plain_diversity(cfg)
+    got = select(x, names(800), strategies=cfg, scores=table, n_samples=100)
+    plain = select(x, names(800), n_samples=100)
+    np.testing.assert_array_equal(got.indices, plain.indices)
+    np.testing.assert_array_equal(got.distances, plain.distances)
+
+
+def test_negative_strength_inverts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    x = gaussian(rng, 50, 4)
+    u = rng.permutation(50) / 10
+    table = read_scores(score_file(tmp_path, {"u": u}, 50))
+    up = select(
+        x,
+        names(50),
+        strategies=strategies({"strategy": "weights", "column": "u"}),
+        scores=table,
+        n_samples=5,
+    )
+    down = select(
+        x,
+        names(50),
+        strategies=strategies({"strategy": "weights", "column": "u", "strength": -1}),
+        scores=table,
+        n_samples=5,
+    )
+    np.testing.assert_array_equal(up.indices, np.argsort(-u)[:5])
+    np.testing.assert_array_equal(down.indices, np.argsort(u)[:5])
+    # a zero weight under a positive strength is never picked; under a negative one, first
+    assert 0.0 not in u[up.indices] and u[down.indices[0]] == 0.0
+
+
+def test_similarity_prefers_the_query_neighbourhood() -> None:
+    x = outlier_data()
+    queries = np.array([[5.0, 0.2]], dtype=np.float32)
+    s = similarity(x, queries)
+    assert s[60:120].min() > s[:60].max()
+    cfg = strategies({"strategy": "diversity"}, {"strategy": "similarity", "strength": 3})
+    got = select(x, names(len(x)), strategies=cfg, queries=queries, n_samples=5)
+    assert 60 <= got.indices[0] < 120  # without a centre, the query's cluster first
+    alone = strategies({"strategy": "similarity"})
+    got = select(x, names(len(x)), strategies=alone, queries=queries, n_samples=5)
+    assert all(60 <= i < 120 for i in got.indices)
+
+
+def test_masked_rows_are_never_picked_and_never_count() -> None:
+    x = outlier_data()
+    masked = np.zeros(len(x), dtype=bool)
+    masked[60:90] = True  # half of one cluster: typicality and diversity must not see it
+    cfg = strategies({"strategy": "diversity"}, {"strategy": "typicality", "k": 5})
+    got = select(x, names(len(x)), strategies=cfg, masked=masked, n_samples=20)
+    keep = np.flatnonzero(~masked)
+    alone = select(x[keep], names(len(keep)), strategies=cfg, n_samples=20)
+    np.testing.assert_array_equal(got.indices, keep[alone.indices])
+    assert not masked[got.indices].any()
+
+
+@pytest.mark.parametrize("combined", [False, True])
+def test_preselected_count_as_pool_and_come_first(combined: bool) -> None:
+    rng = np.random.default_rng(9)
+    x = gaussian(rng, 600, 8)
+    pool = gaussian(rng, 100, 8)
+    pre = np.zeros(600, dtype=bool)
+    pre[[5, 17, 300]] = True
+    cfg: tuple[StrategyConfig, ...] = ()
+    if combined:
+        cfg = strategies({"strategy": "diversity"}, {"strategy": "similarity", "strength": 0})
+    got = select(
+        x,
+        names(600),
+        strategies=cfg,
+        pool=pool,
+        preselected=pre,
+        n_samples=40,
+        queries=x[:1],
+    )
+    rest = np.flatnonzero(~pre)
+    want = k_center_greedy(x[rest], pool=np.vstack([pool, x[pre]]), n_samples=37)
+    np.testing.assert_array_equal(got.indices, [5, 17, 300, *rest[want.indices]])
+    assert np.isnan(got.objectives["diversity"][:3]).all()
+    d0 = np.sqrt(((pool - x[5]) ** 2).sum(axis=1)).min()
+    assert got.distances[0] == pytest.approx(d0, rel=1e-6)
+
+
+def test_result_records_objectives_and_strategies() -> None:
+    x = outlier_data()
+    cfg = strategies({"strategy": "diversity", "strength": 2}, {"strategy": "typicality"})
+    got = select(x, names(len(x)), strategies=cfg, n_samples=4)
+    assert set(got.objectives) == {"diversity", "typicality"}
+    assert got.objectives["diversity"][0] == 1.0  # no centre yet
+    assert ((got.objectives["typicality"] > 0) & (got.objectives["typicality"] <= 1)).all()
+    assert describe(cfg) == {
+        "diversity": {"strategy": "diversity", "strength": 2.0},
+        "typicality": {"strategy": "typicality", "strength": 1.0, "k": 20},
+    }
+    assert describe(()) == {"diversity": {"strength": 1.0}}
+
+
+# --------------------------------------------------------------------------- readers and errors
+
+
+def test_readers(tmp_path: Path) -> None:
+    listed = tmp_path / "relevant.txt"
+    listed.write_text("./img/0001.png\n\n  img\\0003.png \nother/x.png\n")
+    assert read_names(listed) == ["img/0001.png", "img/0003.png", "other/x.png"]
+    flags = read_flags(listed, "masked", names(5))
+    assert list(flags.mask) == [False, True, False, True, False]
+    assert flags.unmatched == ("other/x.png",)
+    csv = tmp_path / "tags.csv"
+    csv.write_text("filenames,masked,selected\nimg/0000.png,True,0\nimg/0002.png,no,yes\n")
+    assert list(read_flags(csv, "masked", names(3)).mask) == [True, False, False]
+    assert list(read_flags(csv, "selected", names(3)).mask) == [False, False, True]
+    assert flags_for(["b"], ["a", "b"]).mask.tolist() == [False, True]
+
+
+def errors_of(call: Any) -> str:
+    with pytest.raises(InputError) as err:
+        call()
+    return str(err.value)
+
+
+def test_reader_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.csv"
+    assert "does not exist" in errors_of(lambda: read_scores(missing))
+    assert "does not exist" in errors_of(lambda: read_flags(tmp_path / "n.txt", "masked", []))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("filenames,masked\na.png,maybe\n")
+    assert "line 2" in errors_of(lambda: read_flags(bad, "masked", ["a.png"]))
+    assert "no 'selected' column" in errors_of(lambda: read_flags(bad, "selected", ["a.png"]))
+    twice = tmp_path / "twice.csv"
+    twice.write_text("filenames,u\na.png,1\nb.png,2\na.png,3\n")
+    assert "line 4" in errors_of(lambda: read_scores(twice))
+    nokey = tmp_path / "nokey.csv"
+    nokey.write_text("name,u\na.png,1\n")
+    assert "no 'filenames' column" in errors_of(lambda: read_scores(nokey))
+    absolute = tmp_path / "abs.txt"
+    absolute.write_text("/etc/passwd\n")
+    assert "line 1" in errors_of(lambda: read_names(absolute))
+
+
+def test_strategy_errors(tmp_path: Path) -> None:
+    x = outlier_data()
+    n = len(x)
+    u = np.ones(n)
+    u[7] = np.nan
+    table = read_scores(score_file(tmp_path, {"u": u, "v": -u, "cam": ["x"] * n}, n))
+    path = str(table.path)
+
+    def run(cfg: dict[str, Any], **kw: Any) -> str:
+        return errors_of(lambda: select(x, names(n), strategies=strategies(cfg), n_samples=3, **kw))
+
+    msg = run({"strategy": "weights", "column": "nope"}, scores=table)
+    assert "no column 'nope'" in msg and path in msg
+    msg = run({"strategy": "weights", "column": "u"}, scores=table)
+    assert f"{path} line 9 (filenames='img/0007.png')" in msg and "nan" in msg
+    table2 = read_scores(score_file(tmp_path, {"v": -np.arange(n)}, n))
+    msg = run({"strategy": "weights", "column": "v"}, scores=table2)
+    assert "line 3 (filenames='img/0001.png')" in msg and ">= 0" in msg
+    assert "every weight is 0" in errors_of(lambda: weights(np.zeros(3)))
+    assert "no score file" in run({"strategy": "weights", "column": "u"})
+    cfg = {"strategy": "threshold", "column": "v", "operation": ">", "value": 0}
+    assert "leaves none of the" in run(
+        cfg, scores=read_scores(score_file(tmp_path, {"v": -np.ones(n)}, n))
+    )
+    cfg = {"strategy": "balance", "column": "cam", "target": {"x": 0.5, "y": 0.5}}
+    assert "label 'y', which no candidate has" in run(cfg, scores=table)
+    assert "sum to 1" in errors_of(
+        lambda: parse_strategies([{"strategy": "balance", "target": {"a": 0.5, "b": 0.4}}])
+    )
+    assert "no query" in run({"strategy": "similarity"})
+    assert "no query" in run({"strategy": "similarity"}, queries=np.zeros((0, 2), np.float32))
+    assert "strategy must be one of" in errors_of(lambda: parse_strategies([{"strategy": "x"}]))
+    assert "takes no column" in errors_of(
+        lambda: parse_strategies([{"strategy": "typicality", "column": "u"}])
+    )
+    flags = np.zeros(n, dtype=bool)
+    flags[4] = True
+    assert "both masked and pre-selected" in errors_of(
+        lambda: select(x, names(n), masked=flags, preselected=flags, n_samples=3)
+    )
+    assert "balance target names" in errors_of(lambda: balance_targets(["a"], {"b": 1.0}))
+
+
+def test_plain_diversity_detection() -> None:
+    assert is_plain_diversity(())
+    assert is_plain_diversity(strategies({"strategy": "diversity", "strength": 3}))
+    assert not is_plain_diversity(strategies({"strategy": "diversity", "strength": -1}))
+    assert not is_plain_diversity(strategies({"strategy": "typicality"}))
