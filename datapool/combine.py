@@ -197,12 +197,3 @@ def images_of(pool_dirs: list[Path], table: pd.DataFrame) -> dict[str, Source]:
             if not isinstance(source, Path) or source.is_file():
                 found[digest] = source
     return found
-
-
-def image_of(pool_dir: Path, row: pd.Series) -> Path:
-    """Deprecated, kept only while :mod:`datapool.report` still calls it: read a row's
-    image with :func:`datapool.packs.read_image` instead. A pool's own copies are in
-    per-batch packs now, so this names the original file (``source/filenames``) when
-    the pool holds no loose copy; it may not exist."""
-    source = PoolImages(pool_dir).locate(row)
-    return source if isinstance(source, Path) else Path(str(row["source"])) / str(row["filenames"])
