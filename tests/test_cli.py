@@ -8,6 +8,7 @@ the workspace work on a copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -25,7 +26,8 @@ import yaml
 
 from datapool.images import content_hash
 from datapool.layout import PoolPaths, pool_dir
-from datapool.pool import POOL_CSV, embeddings_of, read_pool, read_table, stored_image
+from datapool.packs import Member, PoolImages
+from datapool.pool import POOL_CSV, embeddings_of, read_pool, read_table
 from datapool.revisions import cache_dir, current_record, missing_objects, record_at
 from datapool.tools import head, run_tool, tool_env
 
@@ -201,11 +203,11 @@ def test_pools_hold_their_images_by_content(story: dict[str, Any]) -> None:
     for name in ("A", "B", "C", "C2"):
         table = read_pool(pool_dir(ws, name))
         assert table is not None
-        for _, row in table.iterrows():
-            image = stored_image(
-                pool_dir(ws, name), content_hash=row["content_hash"], filename=row["filenames"]
-            )
-            assert content_hash(image) == row["content_hash"]
+        with PoolImages(pool_dir(ws, name)) as images:
+            for _, row in table.iterrows():
+                assert isinstance(images.locate(row), Member)  # the pool's own packed copy
+                data = images.read(row)
+                assert hashlib.sha256(data).hexdigest() == row["content_hash"]
 
 
 def test_history_lists_revisions_rows_and_changed_params(story: dict[str, Any]) -> None:

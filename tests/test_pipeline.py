@@ -11,6 +11,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +105,10 @@ def test_two_increments_hold_rows_of_both_batches(grown: Grown) -> None:
     # The new pool's random model was bootstrapped by SimCLR on batch_1 before embedding.
     assert model_id_ != model_id(build_model(model.config, seed=0))
     assert set(pool["model_id"]) == {model_id_}
-    # The pool holds its own copy of every pooled image, named by content.
-    stored = sorted(p.name for p in (ws / POOL / "images").iterdir())
+    # The pool holds its own copy of every pooled image, named by content, one pack a batch.
+    packs = sorted((ws / POOL / "images").iterdir())
+    assert [p.suffix for p in packs] == [".zip", ".zip"]
+    stored = sorted(name for p in packs for name in zipfile.ZipFile(p).namelist())
     assert stored == sorted(f"{h}.png" for h in pool["content_hash"])
     log = run_tool(["git", "log", "--format=%s"], cwd=ws, quiet=True).splitlines()
     assert log[:2] == [
