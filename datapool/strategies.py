@@ -277,10 +277,10 @@ def is_plain_diversity(configs: Sequence[StrategyConfig]) -> bool:
 def describe(configs: Sequence[StrategyConfig]) -> dict[str, dict[str, Any]]:
     """The strategies as a plain dict for a version's metadata: name -> settings.
 
-    An empty configuration is ``{"diversity": {"strength": 1.0}}``.
+    An empty configuration is plain diversity, strength 1.
     """
     if not configs:
-        return {"diversity": {"strength": 1.0}}
+        return {"diversity": {"strategy": "diversity", "strength": 1.0}}
     out: dict[str, dict[str, Any]] = {}
     for c in configs:
         entry: dict[str, Any] = {"strategy": c.strategy}
@@ -411,6 +411,8 @@ def balance_targets(labels: Sequence[str], target: str | Mapping[str, float]) ->
 
     Raises InputError for an explicit target naming a label no candidate has.
     """
+    if len(labels) == 0:  # nothing to balance (every file masked, say): no target to check
+        return {}
     present, counts = np.unique(np.asarray(list(labels), dtype=object), return_counts=True)
     names = [str(p) for p in present]
     if target == "uniform":
@@ -488,26 +490,39 @@ class _Coverage:
 
     def __init__(self, x: torch.Tensor, pass_threads: int) -> None:
         self.x = x
-        self.xn = (x * x).sum(dim=1)
+        self.xn = torch.empty(x.shape[0], dtype=torch.float32)
+        for s in range(0, x.shape[0], _PICK_ROWS):  # blocked: x * x would copy all of x
+            b = x[s : s + _PICK_ROWS]
+            self.xn[s : s + _PICK_ROWS] = (b * b).sum(dim=1)
         self.d2 = torch.full((x.shape[0],), math.inf, dtype=torch.float32)
         self.kappa = _kappa(max(1, x.shape[1]))
         self.threads = pass_threads
         self.centres = 0
 
     def add(self, c: torch.Tensor) -> None:
-        """Apply centres ``c`` [m, d] (any float dtype) to every row, blocked."""
+        """Apply centres ``c`` [m, d] (any float dtype) to every row, blocked.
+
+        One centre (a pick): 64k-row blocks on one thread. Many (the pool):
+        4096-row blocks, each taking every 1024-centre chunk while it is in cache.
+        """
         if c.shape[0] == 0:
             return
-        one = c.shape[0] == 1
-        rows = _PICK_ROWS if one else max(1, _PASS_BYTES // (4 * _CHUNK))
-        with _threads(1 if one else self.threads):
-            for j in range(0, c.shape[0], _CHUNK):
-                cj = c[j : j + _CHUNK].to(torch.float32)
-                for s in range(0, self.x.shape[0], rows):
+        n = self.x.shape[0]
+        if c.shape[0] == 1:
+            c1 = c.to(torch.float32)
+            for s in range(0, n, _PICK_ROWS):
+                e = s + _PICK_ROWS
+                self.d2[s:e] = _gemm_min(self.x[s:e], self.xn[s:e], self.d2[s:e], c1, self.kappa)
+        else:
+            chunks = [c[j : j + _CHUNK].to(torch.float32) for j in range(0, c.shape[0], _CHUNK)]
+            rows = max(1, _PASS_BYTES // (4 * _CHUNK))
+            with _threads(self.threads):
+                for s in range(0, n, rows):
                     e = s + rows
-                    self.d2[s:e] = _gemm_min(
-                        self.x[s:e], self.xn[s:e], self.d2[s:e], cj, self.kappa
-                    )
+                    d2b = self.d2[s:e]
+                    for cj in chunks:
+                        d2b = _gemm_min(self.x[s:e], self.xn[s:e], d2b, cj, self.kappa)
+                    self.d2[s:e] = d2b
         self.centres += c.shape[0]
 
 
@@ -604,6 +619,12 @@ def combine(
             raise InputError(f"objective {o.name} has {len(o.values)} values for {n} candidates")
     pre = None if preselected is None else _checked_inputs(preselected, None, None)[0]
     limit = n if n_samples is None else min(n_samples, n)
+    if n == 0:
+        empty = np.empty(0)
+        names = ["diversity", *(o.name for o in objectives), *([balance.name] if balance else [])]
+        return Combined(
+            np.empty(0, np.int64), empty, {k: empty for k in names}, 0.0, "no candidates left"
+        )
     with _pinned_numerics("cpu", 1):
         cov = _Coverage(xt.to(torch.float32), threads or torch.get_num_threads())
         for c in (pool_t, pre):
@@ -616,7 +637,7 @@ def combine(
             loop.values[balance.name] = []
         reason = _run(loop, objectives, balance, diversity, limit, min_distance, n_samples)
     d2 = cov.d2
-    nxt = 0.0 if n == 0 else math.sqrt(float(d2.max()))
+    nxt = math.sqrt(float(d2.max()))
     return Combined(
         np.asarray(loop.picked, dtype=np.int64),
         np.asarray(loop.dists, dtype=np.float64),

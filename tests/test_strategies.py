@@ -50,7 +50,9 @@ def score_file(tmp_path: Path, columns: dict[str, Any], n: int) -> Path:
 # --------------------------------------------------------------------------- the two paths agree
 
 
-@pytest.mark.parametrize(("n", "d", "m", "dups"), [(2000, 16, 0, 0), (3000, 32, 400, 50)])
+@pytest.mark.parametrize(
+    ("n", "d", "m", "dups"), [(2000, 16, 0, 0), (3000, 32, 400, 50), (5000, 8, 2500, 0)]
+)
 def test_diversity_alone_gives_k_center_picks(n: int, d: int, m: int, dups: int) -> None:
     rng = np.random.default_rng(n)
     x = gaussian(rng, n, d)
@@ -281,7 +283,7 @@ def test_result_records_objectives_and_strategies() -> None:
         "diversity": {"strategy": "diversity", "strength": 2.0},
         "typicality": {"strategy": "typicality", "strength": 1.0, "k": 20},
     }
-    assert describe(()) == {"diversity": {"strength": 1.0}}
+    assert describe(()) == {"diversity": {"strategy": "diversity", "strength": 1.0}}
 
 
 # --------------------------------------------------------------------------- readers and errors
@@ -367,6 +369,19 @@ def test_strategy_errors(tmp_path: Path) -> None:
         lambda: select(x, names(n), masked=flags, preselected=flags, n_samples=3)
     )
     assert "balance target names" in errors_of(lambda: balance_targets(["a"], {"b": 1.0}))
+
+
+def test_missing_score_row_and_nothing_left(tmp_path: Path) -> None:
+    x = outlier_data()
+    n = len(x)
+    table = read_scores(score_file(tmp_path, {"u": np.ones(n - 1)}, n - 1))
+    cfg = strategies({"strategy": "diversity"}, {"strategy": "weights", "column": "u"})
+    msg = errors_of(lambda: select(x, names(n), strategies=cfg, scores=table, n_samples=3))
+    assert "no row for 'img/0120.png'" in msg and str(table.path) in msg
+    everything = np.ones(n, dtype=bool)
+    cfg = strategies({"strategy": "typicality"}, {"strategy": "balance", "target": {"a": 1}})
+    got = select(x, names(n), strategies=cfg, masked=everything, labels=["a"] * n, n_samples=3)
+    assert len(got.indices) == 0 and got.reason == "no candidates left"
 
 
 def test_plain_diversity_detection() -> None:

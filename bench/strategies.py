@@ -1,0 +1,130 @@
+"""Benchmark the combination loop of datapool.strategies against plain k-center.
+
+One process, one data set (random unit-normalised float32 rows, or Gaussian
+clusters with ``--data clustered``), no pool:
+
+* diversity x typicality: :func:`datapool.strategies.typicality` (k-NN density,
+  exact up to the reference sample size, sampled above it), then
+  :func:`datapool.strategies.combine` (one pass over the candidates per pick),
+  timed separately and together: the same work :func:`datapool.strategies.select`
+  does for this configuration;
+* the named peer, plain diversity through :func:`datapool.selection.k_center_greedy`
+  (the exact fast path ``select`` keeps for it), on the same data;
+* optionally (``--diversity-loop``) diversity alone through ``combine``, which
+  must give the peer's picks: the price of the general loop.
+
+Prints wall time, peak RSS above the start of each call, the load average and
+the ratios. Example:
+
+    python bench/strategies.py                      # 1M x 128, 1000 picks
+    python bench/strategies.py --n 100000 --diversity-loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory import measure, peak_rss  # bench/memory.py, beside this script
+
+from datapool.selection import k_center_greedy
+from datapool.strategies import TYPICALITY_SAMPLE, Objective, combine, typicality
+
+
+def make(n: int, d: int, kind: str, seed: int) -> np.ndarray:
+    """``n`` float32 rows of dimension ``d``, unit-normalised, generated in blocks.
+
+    ``random``: isotropic Gaussian directions. ``clustered``: 100 Gaussian
+    clusters of unequal size (Zipf-like weights) with noise 0.3 around unit
+    centres, plus 0.1 % uniform outliers: a stand-in for real embeddings.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, d), dtype=np.float32)
+    centres = rng.standard_normal((100, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    weights = 1.0 / np.arange(1, 101)
+    for s in range(0, n, 1 << 18):
+        m = min(n - s, 1 << 18)
+        b = rng.standard_normal((m, d), dtype=np.float32)
+        if kind == "clustered":
+            which = rng.choice(100, size=m, p=weights / weights.sum())
+            noise = np.where(rng.random(m) < 0.001, 3.0, 0.3).astype(np.float32)
+            b = centres[which] + noise[:, None] * b / np.sqrt(d)
+        x[s : s + m] = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="candidates (default 1M)")
+    parser.add_argument("--d", type=int, default=128, help="dimension (default 128)")
+    parser.add_argument("--picks", type=int, default=1000, help="n_samples (default 1000)")
+    parser.add_argument("--k", type=int, default=20, help="typicality neighbours (default 20)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=TYPICALITY_SAMPLE,
+        help=f"typicality reference rows (default {TYPICALITY_SAMPLE})",
+    )
+    parser.add_argument("--data", choices=("random", "clustered"), default="random")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for passes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--diversity-loop",
+        action="store_true",
+        help="also run diversity alone through the combination loop (checks the picks)",
+    )
+    args = parser.parse_args()
+
+    x = make(args.n, args.d, args.data, args.seed)
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"{args.n:,} x {args.d} float32 ({x.nbytes / 1e9:.2f} GB, {args.data}), "
+        f"{args.picks} picks, k={args.k}, sample {args.sample:,}, {threads} thread(s) for passes"
+    )
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
+
+    typ, t_typ, m_typ = measure(
+        lambda: typicality(x, k=args.k, sample=args.sample, seed=args.seed, threads=threads)
+    )
+    print(f"  typicality              {t_typ:8.2f} s  peak +{m_typ / 1e6:7.1f} MB")
+    objective = [Objective("typicality", 1.0, typ)]
+    both, t_loop, m_loop = measure(
+        lambda: combine(x, objectives=objective, n_samples=args.picks, threads=threads)
+    )
+    print(f"  combination loop        {t_loop:8.2f} s  peak +{m_loop / 1e6:7.1f} MB")
+    total = t_typ + t_loop
+    print(f"  diversity x typicality  {total:8.2f} s  (typicality + loop)")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+    plain, t_plain, m_plain = measure(
+        lambda: k_center_greedy(x, n_samples=args.picks, threads=threads)
+    )
+    print(f"  k_center_greedy (peer)  {t_plain:8.2f} s  peak +{m_plain / 1e6:7.1f} MB")
+    print(
+        f"  ratios: diversity x typicality / plain = {total / t_plain:.1f}x, "
+        f"loop alone / plain = {t_loop / t_plain:.1f}x"
+    )
+    shared = len(np.intersect1d(both.indices, plain.indices)) / max(1, len(plain.indices))
+    print(
+        f"  picks shared with plain diversity: {shared:.0%}; coverage radius after: "
+        f"{both.next_distance:.4f} (combined) vs {plain.next_distance:.4f} (plain)"
+    )
+    if args.diversity_loop:
+        div, t_div, _ = measure(lambda: combine(x, n_samples=args.picks, threads=threads))
+        same = np.array_equal(div.indices, plain.indices)
+        print(
+            f"  diversity via the loop  {t_div:8.2f} s  ({t_div / t_plain:.1f}x plain), "
+            f"picks {'identical' if same else 'DIFFER'}"
+        )
+    print(f"process peak RSS {peak_rss() / 1e9:.2f} GB, load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
