@@ -591,7 +591,7 @@ def run_cache(root: Path, args: argparse.Namespace) -> None:
         total, files = folder_bytes(repo / ".dvc" / "cache")
         shutil.rmtree(repo)
         text = "; ".join(
-            f"v{v} +{b / 1e6:.2f} MB (.dir {b_dir / 1e3:.0f} kB, {f} files)"
+            f"v{v} +{b / 1e6:.2f} MB (.dir {b_dir:,} B, {f} files)"
             for v, (_, b, b_dir, f) in enumerate(steps)
         )
         per_row = ", ".join(f"{b / a:.0f} ({(b - b_dir) / a:.0f})" for a, b, b_dir, _ in steps[1:])
