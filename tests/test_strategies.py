@@ -12,6 +12,8 @@ import pytest
 from datapool.errors import InputError
 from datapool.selection import k_center_greedy
 from datapool.strategies import (
+    Balance,
+    Objective,
     StrategyConfig,
     balance_targets,
     combine,
@@ -67,6 +69,65 @@ def test_diversity_alone_gives_k_center_picks(n: int, d: int, m: int, dups: int)
     np.testing.assert_array_equal(got.distances, want.min_distances)
     assert got.next_distance == want.next_distance
     assert got.reason == "n_samples"
+
+
+def textbook_combination(
+    x: np.ndarray,
+    pool: np.ndarray,
+    fixed: list[tuple[np.ndarray, float]],
+    codes: np.ndarray,
+    div: float,
+    n_samples: int,
+    min_distance: float,
+) -> list[int]:
+    """The module docstring's rule, written out: products in float64, uniform balance."""
+    d2 = np.full(len(x), np.inf, dtype=np.float32)
+    for row in pool:
+        np.minimum(d2, ((x - row) ** 2).sum(axis=1), out=d2)
+    labels = np.unique(codes)
+    counts = dict.fromkeys(labels, 0)
+    picks: list[int] = []
+    while len(picks) < n_samples:
+        d = np.sqrt(d2.astype(np.float64))
+        ok = (d2 > 0) & (d >= min_distance)
+        score = (d / d.max()) ** div
+        for values, strength in fixed:
+            score = score * values**strength
+        live = [lab for lab in labels if (ok & (score > 0) & (codes == lab)).any()]
+        want = {lab: max((len(picks) + 1) / len(live) - counts[lab], 0) for lab in live}
+        top = max(want.values(), default=0)
+        score = score * np.array([want.get(c, 0) / top if top else 0 for c in codes])
+        score[~ok] = 0
+        if not (score > 0).any():
+            break
+        i = int(np.argmax(score))
+        picks.append(i)
+        counts[codes[i]] += 1
+        np.minimum(d2, ((x - x[i]) ** 2).sum(axis=1), out=d2)
+    return picks
+
+
+@pytest.mark.parametrize(("n_samples", "min_distance"), [(40, 2.0), (200, 2.4)])
+def test_combination_matches_the_written_rule(n_samples: int, min_distance: float) -> None:
+    rng = np.random.default_rng(11)
+    x = gaussian(rng, 400, 6)
+    pool = gaussian(rng, 30, 6)
+    typ = typicality(x, k=7)
+    w = rng.uniform(0.1, 1.0, 400)
+    codes = rng.integers(0, 3, 400)
+    fixed = [(typ, 1.0), (w / w.max(), -0.5)]
+    want = textbook_combination(x, pool, fixed, codes, 1.5, n_samples, min_distance)
+    got = combine(
+        x,
+        pool=pool,
+        objectives=[Objective("t", 1.0, typ), Objective("w", -0.5, w / w.max())],
+        balance=Balance("b", 1.0, codes, np.full(3, 1 / 3), np.zeros(3, np.int64)),
+        diversity=1.5,
+        n_samples=n_samples,
+        min_distance=min_distance,
+    )
+    assert list(got.indices) == want  # 40 picks (13/14/13), or 22 when min_distance stops it
+    assert got.reason == ("n_samples" if n_samples == 40 else "min_distance")
 
 
 def test_min_distance_stops_both_paths_alike() -> None:
