@@ -5,19 +5,21 @@ clusters with ``--data clustered``), no pool:
 
 * diversity x typicality: :func:`datapool.strategies.typicality` (k-NN density,
   exact up to the reference sample size, sampled above it), then
-  :func:`datapool.strategies.combine` (one pass over the candidates per pick),
-  timed separately and together: the same work :func:`datapool.strategies.select`
-  does for this configuration;
+  :func:`datapool.strategies.combine` (lazy: a top set kept exact per pick,
+  stale distances as bounds elsewhere), timed separately and together: the
+  same work :func:`datapool.strategies.select` does for this configuration;
 * the named peer, plain diversity through :func:`datapool.selection.k_center_greedy`
   (the exact fast path ``select`` keeps for it), on the same data;
 * optionally (``--diversity-loop``) diversity alone through ``combine``, which
-  must give the peer's picks: the price of the general loop.
+  must give the peer's picks: the price of the general loop; and
+  (``--full-loop``) the combination with one pass over the candidates per pick,
+  which must give the lazy loop's picks.
 
 Prints wall time, peak RSS above the start of each call, the load average and
 the ratios. Example:
 
     python bench/strategies.py                      # 1M x 128, 1000 picks
-    python bench/strategies.py --n 100000 --diversity-loop
+    python bench/strategies.py --n 100000 --diversity-loop --full-loop
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def main() -> None:
         action="store_true",
         help="also run diversity alone through the combination loop (checks the picks)",
     )
+    parser.add_argument(
+        "--full-loop",
+        action="store_true",
+        help="also run diversity x typicality with lazy=False (one pass per pick)",
+    )
     args = parser.parse_args()
 
     x = make(args.n, args.d, args.data, args.seed)
@@ -116,6 +123,17 @@ def main() -> None:
         f"  picks shared with plain diversity: {shared:.0%}; coverage radius after: "
         f"{both.next_distance:.4f} (combined) vs {plain.next_distance:.4f} (plain)"
     )
+    if args.full_loop:
+        full, t_full, _ = measure(
+            lambda: combine(
+                x, objectives=objective, n_samples=args.picks, threads=threads, lazy=False
+            )
+        )
+        same = np.array_equal(full.indices, both.indices)
+        print(
+            f"  loop, one pass per pick {t_full:8.2f} s  ({t_full / t_loop:.1f}x the lazy loop), "
+            f"picks {'identical' if same else 'DIFFER'}"
+        )
     if args.diversity_loop:
         div, t_div, _ = measure(lambda: combine(x, n_samples=args.picks, threads=threads))
         same = np.array_equal(div.indices, plain.indices)

@@ -45,7 +45,7 @@ Normalisations (each objective is positive and scale-free):
   candidates (``seed``): the mean distance to the ``k`` nearest sample points
   estimates the mean distance to the ``k * n / 10,000`` nearest candidates, i.e.
   the same density at a coarser scale (outliers, far from every sample point,
-  still score lowest). The cost is then ``n x 10,000`` distances: 82 s for
+  still score lowest). The cost is then ``n x 10,000`` distances: 82-89 s for
   1M x 128 on one core of the 2-core VM (bench/strategies.py). ``m`` is clamped
   below at its smallest positive value: ``k`` exact duplicates would give
   ``m = 0`` and a division by zero; they get the maximum, 1.
@@ -80,17 +80,33 @@ DIVERSITY is not configured, for that rule and the reported pick distances.
 Exactness and cost
 ------------------
 Distances are the textbook float32 values ``sum((x - c)^2)`` that
-:func:`k_center_greedy` matches: each pick is applied to every remaining row as
-one matrix-vector product per block, and only rows whose distance may change
-are recomputed directly (``selection._gemm_min``, shared so both paths have
-one definition). So diversity alone through :func:`combine` gives
-:func:`k_center_greedy`'s picks. Per pick that costs one pass over the
-candidates (O(n d)); the fast engine needs far fewer passes, which is why
-plain diversity stays there (1M x 128, 1000 picks: 124 s for the loop with
-typicality, 207 s with typicality's k-NN pass, against 5.7 s for
-:func:`k_center_greedy`, one core, load 1-2). The pool pass here is not
-pruned: O(n m d). A lazy top-set evaluation like the fast engine's would cut
-the per-pick pass for fixed objectives; not done yet.
+:func:`k_center_greedy` matches: centres are applied to rows as matrix
+products, and only rows whose distance may change are recomputed directly
+(``selection._gemm_min``, shared so both paths have one definition). So
+diversity alone through :func:`combine` gives :func:`k_center_greedy`'s picks.
+Two loops make the same picks (tests compare them):
+
+* the full loop (``_run``): every pick is applied to every row, one pass over
+  the candidates per pick. Used with BALANCE (its term moves whole labels at
+  once) and with a negative diversity strength (shrinking distances raise
+  scores, so a stale distance bounds nothing).
+* the lazy loop (``_run_lazy``, otherwise): distances only shrink, so with a
+  diversity strength >= 0 a stale distance bounds a row's score from above. A
+  top set (the n/50 rows, at least 256 and at most 16 MiB, with the highest
+  bound, plus as many farthest rows) is kept exact pick by pick; its best row is
+  picked while it beats every other row's bound strictly (a tie would need the
+  lower index) and its farthest row is at least every other row's stale
+  distance (so the recorded maximum is exact). Otherwise the phase's picks are
+  applied to all rows in one blocked product, far cheaper per centre than a
+  pass each, and a new top set is taken (four times larger when the phase
+  picked nothing).
+
+Measured (bench/strategies.py, random unit rows, 1000 picks, one thread, the
+2-core VM under load 2.6-3.5): at 1M x 128 diversity x typicality took 107 s,
+89 s of it typicality's k-NN pass and 18 s the lazy loop (the full loop: 124 s);
+:func:`k_center_greedy` 4.7 s; diversity alone through the lazy loop 18.6 s,
+same picks. At 100k x 128: lazy loop 3.6 s, full loop 14.0 s, same picks.
+The pool pass is not pruned as the fast engine's is: O(n m d).
 Everything runs on the CPU (tensors on another device are copied there):
 per-pick work on one thread, the blocked passes (pool, typicality) on
 ``threads``.
@@ -144,6 +160,9 @@ KINDS = ("diversity", "typicality", "weights", "threshold", "balance", "similari
 OPERATIONS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
 TYPICALITY_SAMPLE = 10_000  # reference rows for the k-NN search (module docstring)
 _PICK_ROWS = 1 << 16  # rows per block of the per-pick update
+_TOP_DIV = 50  # lazy loop's top set: this fraction of the candidates ...
+_TOP_MIN = 256  # ... at least this many rows ...
+_TOP_BYTES = 16 << 20  # ... and its float32 copy at most this size (stays in cache)
 _PASS_BYTES = 16 << 20  # product output per block in the blocked passes
 _CHUNK = 1024  # centres per product in the pool pass
 _SUM_TOLERANCE = 1e-6  # explicit balance proportions must sum to 1 within this
@@ -575,18 +594,39 @@ class _Loop:
 
     cov: _Coverage
     static: torch.Tensor
-    min_d2: float
+    objectives: Sequence[Objective]
+    diversity: float
+    min_distance: float | None
     picked: list[int] = field(default_factory=list)
     dists: list[float] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
 
-    def diversity(self, strength: float) -> tuple[torch.Tensor, float]:
-        """Log diversity term [n] and the current maximum squared distance."""
-        d2 = self.cov.d2
-        top = float(d2.max())
-        if self.cov.centres == 0 or strength == 0 or not top > 0:
-            return torch.zeros_like(d2, dtype=torch.float64), top
-        return (d2.double().log() - math.log(top)) * (strength / 2), top
+    def reach(self, d2: torch.Tensor) -> torch.Tensor:
+        """Rows whose distance allows a pick: > 0 and ``>= min_distance``."""
+        ok = d2 > 0
+        if self.min_distance is not None:
+            ok &= d2.double().sqrt() >= self.min_distance
+        return ok
+
+    def score(self, static: torch.Tensor, d2: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+        """Log score without the common normalisations, -inf out of reach (float64).
+
+        Dividing every objective by its maximum adds the same constant to every
+        row, so it is left out of comparisons (both loops compute the same
+        values, so they break ties alike); it is applied to recorded values.
+        """
+        u = static
+        if self.diversity != 0 and self.cov.centres > 0:
+            u = static + d2.double().log() * (self.diversity / 2)
+        return torch.where(reach, u, -math.inf)
+
+    def record(self, i: int, d2_i: float, d2_max: float) -> None:
+        """Append pick ``i`` (squared distance ``d2_i``, largest ``d2_max``) and its objectives."""
+        self.picked.append(i)
+        self.dists.append(math.sqrt(d2_i))
+        self.values["diversity"].append(1.0 if math.isinf(d2_max) else math.sqrt(d2_i / d2_max))
+        for o in self.objectives:
+            self.values[o.name].append(float(o.values[i]))
 
 
 def combine(
@@ -600,6 +640,7 @@ def combine(
     n_samples: int | None = None,
     min_distance: float | None = None,
     threads: int | None = None,
+    lazy: bool = True,
 ) -> Combined:
     """The combination loop: greedy picks maximising the product of objectives.
 
@@ -613,6 +654,10 @@ def combine(
         n_samples: picks to make (None: until no candidate is eligible).
         min_distance: candidates closer than this to a centre are ineligible.
         threads: CPU threads for the pool pass (default torch's setting).
+        lazy: without balance and with diversity strength >= 0, keep stale
+            distances as upper bounds and refresh only a top set per pick
+            (:func:`_run_lazy`: same picks, far fewer passes). False forces
+            one pass per pick (for tests and benchmarks).
 
     Raises:
         InputError: as :func:`k_center_greedy` for the arrays, a negative
@@ -640,12 +685,18 @@ def combine(
         for c in (pool_t, pre):
             if c is not None:
                 cov.add(c)
-        md = min_distance or 0.0
-        loop = _Loop(cov, _static_score(objectives, n), md * md)
+        loop = _Loop(cov, _static_score(objectives, n), objectives, diversity, min_distance)
         loop.values = {"diversity": [], **{o.name: [] for o in objectives}}
         if balance is not None:
             loop.values[balance.name] = []
-        reason = _run(loop, objectives, balance, diversity, limit, min_distance, n_samples)
+        if lazy and balance is None and diversity >= 0:
+            # a first pick without any centre has no distances to bound: one full pass
+            reason = _run(loop, None, min(limit, 1)) if cov.centres == 0 else None
+            reason = reason or _run_lazy(loop, limit)
+        else:
+            reason = _run(loop, balance, limit)
+        if reason is None:
+            reason = "n_samples" if limit == n_samples else "no candidates left"
     d2 = cov.d2
     nxt = math.sqrt(float(d2.max()))
     return Combined(
@@ -657,51 +708,106 @@ def combine(
     )
 
 
-def _run(
-    loop: _Loop,
-    objectives: Sequence[Objective],
-    balance: Balance | None,
-    diversity: float,
-    limit: int,
-    min_distance: float | None,
-    requested: int | None,
-) -> str:
-    """Pick until ``limit`` or no eligible candidate; returns the stop reason
-    (``requested``: the ``n_samples`` asked for, ``limit`` capped at the candidates)."""
+def _run(loop: _Loop, balance: Balance | None, limit: int) -> str | None:
+    """One pass over every candidate per pick until ``limit`` picks; returns the
+    stop reason, or None when ``limit`` was reached."""
     counts = torch.zeros(0, dtype=torch.float64)
     if balance is not None:
         counts = torch.from_numpy(balance.counts.astype(np.float64))
     made = 0 if balance is None else balance.made
     while len(loop.picked) < limit:
         d2 = loop.cov.d2
-        div, top = loop.diversity(diversity)
-        reach = d2 > 0
-        if min_distance is not None:
-            reach &= d2.double().sqrt() >= min_distance
-        score = loop.static + div
+        reach = loop.reach(d2)
+        score = loop.score(loop.static, d2, reach)
         bal = None
         if balance is not None:
-            bal = _balance_values(balance, reach & (score > -math.inf), made, counts)
+            bal = _balance_values(balance, score > -math.inf, made, counts)
             term = _log_term(bal[torch.from_numpy(balance.codes)], balance.strength)
             score = torch.nan_to_num(score + term, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-        eligible = reach & (score > -math.inf)  # NaN (excluded) compares False too
+        eligible = score > -math.inf  # NaN (excluded) compares False too
         if not bool(eligible.any()):
             return _why(d2, reach)
         i = int(torch.where(eligible, score, -math.inf).argmax())
-        loop.picked.append(i)
-        loop.dists.append(math.sqrt(float(d2[i])))
-        loop.values["diversity"].append(
-            1.0 if loop.cov.centres == 0 else math.sqrt(float(d2[i]) / top)
-        )
-        for o in objectives:
-            loop.values[o.name].append(float(o.values[i]))
+        loop.record(i, float(d2[i]), float(d2.max()))
         if balance is not None and bal is not None:
             code = int(balance.codes[i])
             loop.values[balance.name].append(float(bal[code]))
             counts[code] += 1
             made += 1
         loop.cov.add(loop.cov.x[i : i + 1])
-    return "n_samples" if limit == requested else "no candidates left"
+    return None
+
+
+def _top_size(n: int, d: int) -> int:
+    """Rows of a top set: n / 50, at least 256, its float32 copy at most 16 MiB."""
+    return max(1, min(max(_TOP_MIN, n // _TOP_DIV), _TOP_BYTES // (4 * d), n))
+
+
+def _run_lazy(loop: _Loop, limit: int) -> str | None:
+    """:func:`_run` without balance and with a diversity strength >= 0, lazily.
+
+    Distances only shrink, so a stale distance gives an upper bound on a
+    row's score. Each *phase* takes a top set (the rows with the highest
+    bound and those farthest from the centres), keeps it exact pick by pick,
+    and picks its best row while that beats ``bound_u``, every other row's
+    bound, and its farthest row is at least every other row's stale distance
+    (so the recorded maximum is exact). Otherwise the phase's picks are applied
+    to every row in one blocked product and a new top set is taken (four
+    times larger if the phase picked nothing). Same picks as :func:`_run`.
+    """
+    cov = loop.cov
+    n, d = cov.x.shape
+    base, grow = _top_size(n, d), 1
+    while len(loop.picked) < limit:
+        t = min(n, base * grow)
+        reach = loop.reach(cov.d2)
+        upper = loop.score(loop.static, cov.d2, reach)
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[upper.topk(t).indices] = False
+        rest[cov.d2.topk(t).indices] = False
+        top = (~rest).nonzero().squeeze(1)  # sorted
+        bound_u = float(upper[rest].max()) if top.numel() < n else -math.inf
+        bound_d = float(cov.d2[rest].max()) if top.numel() < n else 0.0
+        before = len(loop.picked)
+        done = _phase(loop, top, bound_u, bound_d, limit)
+        if done:
+            return _why(cov.d2, loop.reach(cov.d2))
+        if len(loop.picked) == before and top.numel() == n:
+            raise RuntimeError("internal error in strategies.combine: a phase over every row")
+        grow = grow * 4 if len(loop.picked) == before else 1
+    return None
+
+
+def _phase(loop: _Loop, top: torch.Tensor, bound_u: float, bound_d: float, limit: int) -> bool:
+    """Pick from the top set ``top`` (sorted indices) while that is provably right.
+
+    Returns True when no candidate is eligible anywhere. The picks are then
+    applied to every row.
+    """
+    cov = loop.cov
+    xt, xn, d2 = cov.x[top], cov.xn[top], cov.d2[top]
+    static = loop.static[top]
+    queue: list[torch.Tensor] = []
+    done = False
+    while len(loop.picked) < limit:
+        score = loop.score(static, d2, loop.reach(d2))
+        j = int(score.argmax())  # first of equals: top is sorted, so the lowest index
+        best, far = float(score[j]), float(d2.max())
+        if best == -math.inf and bound_u == -math.inf:
+            done = True
+            break
+        if not best > bound_u or far < bound_d:
+            break
+        loop.record(int(top[j]), float(d2[j]), far)
+        queue.append(xt[j : j + 1].clone())
+        d2 = _gemm_min(xt, xn, d2, queue[-1], cov.kappa)
+        cov.centres += 1
+    cov.d2[top] = d2
+    if queue:
+        centres = cov.centres
+        cov.add(torch.cat(queue))
+        cov.centres = centres
+    return done
 
 
 def _why(d2: torch.Tensor, reach: torch.Tensor) -> str:

@@ -130,6 +130,58 @@ def test_combination_matches_the_written_rule(n_samples: int, min_distance: floa
     assert got.reason == ("n_samples" if n_samples == 40 else "min_distance")
 
 
+@pytest.mark.parametrize("top_min", [4, 256])
+@pytest.mark.parametrize(
+    ("div", "w_strength", "min_distance", "pool_rows", "n_samples"),
+    [
+        (1.0, 1.0, None, 0, 150),
+        (2.0, -1.0, 0.8, 50, 150),
+        (0.0, 1.0, 0.5, 0, 150),
+        (0.5, -0.5, None, 500, 150),
+        (1.0, 0.0, 1.5, 0, 1200),  # stops at min_distance
+        (1.0, 1.0, None, 0, 1200),  # stops when only zero weights are left
+    ],
+)
+def test_lazy_loop_gives_the_full_loops_picks(
+    monkeypatch: pytest.MonkeyPatch,
+    top_min: int,
+    div: float,
+    w_strength: float,
+    min_distance: float | None,
+    pool_rows: int,
+    n_samples: int,
+) -> None:
+    from datapool import strategies as module
+
+    monkeypatch.setattr(module, "_TOP_MIN", top_min)  # 4: many phases, top sets that grow
+    rng = np.random.default_rng(12)
+    x = gaussian(rng, 1200, 5)
+    x[1100:] = x[:100]  # duplicates
+    pool = gaussian(rng, pool_rows, 5) if pool_rows else None
+    w = np.round(rng.uniform(0, 1, 1200), 1)  # ties, and zeros (never / first picked)
+    objectives = [Objective("t", 1.0, typicality(x, k=5)), Objective("w", w_strength, w)]
+    runs = [
+        combine(
+            x,
+            pool=pool,
+            objectives=objectives,
+            diversity=div,
+            n_samples=n_samples,
+            min_distance=min_distance,
+            lazy=lazy,
+        )
+        for lazy in (True, False)
+    ]
+    lazy, full = runs
+    np.testing.assert_array_equal(lazy.indices, full.indices)
+    np.testing.assert_array_equal(lazy.distances, full.distances)
+    for name in full.objectives:
+        np.testing.assert_array_equal(lazy.objectives[name], full.objectives[name])
+    assert (lazy.next_distance, lazy.reason) == (full.next_distance, full.reason)
+    if n_samples == 1200:
+        assert full.reason == ("min_distance" if min_distance else "zero score")
+
+
 def test_min_distance_stops_both_paths_alike() -> None:
     rng = np.random.default_rng(1)
     x = gaussian(rng, 1500, 4)
