@@ -117,7 +117,19 @@ import torch
 
 from datapool.errors import InputError
 
-__all__ = ["Nearest", "Selection", "k_center_greedy", "nearest"]
+# Beyond the engine, its float32 building blocks are shared with the strategies'
+# combination loop (datapool.strategies), so both paths compute one distance.
+__all__ = [
+    "Nearest",
+    "Selection",
+    "checked_inputs",
+    "cpu_threads",
+    "error_bound",
+    "exact_min",
+    "k_center_greedy",
+    "nearest",
+    "pinned_numerics",
+]
 
 _CHUNK = 1024  # centres per matrix product
 _CACHE = 1 << 21  # bytes of product output per block (stays in cache)
@@ -134,7 +146,7 @@ _MAX_DIM = 1 << 20  # the error bound needs (d + 2) * _U < 1; far beyond any emb
 _MAX_SQ = 2.0**120  # largest squared norm accepted: sums of two never overflow float32
 
 
-def _kappa(d: int) -> float:
+def error_bound(d: int) -> float:
     """Relative float32 error bound between the GEMM and direct forms (module Notes).
 
     ``|g - t| <= kappa * (xn + cmax)`` for computed squared norms ``xn`` of the
@@ -159,11 +171,11 @@ def _stuck(where: str) -> RuntimeError:
 
 
 @contextlib.contextmanager
-def _pinned_numerics(device_type: str, threads: int | None) -> Iterator[None]:
+def pinned_numerics(device_type: str, threads: int | None) -> Iterator[None]:
     """Full float32 products, no autocast and ``threads`` CPU threads, restored on exit.
 
     ``threads`` is the count for the per-pick work; the blocked passes switch
-    to their own count (:func:`_threads`) and back.
+    to their own count (:func:`cpu_threads`) and back.
 
     The error bound (module Notes) assumes IEEE float32 arithmetic, which the
     caller's process-wide matmul precision (TF32 on CUDA, bf16 in oneDNN) or an
@@ -190,7 +202,7 @@ def _pinned_numerics(device_type: str, threads: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
+def cpu_threads(count: int) -> Iterator[None]:
     """Run the block with ``count`` torch CPU threads, then the previous count again."""
     before = torch.get_num_threads()
     if count == before:
@@ -211,7 +223,7 @@ def _blocked(method: _F) -> _F:
 
     @functools.wraps(method)
     def run(self: _State, *args: Any) -> None:
-        with _threads(self.pass_threads):
+        with cpu_threads(self.pass_threads):
             method(self, *args)
 
     return cast(_F, run)
@@ -294,7 +306,7 @@ def _direct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (diff * diff).sum(dim=1)
 
 
-def _gemm_min(
+def exact_min(
     xb: torch.Tensor, xn: torch.Tensor, d2b: torch.Tensor, c: torch.Tensor, kappa: float
 ) -> torch.Tensor:
     """Exact ``min(d2b, min_j |xb - c_j|^2)`` for float32 rows ``xb`` [b, d].
@@ -363,7 +375,7 @@ class _State:
         self.x, self.centres, self.dev = x, centres, centres.dev
         self.a = torch.full((n,), math.inf, dtype=torch.float32, device=self.dev)
         self.xn = torch.empty(n, dtype=torch.float32, device=self.dev)
-        self.kappa = _kappa(d)
+        self.kappa = error_bound(d)
         self.cmax = 0.0  # largest squared norm of any centre applied so far
         self.budget = budget
         self.queued = 0  # picks [queued, k) not yet applied to every row
@@ -429,7 +441,7 @@ class _State:
 
         A pair can be a row's textbook minimum over the whole pool only if its
         approximate value is within ``2 eps`` of the row's final approximate
-        minimum (see :func:`_gemm_min`), hence within ``2 eps`` of the running
+        minimum (see :func:`exact_min`), hence within ``2 eps`` of the running
         minimum when its chunk is applied (the running minimum only falls). Those
         pairs, usually one per row and chunk that lowers the minimum, are
         re-computed directly, so ``tb`` ends as the textbook minimum without a
@@ -584,7 +596,7 @@ class _State:
         t = self.tpool[idx].clone()
         k = self.centres.k
         for s in range(0, k, _CHUNK):
-            t = _gemm_min(xr, xnr, t, self.centres.picked[s : min(s + _CHUNK, k)], self.kappa)
+            t = exact_min(xr, xnr, t, self.centres.picked[s : min(s + _CHUNK, k)], self.kappa)
         return t
 
 
@@ -755,7 +767,7 @@ def _select(
         grow = grow * 4 if len(out) == before else 1  # undecided: widen the top set
 
 
-def _checked_inputs(
+def checked_inputs(
     candidates: Any, pool: Any, memory_budget: int | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Candidates [n, d] and pool [m, d] as tensors (pool None if empty) and the budget in bytes.
@@ -828,11 +840,11 @@ def k_center_greedy(
             raises instead of hanging).
     """
     _check_limits(n_samples, min_distance)
-    x, pool_t, budget = _checked_inputs(candidates, pool, memory_budget)
+    x, pool_t, budget = checked_inputs(candidates, pool, memory_budget)
     dev = torch.device(device) if device is not None else x.device
     limit = x.shape[0] if n_samples is None else min(n_samples, x.shape[0])
     passes = threads or torch.get_num_threads()
-    with _pinned_numerics(dev.type, 1):
+    with pinned_numerics(dev.type, 1):
         planned = 0 if n_samples is None else limit
         out, nxt = _select(x, pool_t, dev, limit, min_distance, budget, planned, passes)
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
@@ -875,7 +887,7 @@ def nearest(
         InputError: non-2-D or non-float input, NaN/inf values, or different
             dimensions.
     """
-    q, c, budget = _checked_inputs(queries, centres, None)
+    q, c, budget = checked_inputs(queries, centres, None)
     n = q.shape[0]
     if c is None or n == 0:
         return Nearest(np.full(n, np.inf), np.full(n, -1, dtype=np.int64))
@@ -883,7 +895,7 @@ def nearest(
     best = torch.full((n,), math.inf, dtype=torch.float32, device=dev)
     arg = torch.full((n,), -1, dtype=torch.int64, device=dev)
     rows = max(256, min(_POOL_ROWS, budget // (8 * (q.shape[1] + _CHUNK))))
-    with _pinned_numerics(dev.type, threads):
+    with pinned_numerics(dev.type, threads):
         chunks = [(s, c[s : s + _CHUNK].to(dev, torch.float32)) for s in range(0, len(c), _CHUNK)]
         chunks_n = [(s, ck, (ck * ck).sum(dim=1)) for s, ck in chunks]
         for r in range(0, n, rows):

@@ -82,7 +82,7 @@ Exactness and cost
 Distances are the textbook float32 values ``sum((x - c)^2)`` that
 :func:`k_center_greedy` matches: centres are applied to rows as matrix
 products, and only rows whose distance may change are recomputed directly
-(``selection._gemm_min``, shared so both paths have one definition). So
+(``selection.exact_min``, shared so both paths have one definition). So
 diversity alone through :func:`combine` gives :func:`k_center_greedy`'s picks.
 Two loops make the same picks (tests compare them):
 
@@ -125,13 +125,13 @@ import torch
 
 from datapool.errors import InputError
 from datapool.selection import (
-    _checked_inputs,
-    _gemm_min,
-    _kappa,
-    _pinned_numerics,
-    _threads,
+    checked_inputs,
+    cpu_threads,
+    error_bound,
+    exact_min,
     k_center_greedy,
     nearest,
+    pinned_numerics,
 )
 from datapool.strategy_inputs import ScoreTable
 
@@ -382,7 +382,7 @@ def typicality(
         ref_idx = torch.from_numpy(chosen)
     self_pos = torch.full((n,), -1, dtype=torch.int64)
     self_pos[ref_idx] = torch.arange(len(ref_idx))
-    with torch.no_grad(), _threads(threads or torch.get_num_threads()):
+    with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
         m = _knn_mean(t, t[ref_idx], self_pos, min(k, len(ref_idx) - 1))
     positive = m[m > 0]
     if positive.numel() == 0:
@@ -522,7 +522,7 @@ class _Coverage:
             b = x[s : s + _PICK_ROWS]
             self.xn[s : s + _PICK_ROWS] = (b * b).sum(dim=1)
         self.d2 = torch.full((x.shape[0],), math.inf, dtype=torch.float32)
-        self.kappa = _kappa(max(1, x.shape[1]))
+        self.kappa = error_bound(max(1, x.shape[1]))
         self.threads = pass_threads
         self.centres = 0
 
@@ -539,18 +539,18 @@ class _Coverage:
             c1 = c.to("cpu", torch.float32)
             for s in range(0, n, _PICK_ROWS):
                 e = s + _PICK_ROWS
-                self.d2[s:e] = _gemm_min(self.x[s:e], self.xn[s:e], self.d2[s:e], c1, self.kappa)
+                self.d2[s:e] = exact_min(self.x[s:e], self.xn[s:e], self.d2[s:e], c1, self.kappa)
         else:
             chunks = [
                 c[j : j + _CHUNK].to("cpu", torch.float32) for j in range(0, c.shape[0], _CHUNK)
             ]
             rows = max(1, _PASS_BYTES // (4 * _CHUNK))
-            with _threads(self.threads):
+            with cpu_threads(self.threads):
                 for s in range(0, n, rows):
                     e = s + rows
                     d2b = self.d2[s:e]
                     for cj in chunks:
-                        d2b = _gemm_min(self.x[s:e], self.xn[s:e], d2b, cj, self.kappa)
+                        d2b = exact_min(self.x[s:e], self.xn[s:e], d2b, cj, self.kappa)
                     self.d2[s:e] = d2b
         self.centres += c.shape[0]
 
@@ -667,12 +667,12 @@ def combine(
         raise InputError(f"n_samples must be >= 0, got {n_samples}")
     if min_distance is not None and not min_distance >= 0:
         raise InputError(f"min_distance must be a number >= 0, got {min_distance!r}")
-    xt, pool_t, _ = _checked_inputs(x, pool, None)
+    xt, pool_t, _ = checked_inputs(x, pool, None)
     n = xt.shape[0]
     for o in objectives:
         if len(o.values) != n:
             raise InputError(f"objective {o.name} has {len(o.values)} values for {n} candidates")
-    pre = None if preselected is None else _checked_inputs(preselected, None, None)[0]
+    pre = None if preselected is None else checked_inputs(preselected, None, None)[0]
     limit = n if n_samples is None else min(n_samples, n)
     if n == 0:
         empty = np.empty(0)
@@ -680,7 +680,7 @@ def combine(
         return Combined(
             np.empty(0, np.int64), empty, {k: empty for k in names}, 0.0, "no candidates left"
         )
-    with _pinned_numerics("cpu", 1):
+    with pinned_numerics("cpu", 1):
         cov = _Coverage(xt.to("cpu", torch.float32), threads or torch.get_num_threads())
         for c in (pool_t, pre):
             if c is not None:
@@ -800,7 +800,7 @@ def _phase(loop: _Loop, top: torch.Tensor, bound_u: float, bound_d: float, limit
             break
         loop.record(int(top[j]), float(d2[j]), far)
         queue.append(xt[j : j + 1].clone())
-        d2 = _gemm_min(xt, xn, d2, queue[-1], cov.kappa)
+        d2 = exact_min(xt, xn, d2, queue[-1], cov.kappa)
         cov.centres += 1
     cov.d2[top] = d2
     if queue:
@@ -849,7 +849,7 @@ class Picks:
 
 def _chain_distances(rows: torch.Tensor, pool: torch.Tensor | None) -> npt.NDArray[np.float64]:
     """Distance of each of ``rows`` [p, d] to the pool and the rows before it (float64 [p])."""
-    with _pinned_numerics("cpu", 1):
+    with pinned_numerics("cpu", 1):
         cov = _Coverage(rows.to(torch.float32), 1)
         if pool is not None:
             cov.add(pool)
@@ -1044,7 +1044,7 @@ def select(
         raise InputError("selection needs n_samples or min_distance (or both)")
     if n_samples is not None and (isinstance(n_samples, bool) or n_samples < 0):
         raise InputError(f"n_samples must be an integer >= 0, got {n_samples!r}")
-    xt, pool_t, _ = _checked_inputs(embeddings, pool, None)
+    xt, pool_t, _ = checked_inputs(embeddings, pool, None)
     n = xt.shape[0]
     if len(filenames) != n:
         raise InputError(f"{len(filenames)} filenames for {n} embeddings")

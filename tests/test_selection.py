@@ -452,7 +452,7 @@ def test_error_bound_holds_with_margin_on_cancelling_data(d: int) -> None:
     gemm = torch.addmm(cn.unsqueeze(0), x, c.T, alpha=-2.0).add_(xn.unsqueeze(1))
     direct = ((x[:, None, :] - c[None]) ** 2).sum(-1)
     worst = float(((gemm - direct).abs() / (xn[:, None] + cn[None])).max())
-    kappa = selection._kappa(d)
+    kappa = selection.error_bound(d)
     assert 0 < worst <= kappa
     u = 2.0**-24
     assert kappa >= (4.618 * d + 7.618) * u  # at least the first-order worst case
