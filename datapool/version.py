@@ -43,9 +43,10 @@ rolls back as above and reports one line. Decisions:
   with the file named and what to do.
 
 Test hook: when the environment variable :data:`CRASH_AT` names a point passed
-to :func:`crash_point` (``begun``, ``after-repro``, ``done``, ``recorded``, ``committed``),
-the process kills itself there with SIGKILL, so tests can crash a real command
-at a chosen step. Nothing else reads it.
+to :func:`crash_point` (``begun``, ``after-repro``, ``done``, ``recorded``, ``committed``
+here; ``staged`` and ``applying`` in :mod:`datapool.transaction`), the process kills
+itself there with SIGKILL, so tests can crash a real command at a chosen step.
+Nothing else reads it.
 """
 
 from __future__ import annotations

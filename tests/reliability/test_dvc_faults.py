@@ -12,6 +12,7 @@ import pytest
 
 from datapool.errors import InputError
 from datapool.layout import pool_dir
+from datapool.packs import PoolImages
 from datapool.pool import read_pool
 from datapool.revisions import current_record, record_at
 from datapool.workspace import create_workspace, run_increment, set_params, tool_env
@@ -50,7 +51,10 @@ def _check_pool(ws: Path) -> None:
     pool = read_pool(ws / POOL)
     assert pool is not None and len(pool) == 12
     assert pool["content_hash"].is_unique
-    assert len(list((ws / POOL / "images").iterdir())) == 12
+    packs = list((ws / POOL / "images").iterdir())
+    assert packs and all(p.suffix == ".zip" for p in packs)
+    with PoolImages(ws / POOL) as images:
+        assert all(images.read(row) for _, row in pool.iterrows())  # each checked by hash
 
 
 @pytest.mark.slow
