@@ -147,8 +147,9 @@ def discover_images(root: Path, *, on_skip: SkipCallback | None = None) -> list[
 
     Skipped, each logged as a warning and passed to ``on_skip(path, reason)``: folders
     that cannot be read, image-named entries that are broken links or not regular
-    files (a named pipe would block a loader), and names that are not valid UTF-8
-    (they could not be written to the pool's CSV).
+    files (a named pipe would block a loader), names that are not valid UTF-8
+    (they could not be written to the pool's CSV) and names with a line break
+    (Lightly's lists hold one name per line).
 
     Cost: one ``readdir`` record per entry and one ``stat`` per folder; roughly 4-8 s
     and 400 bytes per image for a million entries on 2 cores.
@@ -227,6 +228,8 @@ def _scan_dir(
                         skip(entry.path, "broken symbolic link" if broken else "not a regular file")
                     elif not _is_utf8(relpath):
                         skip(entry.path, "file name is not valid UTF-8")
+                    elif "\n" in relpath or "\r" in relpath:
+                        skip(entry.path, _LINE_BREAK)
                     else:
                         found.append(ImageFile(dir_path / name, relpath, label))
                 except OSError as exc:  # e.g. a link whose target cannot be stat-ed
@@ -256,6 +259,10 @@ def _first_visit(
     return True
 
 
+# Lightly's name lists (sampled_filenames.txt, ...) hold one name per line.
+_LINE_BREAK = "file name contains a line break, which a list of one name per line cannot hold"
+
+
 def _is_utf8(text: str) -> bool:
     """True if ``text`` encodes to UTF-8 (os.fsdecode turns undecodable bytes into surrogates)."""
     try:
@@ -269,13 +276,15 @@ def printable_relpath(path: Path, *, root: Path) -> str:
     """``path`` relative to ``root`` as valid UTF-8 text, for the corrupt list.
 
     A name that is not UTF-8 comes from ``os.fsdecode`` with lone surrogates, which
-    no JSON or CSV writer can encode; its undecodable bytes are written as ``\\xNN``.
+    no JSON or CSV writer can encode; its undecodable bytes are written as ``\\xNN``,
+    and line breaks as ``\\n`` / ``\\r`` (the corrupt list holds one name per line).
     """
     try:
         rel = path.relative_to(root)
     except ValueError:  # not under root: a folder reached through a link, keep it whole
         rel = path
-    return os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
+    text = os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
 
 
 #: What ``stat`` says of a file: (size, mtime_ns, ctime_ns, inode, device). The inbox

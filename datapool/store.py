@@ -534,12 +534,12 @@ def check_rows(table: pd.DataFrame, *, source: str) -> None:
 
 
 def _identities(table: pd.DataFrame) -> Any:
-    """``filenames`` and ``content_hash`` of ``table`` as text in a pyarrow Table: what
-    the row checks (:func:`_check_hash_column`, :func:`_check_unique`) read."""
+    """``filenames``, ``content_hash`` (and ``batch_id``, when ``table`` has it) of
+    ``table`` as text in a pyarrow Table: what the row checks
+    (:func:`_check_hash_column`, :func:`_check_unique`) read."""
     pa = _arrow()
-    return pa.table(
-        {c: pa.array(table[c].astype(str).tolist()) for c in ("filenames", "content_hash")}
-    )
+    columns = [c for c in ("filenames", "content_hash", "batch_id") if c in table.columns]
+    return pa.table({c: pa.array(table[c].astype(str).tolist()) for c in columns})
 
 
 def _check_unique(meta: Any, folder: Path) -> None:

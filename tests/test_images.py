@@ -300,6 +300,17 @@ def test_discover_skips_names_that_are_not_utf8(tmp_path: Path) -> None:
     assert skipped == ["file name is not valid UTF-8"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows forbids line breaks in names")
+def test_inbox_skips_names_with_a_line_break_and_lists_them_on_one_line(tmp_path: Path) -> None:
+    # "evil\nok.png" written one per line would read back as "evil" and "ok.png"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "ok.png")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / "evil\nok.png")
+    listing = inbox_manifest(tmp_path)
+    assert [rel for rel, _ in listing.images] == ["ok.png"]
+    assert list(listing.skipped) == ["evil\\nok.png"]  # escaped: one line in the list
+    assert "line break" in next(iter(listing.skipped.values()))
+
+
 def _stack_depth() -> int:
     frame, depth = sys._getframe(), 0
     while frame is not None:

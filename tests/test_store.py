@@ -312,7 +312,7 @@ def test_a_table_no_reader_would_accept_is_never_written(tmp_path: Path) -> None
     save(pool, batches(3))
     before = {p: p.read_bytes() for p in pool.rglob("*") if p.is_file()}
     repeated = pd.concat([batches(3), batches(3).iloc[[1]]], ignore_index=True)
-    with pytest.raises(PoolError, match=r"row 4 .* repeats the content_hash"):
+    with pytest.raises(PoolError, match=r"row 4 .* repeats the content_hash .*batches 'b0' and"):
         save_pool(pool, repeated, checkpoint=None, sources={})
     broken = batches(3).assign(embedding_2=np.float32([0.1, np.nan, 0.2]))
     with pytest.raises(PoolError, match=r"row 2 .*embedding_2"):
