@@ -84,12 +84,18 @@ def _count(value: int | None, sign: str = "") -> str:
 
 
 def format_history(revisions: list[Revision]) -> list[str]:
-    """One line per revision: revision, date, rows, added, removed, changed parameters."""
-    lines = [f"{'revision':<9} {'date':<25} {'rows':>5} {'added':>6} {'removed':>7}  changed"]
+    """One line per revision: revision, date, rows, added, removed, the strategies that
+    picked its new rows (``-`` when no pipeline run made it: combine, import), changed
+    parameters."""
+    width = max([len("picked by"), *(len(r.strategies) for r in revisions)])
+    lines = [
+        f"{'revision':<9} {'date':<25} {'rows':>5} {'added':>6} {'removed':>7}  "
+        f"{'picked by':<{width}}  changed"
+    ]
     for r in revisions:
         lines.append(
             f"{r.rev[:7]:<9} {r.date:<25} {_count(r.rows):>5} {_count(r.added, '+'):>6} "
-            f"{_count(r.removed, '-'):>7}  {_changes(r.changed)}"
+            f"{_count(r.removed, '-'):>7}  {r.strategies or '-':<{width}}  {_changes(r.changed)}"
         )
     if any(r.rows is None for r in revisions):
         lines.append("? = that version is not in the local DVC cache (dvc pull, or dropped)")

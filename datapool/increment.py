@@ -14,10 +14,12 @@ picks again too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from datapool.errors import InputError, PoolError
@@ -35,12 +37,14 @@ PICK_COLUMNS = ("filenames", "content_hash", "pick_rank", "pick_distance")
 
 @dataclass(frozen=True)
 class StoppingCondition:
-    """When to stop picking: after ``n_samples`` picks (0 = no limit) or once the
-    farthest remaining candidate is closer than ``min_distance`` (0 = no threshold;
-    Euclidean, on unit vectors so 0..2). At least one must be active."""
+    """When to stop picking: after ``n_samples`` picks (0 = no limit), or after
+    ``proportion_samples`` of the new candidates (0-1, 0 = off; at most one of the
+    two), or once the farthest remaining candidate is closer than ``min_distance``
+    (0 = no threshold; Euclidean, on unit vectors so 0..2). At least one must be active."""
 
     n_samples: int
     min_distance: float
+    proportion_samples: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_samples < 0:
@@ -50,11 +54,60 @@ class StoppingCondition:
                 f"stopping_condition.min_distance must be a number >= 0 (0 disables it), "
                 f"got {self.min_distance}"
             )
-        if self.n_samples == 0 and self.min_distance == 0:
+        p = self.proportion_samples
+        if math.isnan(p) or not 0 <= p <= 1:
             raise InputError(
-                "set stopping_condition.n_samples > 0 or stopping_condition.min_distance > 0; "
-                "with neither, selection would never stop"
+                f"stopping_condition.proportion_samples must be in [0, 1] (0 disables it), got {p}"
             )
+        if self.n_samples and p:
+            raise InputError(
+                "set stopping_condition.n_samples or stopping_condition.proportion_samples, "
+                f"not both (got {self.n_samples} and {p})"
+            )
+        if self.n_samples == 0 and p == 0 and self.min_distance == 0:
+            raise InputError(
+                "set stopping_condition.n_samples > 0 (or proportion_samples > 0) or "
+                "stopping_condition.min_distance > 0; with neither, selection would never stop"
+            )
+
+    def count(self, fresh: int) -> int | None:
+        """Picks allowed among ``fresh`` new candidates: ``n_samples``, or
+        ``ceil(proportion_samples * fresh)``, or None (no limit: min_distance decides).
+
+        The product is rounded to 9 decimals first, so ``0.3 * 10`` is 3 picks, not 4.
+        """
+        if self.n_samples:
+            return self.n_samples
+        if self.proportion_samples:
+            return math.ceil(round(self.proportion_samples * fresh, 9))
+        return None
+
+
+@dataclass(frozen=True)
+class SelectionInputs:
+    """What selection reads besides the embeddings (issue 11; ``selection`` in params.yaml).
+
+    The default is plain diversity: greedy k-center on the exact fast engine,
+    the picks of every datapool version before strategies existed.
+
+    Attributes:
+        strategies: :class:`datapool.strategies.StrategyConfig` entries (from
+            :func:`datapool.strategies.parse_strategies`); empty = plain diversity.
+        scores_file: per-file scores and metadata (CSV keyed by ``filenames``).
+        relevant_file: only the files it lists are candidates.
+        masked_file, selected_file: masked / pre-selected files (a name list, or a
+            CSV with a ``masked`` / ``selected`` column).
+        queries: float32 ``[Q, d]`` query embeddings, for SIMILARITY.
+        seed: typicality's reference sample (used above 10,000 candidates).
+    """
+
+    strategies: tuple[Any, ...] = ()
+    scores_file: Path | None = None
+    relevant_file: Path | None = None
+    masked_file: Path | None = None
+    selected_file: Path | None = None
+    queries: npt.NDArray[np.float32] | None = None
+    seed: int = 0
 
 
 def batch_of(candidates: pd.DataFrame) -> str:
@@ -173,56 +226,136 @@ class Choice:
     """What :func:`choose_increment` decided.
 
     Attributes:
-        picks: the picks in pick order, columns :data:`PICK_COLUMNS`.
+        picks: the picks in pick order, columns :data:`PICK_COLUMNS` plus one
+            ``score_<name>`` per objective other than diversity (its value,
+            normalised to (0, 1], when the row was picked; NaN for pre-selected rows).
         next_distance: Euclidean distance of the farthest fresh candidate left
             unpicked to the pool and every pick: the batch's coverage radius after
             this increment and the distance at which selection stopped (0.0 when
             every fresh candidate was picked or there were none).
         fresh: how many candidates were new (not already in the pool's other batches).
+        reason: why selection stopped (:class:`datapool.strategies.Combined`).
+        strategies: the strategies that picked, name -> settings
+            (:func:`datapool.strategies.describe`).
+        preselected: how many leading picks were pre-selected by the user.
     """
 
     picks: pd.DataFrame
     next_distance: float
     fresh: int
+    reason: str = "n_samples"
+    strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preselected: int = 0
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The selection inputs read for one batch of fresh candidates (masks aligned with it)."""
+
+    relevant: npt.NDArray[np.bool_] | None
+    masked: npt.NDArray[np.bool_] | None
+    selected: npt.NDArray[np.bool_] | None
+    scores: Any  # datapool.strategy_inputs.ScoreTable | None
+
+
+def _read_inputs(selection: SelectionInputs, names: list[str]) -> _Inputs:
+    """Read ``selection``'s files for candidates ``names``; InputError naming a bad file.
+
+    Read even when there is no fresh candidate, so a missing file is reported on
+    every run, not only on runs that have something to pick.
+    """
+    from datapool.strategy_inputs import flags_for, read_flags, read_names, read_scores
+
+    relevant = None
+    if selection.relevant_file is not None:
+        relevant = flags_for(read_names(selection.relevant_file), names).mask
+    masked = selected = None
+    if selection.masked_file is not None:
+        masked = read_flags(selection.masked_file, "masked", names).mask
+    if selection.selected_file is not None:
+        selected = read_flags(selection.selected_file, "selected", names).mask
+    scores = None if selection.scores_file is None else read_scores(selection.scores_file)
+    return _Inputs(relevant, masked, selected, scores)
+
+
+def _no_picks() -> pd.DataFrame:
+    return pd.DataFrame({c: [] for c in PICK_COLUMNS})
 
 
 def choose_increment(
-    candidates: pd.DataFrame, pool: pd.DataFrame | None, stop: StoppingCondition
+    candidates: pd.DataFrame,
+    pool: pd.DataFrame | None,
+    stop: StoppingCondition,
+    selection: SelectionInputs | None = None,
 ) -> Choice:
-    """Greedy k-center over ``candidates`` conditioned on the pool's other batches.
+    """Choose among ``candidates`` by ``selection``'s strategies, conditioned on the
+    pool's other batches (default: plain greedy k-center).
 
     Candidates whose content is already in the pool are never picked.
     ``pick_distance`` is the Euclidean distance to the nearest pool row or
     earlier pick when the candidate was picked (``inf`` for the first pick into
-    an empty pool).
+    an empty pool). Goes through :func:`datapool.strategies.select`, which keeps
+    plain diversity on :func:`datapool.selection.k_center_greedy` (same picks,
+    same speed, torch's default threads as before).
+
+    Weak labels for BALANCE are the candidates' ``labels`` (their sub-folder).
+    Raises InputError for every input error of :mod:`datapool.strategies` and
+    :mod:`datapool.strategy_inputs` (unknown column, missing file, NaN or negative
+    weight, a threshold leaving nothing, an unknown balance label, no queries),
+    and PoolError for embeddings that don't fit the pool; nothing is written.
     """
+    # Imported here, not at the top: strategies needs torch (seconds to import), and
+    # the CLI and workspace modules use this module's pandas helpers without it.
+    from datapool.strategies import describe, select
+
+    selection = selection or SelectionInputs()
     prior = prior_rows(pool, batch_of(candidates)) if not candidates.empty else None
     check_compatible(prior, candidates)
     fresh = new_candidates(candidates, pool)
-    pool_embeddings = None if prior is None or prior.empty else embeddings_of(prior)
+    names = [str(n) for n in fresh["filenames"]]
+    inputs = _read_inputs(selection, names)
+    described = describe(selection.strategies)
     if fresh.empty:
-        return Choice(pd.DataFrame({c: [] for c in PICK_COLUMNS}), 0.0, 0)
-    # Imported here, not at the top: selection needs torch (seconds to import), and
-    # the CLI and workspace modules use this module's pandas helpers without it.
-    from datapool.selection import k_center_greedy
-
-    chosen = k_center_greedy(
+        return Choice(_no_picks(), 0.0, 0, "no candidates left", described)
+    picked = select(
         embeddings_of(fresh),
-        pool=pool_embeddings,
-        n_samples=stop.n_samples or None,
+        names,
+        strategies=selection.strategies,
+        pool=None if prior is None or prior.empty else embeddings_of(prior),
+        n_samples=stop.count(len(fresh)),
         min_distance=stop.min_distance or None,
+        relevant=inputs.relevant,
+        masked=inputs.masked,
+        preselected=inputs.selected,
+        scores=inputs.scores,
+        labels=[str(label) for label in fresh["labels"]],
+        queries=selection.queries,
+        seed=selection.seed,
     )
-    picks = fresh.iloc[chosen.indices][["filenames", "content_hash"]].reset_index(drop=True)
+    picks = fresh.iloc[picked.indices][["filenames", "content_hash"]].reset_index(drop=True)
     picks["pick_rank"] = np.arange(1, len(picks) + 1)
-    picks["pick_distance"] = chosen.min_distances
-    return Choice(picks, float(chosen.next_distance), len(fresh))
+    picks["pick_distance"] = picked.distances
+    for name, values in picked.objectives.items():
+        if name != "diversity":  # selection.csv's score_diversity is the distance itself
+            picks[f"score_{name}"] = values
+    return Choice(
+        picks,
+        float(picked.next_distance),
+        len(fresh),
+        picked.reason,
+        picked.strategies,
+        picked.preselected,
+    )
 
 
 def select_increment(
-    candidates: pd.DataFrame, pool: pd.DataFrame | None, stop: StoppingCondition
+    candidates: pd.DataFrame,
+    pool: pd.DataFrame | None,
+    stop: StoppingCondition,
+    selection: SelectionInputs | None = None,
 ) -> pd.DataFrame:
     """The picks of :func:`choose_increment`, in pick order (columns :data:`PICK_COLUMNS`)."""
-    return choose_increment(candidates, pool, stop).picks
+    return choose_increment(candidates, pool, stop, selection).picks
 
 
 def merge_increment(
@@ -287,12 +420,20 @@ def _from_pool(rows: pd.DataFrame, pool: pd.DataFrame, columns: list[str]) -> pd
     return out
 
 
-def describe_stop(picks: pd.DataFrame, *, n_fresh: int, stop: StoppingCondition) -> str:
-    """Why selection ended, in words: the count, the distance threshold, or no candidates left."""
-    if stop.n_samples and len(picks) >= stop.n_samples:
+def describe_stop(
+    picks: pd.DataFrame, *, n_fresh: int, stop: StoppingCondition, reason: str = ""
+) -> str:
+    """Why selection ended, in words: the count, the distance threshold, no candidates
+    left, or (``reason`` from :class:`Choice`) no candidate the strategies would take."""
+    count = stop.count(n_fresh)
+    if count is not None and len(picks) >= count:
+        if stop.proportion_samples:
+            return f"reached proportion_samples={stop.proportion_samples:g} ({count} picks)"
         return f"reached n_samples={stop.n_samples}"
     if len(picks) >= n_fresh:
         return f"picked every one of the {n_fresh} new candidates"
+    if reason == "zero score":
+        return "no remaining candidate scored above 0 under the strategies"
     if stop.min_distance:
         return f"the next candidate was closer than min_distance={stop.min_distance:g}"
     return "the remaining candidates duplicate earlier picks"

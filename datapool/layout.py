@@ -76,6 +76,11 @@ class PoolPaths:
         return f"{self.work}/embed/pool_reembedded.arrow"
 
     @property
+    def select_inputs(self) -> str:
+        """The checked selection settings and their inputs' hashes (``select_inputs``)."""
+        return f"{self.work}/select_inputs.json"
+
+    @property
     def picks(self) -> str:
         """The picks ``sample`` writes, in pick order."""
         return f"{self.work}/sample/picks.arrow"

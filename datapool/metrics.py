@@ -42,7 +42,7 @@ PAIR_BUDGET = 200_000_000
 # Points of the 2-D map per group (pool / new / picked): more only blur the picture.
 MAP_LIMIT = 2_000
 HISTOGRAM_BINS = 30
-STAGES = ("inbox", "embed", "sample", "merge")
+STAGES = ("inbox", "select_inputs", "embed", "sample", "merge")
 
 
 def evaluated_limit(pool_rows: int) -> int:
@@ -232,11 +232,13 @@ def selection_table(picks: pd.DataFrame) -> pd.DataFrame:
     """``selection.csv``: every pick in pick order with its distance and one score per strategy.
 
     Columns ``pick_rank``, ``filename``, ``distance_at_pick`` (``inf`` for the first pick
-    into an empty pool) and ``score_<strategy>``: today only ``score_diversity`` (the
-    distance at pick: greedy k-center picks by it). Strategies that weigh other
-    scores (issue 11) add their own ``score_`` column, so a cut-off can be moved on any.
+    into an empty pool), ``score_diversity`` (the distance at pick: what diversity
+    maximises) and, after it, the picks' other ``score_<strategy>`` columns as ``sample``
+    wrote them (``score_typicality``, ``score_weights:uncertainty``...: each objective
+    normalised to (0, 1] when the row was picked; empty for pre-selected rows), so a
+    cut-off can be moved on any of them.
     """
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "pick_rank": picks["pick_rank"].astype(int).to_numpy(),
             "filename": picks["filenames"].astype(str).to_numpy(),
@@ -244,6 +246,10 @@ def selection_table(picks: pd.DataFrame) -> pd.DataFrame:
             "score_diversity": picks["pick_distance"].astype(float).to_numpy(),
         }
     )
+    for column in picks.columns:
+        if column.startswith("score_") and column != "score_diversity":
+            table[column] = picks[column].astype(float).to_numpy()
+    return table
 
 
 def fresh_embeddings(fresh: pd.DataFrame) -> npt.NDArray[np.float32]:

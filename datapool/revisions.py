@@ -36,7 +36,7 @@ import yaml
 from datapool.atomic import put_back, read_text_if_file
 from datapool.errors import InputError, PoolError
 from datapool.layout import LOCK, PARAMS, POOL_IGNORE, POOLS, PoolPaths, pool_dir, pool_of_record
-from datapool.settings import check_pool_name, flatten, load_params
+from datapool.settings import check_pool_name, flatten, load_params, strategies_summary
 from datapool.store import pool_exists
 from datapool.tools import git_output, run_tool
 
@@ -65,6 +65,10 @@ class Revision:
         rows, added, removed: the pool's row count and the content hashes gained and lost
             since the previous revision; None when the version is not in the local cache.
         changed: ``{dotted param: (before, after)}`` in params.yaml since the previous revision.
+        strategies: the selection strategies that picked this revision's new rows, as
+            :func:`datapool.settings.strategies_summary` words (``"diversity"`` for plain
+            k-center and for versions from before strategies existed); ``""`` when no
+            pipeline run made the version (combine, import, restore of a parked pool).
     """
 
     rev: str
@@ -74,6 +78,7 @@ class Revision:
     added: int | None
     removed: int | None
     changed: dict[str, tuple[Any, Any]]
+    strategies: str = ""
 
 
 def parked_file(workspace: Path, name: str) -> Path:
@@ -88,6 +93,24 @@ def merge_entry(lock_text: str | None) -> Any:
     """
     data = yaml.safe_load(lock_text) if lock_text else None
     return ((data or {}).get("stages") or {}).get("merge") if isinstance(data, dict) else None
+
+
+def lock_strategies(lock_text: str | None) -> str:
+    """The strategies a dvc.lock text records for its ``sample`` run, in words.
+
+    Every pool row a run added was picked by them, so a version's strategies live
+    where DVC records the run: ``sample``'s ``params`` in dvc.lock (the same values
+    ``dvc params diff`` compares in params.yaml). ``""`` without a sample entry; a
+    sample entry without ``selection`` (before strategies existed) is ``"diversity"``.
+    """
+    data = yaml.safe_load(lock_text) if lock_text else None
+    stages = (data or {}).get("stages") or {} if isinstance(data, dict) else {}
+    sample = stages.get("sample") if isinstance(stages, dict) else None
+    if not isinstance(sample, dict):
+        return ""
+    recorded = (sample.get("params") or {}).get(PARAMS) or {}
+    selection = recorded.get("selection") or {}
+    return strategies_summary(selection.get("strategies") if isinstance(selection, dict) else None)
 
 
 def lock_pool(lock_text: str | None) -> tuple[str, str] | None:
@@ -275,6 +298,9 @@ def history(workspace: Path, name: str) -> list[Revision]:
                 added=None if found is None else len(found - hashes),
                 removed=None if found is None else len(hashes - found),
                 changed=param_changes(params, now),
+                strategies=""
+                if record.parked
+                else lock_strategies(git_output(workspace, "show", f"{rev}:{LOCK}")),
             )
         )
         hashes, params = (found if found is not None else hashes), now

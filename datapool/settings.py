@@ -102,11 +102,11 @@ class Rule:
     """What one setting accepts.
 
     Attributes:
-        kind: ``bool``, ``int``, ``float`` or ``str``.
+        kind: ``bool``, ``int``, ``float``, ``str`` or ``list`` (checked by ``check`` alone).
         low, high: inclusive bounds for numbers (None = unbounded).
         above: exclusive lower bound instead of ``low`` (``learning_rate > 0``).
         choices: the allowed texts, when there is a fixed list.
-        check: for other texts, returns the problem or None.
+        check: for other texts (or a list), returns the problem or None.
         whole_numbers_as_text: a whole number is taken as its text (a hand-written
             ``name: 2024`` is the pool ``"2024"``, as datapool always read it).
     """
@@ -116,13 +116,15 @@ class Rule:
     high: float | None = None
     above: float | None = None
     choices: tuple[str, ...] = ()
-    check: Callable[[str], str | None] | None = None
+    check: Callable[[Any], str | None] | None = None
     whole_numbers_as_text: bool = False
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not acceptable (the text after the key), or None."""
         if self.kind is bool:
             return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+        if self.kind is list:
+            return None if self.check is None else self.check(value)
         if self.kind is str:
             return self._text_problem(value)
         return self._number_problem(value)
@@ -173,6 +175,33 @@ def _input_dir(value: str) -> str | None:
     return None
 
 
+def _optional_path(value: str) -> str | None:
+    """A selection input (file or folder): empty = off, else a path a shell word can carry."""
+    if UNQUOTABLE.search(value):
+        return (
+            f"{value!r} holds a character the pipeline cannot carry "
+            "(', \\ or a control character); rename it or link to it from a path without one"
+        )
+    return None
+
+
+def _strategies(value: Any) -> str | None:
+    """``selection.strategies``, checked by :func:`datapool.strategies.parse_strategies`.
+
+    Imported here, not at the top: strategies needs torch (seconds to import), and
+    only a configured list pays for it; an empty one (plain diversity) does not.
+    """
+    if value is None or (isinstance(value, list) and not value):
+        return None
+    from datapool.strategies import parse_strategies
+
+    try:
+        parse_strategies(value)
+    except InputError as err:
+        return f"is not usable: {err}"
+    return None
+
+
 def _pool_name(value: str) -> str | None:
     try:
         check_pool_name(value)
@@ -200,8 +229,18 @@ SETTINGS: dict[str, Rule] = {
     "datapool.keep_history": Rule(bool),
     "datapool.csv_max_rows": Rule(int, low=0),
     "stopping_condition.n_samples": Rule(int, low=0),
+    # A share of the new candidates instead of a count (Lightly's proportion_samples).
+    "stopping_condition.proportion_samples": Rule(float, low=0, high=1),
     # Embeddings are unit vectors: no two are farther apart than 2.
     "stopping_condition.min_distance": Rule(float, low=0, high=2),
+    # Selection strategies and their inputs (issue 11, datapool.strategies).
+    "selection.strategies": Rule(list, check=_strategies),
+    "selection.scores_file": Rule(str, check=_optional_path),
+    "selection.relevant_filenames_file": Rule(str, check=_optional_path),
+    "selection.masked_file": Rule(str, check=_optional_path),
+    "selection.selected_file": Rule(str, check=_optional_path),
+    "selection.query_dir": Rule(str, check=_optional_path),
+    "selection.seed": Rule(int, low=0),
     "append_weak_labels": Rule(bool),
     "embed.model": Rule(str, choices=("mobilenet_v3_small", "resnet18", "resnet34", "resnet50")),
     "embed.weights": Rule(str, check=_weights),
@@ -275,6 +314,100 @@ class RunSettings:
     keep_history: bool
 
 
+def _check_stop(flat: Mapping[str, Any], source: str) -> None:
+    """At most one of n_samples / proportion_samples, and some rule that stops selection."""
+    n_samples = flat.get("stopping_condition.n_samples", 0)
+    proportion = flat.get("stopping_condition.proportion_samples", 0.0)
+    min_distance = flat.get("stopping_condition.min_distance", 0.0)
+    if n_samples and proportion:
+        raise InputError(
+            f"{source}: set stopping_condition.n_samples or stopping_condition.proportion_samples, "
+            f"not both (got {n_samples} and {proportion}); set the other to 0"
+        )
+    if n_samples == 0 and proportion == 0 and min_distance == 0:
+        raise InputError(
+            f"{source}: set stopping_condition.n_samples > 0 (or proportion_samples > 0) or "
+            "stopping_condition.min_distance > 0; with neither, selection would never stop"
+        )
+
+
+# Which selection input each strategy reads: it must be configured (settings names it).
+_NEEDS = {
+    "weights": "selection.scores_file",
+    "threshold": "selection.scores_file",
+    "similarity": "selection.query_dir",
+}
+
+
+def _check_selection(flat: Mapping[str, Any], source: str) -> None:
+    """Each configured strategy's input file is set (a score column needs a score file,
+    similarity a query folder); the values themselves were checked by their rules."""
+    for i, entry in enumerate(flat.get("selection.strategies") or []):
+        kind = entry.get("strategy")
+        need = _NEEDS.get(kind)
+        if kind == "balance" and entry.get("column"):
+            need = "selection.scores_file"
+        if need and not flat.get(need):
+            raise InputError(
+                f"{source}: selection.strategies[{i}] ({kind}) reads {need}, which is empty; "
+                f"set {need}"
+            )
+
+
+def strategies_summary(entries: Any) -> str:
+    """``selection.strategies`` (params entries, or the values of
+    :func:`datapool.strategies.describe`) in a few words, for history and the report:
+    ``"diversity^1, typicality(k=20)^0.5, threshold(score >= 0.3)"``; ``[]`` or None is
+    ``"diversity"`` (plain). Unreadable entries are shown as they are, never refused:
+    this only displays what a version recorded.
+    """
+    if isinstance(entries, Mapping):
+        entries = list(entries.values())
+    if not entries:
+        return "diversity"
+    if not isinstance(entries, list):
+        return repr(entries)
+    words = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            words.append(repr(entry))
+            continue
+        kind = str(entry.get("strategy", "?"))
+        if kind == "threshold":
+            op, value = entry.get("operation", "?"), entry.get("value", "?")
+            words.append(f"threshold({entry.get('column', '?')} {op} {value})")
+            continue
+        detail = [f"k={entry['k']}"] if "k" in entry else []
+        if kind in ("weights", "balance"):
+            detail.append(str(entry.get("column") or "labels"))
+        if kind == "balance":
+            detail.append(str(entry.get("target", "uniform")))
+        inner = f"({', '.join(detail)})" if detail else ""
+        words.append(f"{kind}{inner}^{entry.get('strength', 1.0):g}")
+    return ", ".join(words)
+
+
+def check_selection(params: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """The ``selection`` block of a params mapping, checked: ``{key: value}`` without the
+    ``selection.`` prefix (absent keys left out; an absent block is plain diversity).
+
+    What the pipeline's ``select_inputs`` stage runs on the block it declares, so a
+    params file edited by hand or by ``dvc exp run -S`` is checked as ``datapool run``
+    checks it. Raises :class:`InputError` prefixed by ``source``.
+    """
+    block = params.get("selection") or {}
+    if not isinstance(block, Mapping):
+        raise InputError(f"{source}: selection must map settings to values, got {block!r}")
+    flat = flatten(block, "selection.")
+    try:
+        for key, value in flat.items():
+            flat[key] = check_value(key, value)
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
+    _check_selection(flat, source)
+    return {key.removeprefix("selection."): value for key, value in flat.items()}
+
+
 def check_params(params: Mapping[str, Any], *, source: str) -> RunSettings:
     """Check every known setting present in a params mapping, and the pair of stopping conditions.
 
@@ -292,13 +425,8 @@ def check_params(params: Mapping[str, Any], *, source: str) -> RunSettings:
                 flat[key] = check_value(key, value)
     except InputError as err:
         raise InputError(f"{source}: {err}") from None
-    n_samples = flat.get("stopping_condition.n_samples", 0)
-    min_distance = flat.get("stopping_condition.min_distance", 0.0)
-    if n_samples == 0 and min_distance == 0:
-        raise InputError(
-            f"{source}: set stopping_condition.n_samples > 0 or stopping_condition.min_distance "
-            "> 0; with neither, selection would never stop"
-        )
+    _check_stop(flat, source)
+    _check_selection(flat, source)
     return RunSettings(
         name=flat["datapool.name"],
         input_dir=flat["input_dir"],

@@ -47,6 +47,7 @@ TEMPLATE_FILES = (
     "dvc.yaml",
     "params.yaml",
     "stages/inbox.py",
+    "stages/select_inputs.py",
     "stages/embed.py",
     "stages/sample.py",
     "stages/merge.py",

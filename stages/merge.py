@@ -30,6 +30,7 @@ from datapool.increment import (
 )
 from datapool.metrics import read_seconds, write_seconds
 from datapool.report import RunFacts, write_run_report
+from datapool.settings import strategies_summary
 from datapool.store import read_any
 from datapool.transaction import CSV_MAX_ROWS, open_pool, save_pool
 
@@ -130,6 +131,7 @@ def _settings(
         "datapool.name": pool_dir.name,
         **_json(candidates.parent / "settings.json"),
         **{k: v for k, v in info.items() if k.startswith("stopping_condition.")},
+        "selection.strategies": strategies_summary(info.get("strategies")),
         "stopped because": info.get("stopped_because", "?"),
         "append_weak_labels": weak_labels,
     }

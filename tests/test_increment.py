@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ import pytest
 
 from datapool.errors import InputError, PoolError
 from datapool.increment import (
+    SelectionInputs,
     StoppingCondition,
     batch_identity,
+    choose_increment,
     describe_stop,
     effective_pool,
     merge_increment,
@@ -284,3 +287,161 @@ def test_picks_or_candidates_that_repeat_an_image_are_refused_naming_the_file(
     write_rows(cands, tmp_path / "candidates.arrow")
     with pytest.raises(PoolError, match=r"candidates\.arrow: row 2 .* repeats the content_hash"):
         read_any(tmp_path / "candidates.arrow", required=("content_hash",))
+
+
+# --------------------------------------------------------------------------- strategies (issue 11)
+
+
+def _cluster_and_outlier() -> pd.DataFrame:
+    """Ten candidates tightly around +x (two sub-folders) and one outlier at +z (last)."""
+    rng = np.random.default_rng(3)
+    vectors = np.array([1.0, 0.0, 0.0]) + rng.normal(scale=0.05, size=(10, 3))
+    vectors = np.vstack([vectors, [0.0, 0.0, 1.0]])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    cands = candidates(11, 3)
+    cands[embedding_columns(3)] = vectors.astype(np.float32)
+    cands["labels"] = ["a"] * 5 + ["b"] * 6
+    return cands
+
+
+def _scores(tmp_path: Path, cands: pd.DataFrame, **columns: Sequence[object]) -> Path:
+    path = tmp_path / "scores.csv"
+    pd.DataFrame({"filenames": cands["filenames"], **columns}).to_csv(path, index=False)
+    return path
+
+
+def _strategies(*entries: dict[str, object]) -> tuple[object, ...]:
+    from datapool.strategies import parse_strategies
+
+    return parse_strategies(list(entries))
+
+
+def test_plain_diversity_is_greedy_k_center_with_no_extra_scores() -> None:
+    from datapool.selection import k_center_greedy
+
+    pool, cands = pool_table(4, 3, seed=0), candidates(30, 3, seed=7)
+    choice = choose_increment(cands, pool, StoppingCondition(5, 0.0))
+    direct = k_center_greedy(embeddings_of(cands), pool=embeddings_of(pool), n_samples=5)
+    assert list(choice.picks["filenames"]) == list(cands["filenames"].iloc[direct.indices])
+    assert np.array_equal(choice.picks["pick_distance"].to_numpy(), direct.min_distances)
+    assert [c for c in choice.picks.columns if c.startswith("score_")] == []
+    assert choice.strategies == {"diversity": {"strategy": "diversity", "strength": 1.0}}
+
+
+def test_typicality_skips_the_outlier_that_diversity_takes() -> None:
+    cands, stop = _cluster_and_outlier(), StoppingCondition(3, 0.0)
+    plain = choose_increment(cands, None, stop)
+    assert "img_1_10.png" in set(plain.picks["filenames"])
+    mixed = SelectionInputs(
+        strategies=_strategies({"strategy": "diversity"}, {"strategy": "typicality", "k": 3})
+    )
+    typical = choose_increment(cands, None, stop, mixed)
+    assert "img_1_10.png" not in set(typical.picks["filenames"])
+    assert typical.picks["score_typicality"].between(0, 1).all()
+    assert set(typical.strategies) == {"diversity", "typicality"}
+
+
+def test_weights_threshold_and_files_steer_the_picks(tmp_path: Path) -> None:
+    cands = _cluster_and_outlier()
+    weight = [float(i) for i in range(11)]
+    scores = _scores(tmp_path, cands, weight=weight, sharp=[i % 2 for i in range(11)])
+    masked = tmp_path / "masked.txt"
+    masked.write_text("img_1_9.png\n")
+    selection = SelectionInputs(
+        strategies=_strategies(
+            {"strategy": "weights", "column": "weight", "strength": 5.0},
+            {"strategy": "threshold", "column": "sharp", "operation": ">", "value": 0.5},
+        ),
+        scores_file=scores,
+        masked_file=masked,
+    )
+    choice = choose_increment(cands, None, StoppingCondition(3, 0.0), selection)
+    # odd rows only (sharp = 1), heaviest first, the masked img_1_9 never
+    assert list(choice.picks["filenames"]) == ["img_1_7.png", "img_1_5.png", "img_1_3.png"]
+    # normalised over the candidates the threshold and the mask leave (max 7)
+    assert list(choice.picks["score_weights:weight"]) == pytest.approx([1, 5 / 7, 3 / 7])
+
+
+def test_relevant_and_preselected_files(tmp_path: Path) -> None:
+    cands = _cluster_and_outlier()
+    relevant, chosen = tmp_path / "relevant.txt", tmp_path / "chosen.csv"
+    relevant.write_text("img_1_0.png\nimg_1_1.png\nimg_1_2.png\nnot_a_candidate.png\n")
+    chosen.write_text("filenames,selected\nimg_1_10.png,true\nimg_1_4.png,false\n")
+    selection = SelectionInputs(relevant_file=relevant, selected_file=chosen)
+    choice = choose_increment(cands, None, StoppingCondition(3, 0.0), selection)
+    names = list(choice.picks["filenames"])
+    assert names[0] == "img_1_10.png" and choice.preselected == 1  # pre-selected come first
+    assert set(names[1:]) <= {"img_1_0.png", "img_1_1.png", "img_1_2.png"} and len(names) == 3
+
+
+def test_balance_over_weak_labels_hits_the_target() -> None:
+    selection = SelectionInputs(
+        strategies=_strategies(
+            {"strategy": "diversity"},
+            {"strategy": "balance", "target": {"a": 0.75, "b": 0.25}, "strength": 3.0},
+        )
+    )
+    choice = choose_increment(_cluster_and_outlier(), None, StoppingCondition(4, 0.0), selection)
+    labels = [name for name in choice.picks["filenames"]]
+    a_picks = [n for n in labels if int(n.split("_")[2].split(".")[0]) < 5]
+    assert len(a_picks) == 3 and len(labels) == 4
+
+
+def test_similarity_picks_near_the_queries_first() -> None:
+    cands = _cluster_and_outlier()
+    selection = SelectionInputs(
+        strategies=_strategies({"strategy": "similarity", "strength": 4.0}),
+        queries=np.array([[0.0, 0.1, 0.99]], dtype=np.float32),
+    )
+    choice = choose_increment(cands, None, StoppingCondition(1, 0.0), selection)
+    assert list(choice.picks["filenames"]) == ["img_1_10.png"]
+
+
+def test_proportion_samples_is_a_rounded_up_share_of_the_new_candidates() -> None:
+    stop = StoppingCondition(0, 0.0, proportion_samples=0.3)
+    assert stop.count(10) == 3 and stop.count(11) == 4 and stop.count(0) == 0
+    choice = choose_increment(candidates(10, 3), None, stop)
+    assert len(choice.picks) == 3
+    assert "proportion_samples=0.3" in describe_stop(choice.picks, n_fresh=10, stop=stop)
+    with pytest.raises(InputError, match="not both"):
+        StoppingCondition(3, 0.0, proportion_samples=0.5)
+    with pytest.raises(InputError, match="proportion_samples must be in"):
+        StoppingCondition(0, 0.0, proportion_samples=1.5)
+
+
+@pytest.mark.parametrize(
+    ("entries", "columns", "message"),
+    [
+        ([{"strategy": "weights", "column": "nope"}], {"w": 1.0}, "has no column 'nope'"),
+        ([{"strategy": "weights", "column": "w"}], {"w": float("nan")}, "not a finite number"),
+        ([{"strategy": "weights", "column": "w"}], {"w": -1.0}, "must be a finite number >= 0"),
+        (
+            [{"strategy": "threshold", "column": "w", "operation": "<", "value": 0}],
+            {"w": 1.0},
+            "leaves none of the 11 candidates",
+        ),
+        (
+            [{"strategy": "balance", "column": "", "target": {"a": 0.5, "zebra": 0.5}}],
+            {"w": 1.0},
+            "names label 'zebra'",
+        ),
+        ([{"strategy": "similarity"}], {"w": 1.0}, "similarity needs query embeddings"),
+    ],
+)
+def test_bad_selection_inputs_are_refused_clearly(
+    tmp_path: Path, entries: list[dict[str, object]], columns: dict[str, float], message: str
+) -> None:
+    cands = _cluster_and_outlier()
+    scores = _scores(tmp_path, cands, **{k: [v] * len(cands) for k, v in columns.items()})
+    selection = SelectionInputs(strategies=_strategies(*entries), scores_file=scores)
+    with pytest.raises(InputError, match=message):
+        choose_increment(cands, None, StoppingCondition(3, 0.0), selection)
+
+
+def test_a_missing_score_file_is_refused_even_without_new_candidates(tmp_path: Path) -> None:
+    selection = SelectionInputs(
+        strategies=_strategies({"strategy": "weights", "column": "w"}),
+        scores_file=tmp_path / "absent.csv",
+    )
+    with pytest.raises(InputError, match=r"absent\.csv does not exist"):
+        choose_increment(candidates(0, 3), None, StoppingCondition(3, 0.0), selection)

@@ -23,6 +23,9 @@ def test_dvc_yaml_uses_the_paths_layout_names() -> None:
         paths.plots,
     ]
     assert paths.picks in stages["sample"]["outs"]
+    assert stages["select_inputs"]["outs"] == [paths.select_inputs]
+    assert paths.select_inputs in stages["sample"]["deps"]
+    assert f"'{paths.select_inputs}'" in stages["sample"]["cmd"]
     assert paths.selection_info in stages["sample"]["outs"]
     for path in (paths.selection_info, paths.report, paths.metrics, paths.plots, paths.timings):
         assert f"'{path}'" in commands, path

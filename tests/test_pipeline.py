@@ -143,7 +143,7 @@ def test_dvc_metrics_and_plots_show_each_version(grown: Grown) -> None:
     (numbers,) = [f["data"] for rev in shown.values() for f in rev["data"].values()]
     assert numbers["pool"] == {"rows_before": 12, "rows_after": 24, "added": 12}
     assert numbers["selection"]["picked"] == 12
-    assert set(numbers["seconds"]) == {"inbox", "embed", "sample", "merge"}
+    assert set(numbers["seconds"]) == {"inbox", "select_inputs", "embed", "sample", "merge"}
     # The first version's metrics come from the DVC cache (work/ is not in git).
     diff = dvc_json("metrics", "diff", grown.first_rev)["work/my_datapool/metrics.json"]
     assert diff["pool.rows_after"] == {"old": 12, "new": 24, "diff": 12}

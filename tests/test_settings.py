@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -15,9 +16,11 @@ from datapool.settings import (
     check_existing_pool_name,
     check_params,
     check_pool_name,
+    check_selection,
     flatten,
     load_params,
     parse_settings,
+    strategies_summary,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +203,82 @@ def test_existing_pools_with_names_from_before_the_strict_rule_stay_usable(name:
 def test_existing_pool_names_that_leave_pools_are_refused(name: str) -> None:
     with pytest.raises(InputError, match="is not a usable pool name"):
         check_existing_pool_name(name)
+
+
+def _with_selection(**selection: object) -> dict[str, object]:
+    params: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["selection"].update(selection)
+    return params
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        ({"strategies": [{"strategy": "novelty"}]}, "strategy must be one of diversity"),
+        (
+            {
+                "strategies": [
+                    {"strategy": "threshold", "column": "s", "operation": "=", "value": 1}
+                ],
+                "scores_file": "s.csv",
+            },
+            "operation must be one of < <= > >=",
+        ),
+        ({"strategies": [{"strategy": "typicality", "k": 0}]}, "k must be an integer >= 1"),
+        ({"strategies": [{"strategy": "diversity", "strength": "x"}]}, "strength must be a"),
+        ({"strategies": "diversity"}, "selection.strategies must be a list"),
+        ({"strategies": [{"strategy": "weights", "column": "u"}]}, "reads selection.scores_file"),
+        ({"strategies": [{"strategy": "similarity"}]}, "reads selection.query_dir"),
+        (
+            {"strategies": [{"strategy": "balance", "target": {"a": 0.5, "b": 0.6}}]},
+            "proportions must sum to 1",
+        ),
+        ({"seed": -1}, "selection.seed must be a whole number >= 0"),
+        ({"scores_file": "it's.csv"}, "cannot carry"),
+    ],
+)
+def test_bad_selection_settings_are_refused_before_any_stage(
+    selection: dict[str, object], message: str
+) -> None:
+    params = _with_selection(**selection)
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_params(params, source="ws/params.yaml")
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_selection(params, source="ws/params.yaml")
+
+
+def test_select_inputs_refuses_a_selection_key_it_does_not_know() -> None:
+    # check_params leaves unknown keys to the workspace's own dvc.yaml; the stage
+    # reading the block knows every key it takes.
+    with pytest.raises(InputError, match=r"unknown setting 'selection\.colour'"):
+        check_selection(_with_selection(colour="red"), source="ws/params.yaml")
+
+
+def test_a_good_selection_passes_and_is_returned_checked() -> None:
+    entries = [
+        {"strategy": "diversity", "strength": 1},
+        {"strategy": "typicality", "strength": 0.5, "k": 5},
+        {"strategy": "threshold", "column": "sharp", "operation": ">=", "value": 0.3},
+    ]
+    params = _with_selection(strategies=entries, scores_file="scores.csv")
+    check_params(params, source="params.yaml")
+    checked = check_selection(params, source="params.yaml")
+    assert checked["strategies"] == entries and checked["scores_file"] == "scores.csv"
+    assert check_selection({}, source="p") == {}
+    assert strategies_summary(entries) == (
+        "diversity^1, typicality(k=5)^0.5, threshold(sharp >= 0.3)"
+    )
+    assert strategies_summary([]) == strategies_summary(None) == "diversity"
+
+
+def test_n_samples_and_proportion_samples_are_exclusive() -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["stopping_condition"].update(n_samples=10, proportion_samples=0.2)
+    with pytest.raises(InputError, match="not both"):
+        check_params(params, source="ws/params.yaml")
+    params["stopping_condition"].update(n_samples=0)
+    check_params(params, source="ws/params.yaml")  # a proportion alone stops selection
+    with pytest.raises(InputError, match="proportion_samples must be a number in"):
+        parse_settings(["stopping_condition.proportion_samples=1.5"])
+    parsed = parse_settings(["selection.strategies=[{strategy: typicality, k: 3}]"])
+    assert parsed == {"selection.strategies": [{"strategy": "typicality", "k": 3}]}

@@ -1,0 +1,1 @@
+../../../stages/select_inputs.py
