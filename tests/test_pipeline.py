@@ -129,8 +129,9 @@ def test_second_increment_is_conditioned_on_the_first(grown: Grown) -> None:
 
 def test_noop_repro_runs_nothing(grown: Grown) -> None:
     ws = grown.ws
-    # Only the inbox listing, which runs every time (DVC no longer hashes the inbox).
-    assert reproduce(ws) == ["inbox"]
+    # Only the listings of the inbox and of the selection inputs, which run every time
+    # (DVC hashes neither the inbox nor the optional selection inputs itself).
+    assert reproduce(ws) == ["inbox", "select_inputs"]
 
 
 def test_dvc_metrics_and_plots_show_each_version(grown: Grown) -> None:
@@ -170,7 +171,7 @@ def test_changed_stopping_condition_reruns_sample_and_merge_only(
 ) -> None:
     clone = grown.copy(tmp_path)
     set_params(clone / "params.yaml", {"stopping_condition.n_samples": 5})
-    assert reproduce(clone) == ["inbox", "merge", "sample"]
+    assert reproduce(clone) == ["inbox", "merge", "sample", "select_inputs"]
     pool = read_pool(clone / POOL)
     assert pool is not None
     # The increment was redone, not stacked: batch_1's 12 rows plus batch_2's new 5.
@@ -181,7 +182,7 @@ def test_changed_stopping_condition_reruns_sample_and_merge_only(
 def test_forced_repro_redoes_the_increment_without_stacking(grown: Grown, tmp_path: Path) -> None:
     clone = grown.copy(tmp_path)
     before = pd.read_csv(clone / POOL / POOL_CSV)
-    assert reproduce(clone, force=True) == ["embed", "inbox", "merge", "sample"]
+    assert reproduce(clone, force=True) == ["embed", "inbox", "merge", "sample", "select_inputs"]
     after = pd.read_csv(clone / POOL / POOL_CSV)
     pd.testing.assert_frame_equal(before, after)
 
@@ -207,7 +208,7 @@ def test_training_replaces_the_model_and_reembeds_the_whole_pool(
     before = read_pool(clone / POOL)
     assert before is not None
     set_params(clone / "params.yaml", {"embed.train_epochs": 1})
-    assert reproduce(clone) == ["embed", "inbox", "merge", "sample"]
+    assert reproduce(clone) == ["embed", "inbox", "merge", "sample", "select_inputs"]
     after = read_pool(clone / POOL)
     assert after is not None and len(after) == 24
     _, checkpoint_id = load_checkpoint(clone / POOL / "checkpoint_latest.ckpt")

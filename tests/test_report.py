@@ -239,3 +239,29 @@ def test_a_10k_candidate_run_makes_a_light_page(tmp_path: Path) -> None:
     page = out / "report" / REPORT_FILES["html"]
     assert page.stat().st_size < 3_000_000
     assert page.read_text().count("data:image/jpeg;base64,") == 240 + 2 * 12  # capped
+
+
+def test_selection_csv_carries_every_strategy_score_after_the_distance() -> None:
+    from datapool.metrics import selection_table
+
+    picks = pd.DataFrame(
+        {
+            "filenames": ["a.png", "b.png"],
+            "content_hash": ["h1", "h2"],
+            "pick_rank": [1, 2],
+            "pick_distance": [np.inf, 0.5],
+            "score_typicality": [np.nan, 0.25],  # NaN: a pre-selected row
+            "score_weights:uncertainty": [1.0, 0.5],
+        }
+    )
+    table = selection_table(picks)
+    assert list(table.columns) == [
+        "pick_rank",
+        "filename",
+        "distance_at_pick",
+        "score_diversity",
+        "score_typicality",
+        "score_weights:uncertainty",
+    ]
+    assert list(table["score_diversity"]) == [np.inf, 0.5]
+    assert table["score_typicality"].iloc[1] == 0.25 and np.isnan(table["score_typicality"].iloc[0])

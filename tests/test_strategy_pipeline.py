@@ -117,6 +117,28 @@ def test_a_changed_score_file_re_runs_sample_and_nothing_else(run: Run) -> None:
     assert all(name.startswith("a/") for name in selection["filename"])
 
 
+def test_similarity_embeds_the_query_folder_with_the_pools_model(
+    run: Run, capfd: pytest.CaptureFixture[str]
+) -> None:
+    queries = run.ws / "queries"
+    queries.mkdir()
+    _scores(run.ws, run.inbox, lambda i: 1 - i / 16)  # sub-folder a passes the threshold
+    similar = [*STRATEGIES, {"strategy": "similarity", "strength": 10.0}]
+    set_params(
+        run.ws / "params.yaml", {"selection.strategies": similar, "selection.query_dir": "queries"}
+    )
+    with pytest.raises(InputError, match="dvc repro"):
+        run_increment(run.ws, name=NAME, input_dir="inbox")
+    assert "selection.query_dir: queries holds no images" in capfd.readouterr().err
+    # a query image with the bytes of a/img_01.png: embedded alike, so it is picked first
+    draw_image(queries / "q.png", seed=101)
+    ran = reproduce(run.ws)
+    assert "sample" in ran and "embed" not in ran
+    selection = pd.read_csv(run.ws / "work" / NAME / "report" / "selection.csv")
+    assert selection["filename"].iloc[0] == "a/img_01.png"
+    assert selection["score_similarity"].iloc[0] == pytest.approx(1.0)
+
+
 def test_a_missing_score_file_stops_the_run_and_leaves_the_pool(
     run: Run, capfd: pytest.CaptureFixture[str]
 ) -> None:
