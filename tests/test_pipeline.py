@@ -277,7 +277,7 @@ def test_cache_grows_with_the_rows_each_version_adds(
         added = {p: size for p, (md5, size) in files.items() if md5 in new}
         shards = [p for p in added if p.startswith("shards/")]
         assert len(shards) == 1, (version, shards)  # one new shard, the others reused
-        assert sum(p.startswith("images/") for p in added) == 12  # the new rows' images
+        assert sum(p.startswith("images/") for p in added) == 1  # one new pack: its images
         # Beside those, the small manifest and the derived CSV (a whole-table copy
         # while the pool is under csv_max_rows), nothing: the model is stored once.
         assert set(added) - {*shards, *(p for p in added if p.startswith("images/"))} <= {
