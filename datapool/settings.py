@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datapool.errors import InputError
+from datapool.strategy_config import parse_strategies
 
 POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # A torchvision weights name, alone (DEFAULT) or with its enum (ResNet18_Weights.IMAGENET1K_V1).
@@ -186,15 +187,10 @@ def _optional_path(value: str) -> str | None:
 
 
 def _strategies(value: Any) -> str | None:
-    """``selection.strategies``, checked by :func:`datapool.strategies.parse_strategies`.
-
-    Imported here, not at the top: strategies needs torch (seconds to import), and
-    only a configured list pays for it; an empty one (plain diversity) does not.
-    """
+    """``selection.strategies``, checked by :func:`datapool.strategy_config.parse_strategies`
+    (torch-free, so checking settings stays fast)."""
     if value is None or (isinstance(value, list) and not value):
         return None
-    from datapool.strategies import parse_strategies
-
     try:
         parse_strategies(value)
     except InputError as err:

@@ -111,7 +111,7 @@ def _selection(
     """The selection inputs select_inputs listed (plain diversity when there is no listing)."""
     if listing is None or not listing.is_file():
         return SelectionInputs()
-    from datapool.strategies import parse_strategies
+    from datapool.strategy_config import parse_strategies
 
     listed = json.loads(listing.read_text(encoding="utf-8"))
     chosen = listed.get("selection", {})

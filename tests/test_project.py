@@ -106,7 +106,8 @@ def test_command_line_and_workspace_modules_import_without_torch() -> None:
     # need it, so `datapool --help` and the light commands must not pay for it.
     loaded = _modules_loaded_by(
         "import datapool.cli, datapool.workspace, datapool.settings, datapool.revisions, "
-        "datapool.increment, datapool.combine, datapool.exchange, datapool.container"
+        "datapool.increment, datapool.combine, datapool.exchange, datapool.container, "
+        "datapool.strategy_config, datapool.strategy_inputs"
     )
     assert "datapool" in loaded
     assert loaded & {"torch", "torchvision", "dvc"} == set()

@@ -1,0 +1,185 @@
+"""The ``selection.strategies`` settings: parsed and checked without torch.
+
+:mod:`datapool.strategies` runs them (and documents the combination); this
+module only turns ``params.yaml`` entries into :class:`StrategyConfig` values,
+so checking settings (``datapool run``, the ``select_inputs`` stage) does not
+import torch (seconds) just to read a list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from datapool.errors import InputError
+
+__all__ = [
+    "KINDS",
+    "OPERATIONS",
+    "StrategyConfig",
+    "describe",
+    "is_plain_diversity",
+    "parse_strategies",
+]
+
+KINDS = ("diversity", "typicality", "weights", "threshold", "balance", "similarity")
+OPERATIONS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
+_SUM_TOLERANCE = 1e-6  # explicit balance proportions must sum to 1 within this
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """One strategy as configured (``selection.strategies`` in params.yaml).
+
+    Attributes:
+        strategy: one of :data:`KINDS`.
+        strength: exponent of the objective (not used by ``threshold``).
+        column: score-file column (``weights``, ``threshold``; ``balance``:
+            ``""`` means the weak labels).
+        operation: ``threshold`` only, one of :data:`OPERATIONS`.
+        value: ``threshold`` only.
+        target: ``balance`` only: ``"uniform"``, ``"input"`` or label -> proportion.
+        k: ``typicality`` only: neighbours per candidate.
+    """
+
+    strategy: str
+    strength: float = 1.0
+    column: str = ""
+    operation: str = ""
+    value: float = math.nan
+    target: str | Mapping[str, float] = "uniform"
+    k: int = 20
+
+    @property
+    def name(self) -> str:
+        """Key of its objective in results: ``"weights:uncertainty"``, ``"typicality"``..."""
+        if self.strategy in ("weights", "threshold"):
+            return f"{self.strategy}:{self.column}"
+        if self.strategy == "balance":
+            return f"balance:{self.column or 'labels'}"
+        return self.strategy
+
+
+_KEYS = {
+    "diversity": {"strength"},
+    "typicality": {"strength", "k"},
+    "weights": {"strength", "column"},
+    "threshold": {"column", "operation", "value"},
+    "balance": {"strength", "column", "target"},
+    "similarity": {"strength"},
+}
+
+
+def _number(raw: Any, what: str) -> float:
+    """``raw`` as a finite float, else InputError naming ``what``."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        raise InputError(f"{what} must be a finite number, got {raw!r}")
+    return float(raw)
+
+
+def _target(raw: Any, where: str) -> str | dict[str, float]:
+    """A balance target: ``uniform``, ``input`` or proportions summing to 1."""
+    if raw in ("uniform", "input"):
+        return str(raw)
+    if not isinstance(raw, Mapping) or not raw:
+        raise InputError(f"{where}.target must be uniform, input or label: proportion, got {raw!r}")
+    out = {str(k): _number(v, f"{where}.target[{k!r}]") for k, v in raw.items()}
+    if any(v < 0 for v in out.values()):
+        raise InputError(f"{where}.target: proportions must be >= 0, got {out}")
+    total = sum(out.values())
+    if abs(total - 1) > _SUM_TOLERANCE:
+        raise InputError(f"{where}.target: proportions must sum to 1, they sum to {total:g}")
+    return out
+
+
+def _parse_one(raw: Mapping[str, Any], where: str) -> StrategyConfig:
+    """One entry of ``selection.strategies``; InputError naming ``where`` and the key at fault."""
+    kind = raw.get("strategy")
+    if kind not in _KEYS:
+        raise InputError(f"{where}.strategy must be one of {', '.join(KINDS)}, got {kind!r}")
+    extra = set(raw) - _KEYS[kind] - {"strategy"}
+    if extra:
+        raise InputError(f"{where}: {kind} takes no {', '.join(sorted(extra))}")
+    strength = _number(raw.get("strength", 1.0), f"{where}.strength")
+    column = raw.get("column", "")
+    if kind in ("weights", "threshold") and (not isinstance(column, str) or not column):
+        raise InputError(f"{where}: {kind} needs column (a column of the score file)")
+    if not isinstance(column, str):
+        raise InputError(f"{where}.column must be a column name, got {column!r}")
+    cfg = StrategyConfig(str(kind), strength, column)
+    if kind == "threshold":
+        op = raw.get("operation")
+        if op not in OPERATIONS:
+            raise InputError(f"{where}.operation must be one of < <= > >=, got {op!r}")
+        cfg = StrategyConfig(
+            kind, 1.0, column, str(op), _number(raw.get("value"), f"{where}.value")
+        )
+    if kind == "balance":
+        cfg = StrategyConfig(
+            kind, strength, column, target=_target(raw.get("target", "uniform"), where)
+        )
+    if kind == "typicality":
+        k = raw.get("k", 20)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"{where}.k must be an integer >= 1, got {k!r}")
+        cfg = StrategyConfig(kind, strength, k=k)
+    return cfg
+
+
+def parse_strategies(raw: Sequence[Mapping[str, Any]] | None) -> tuple[StrategyConfig, ...]:
+    """Validate ``selection.strategies`` (a list of mappings; None or [] = plain diversity).
+
+    Raises InputError for an unknown strategy or key, a non-finite strength,
+    a threshold without column/operation/value, a bad balance target, or two
+    entries with the same :attr:`StrategyConfig.name`.
+    """
+    if raw is None:
+        return ()
+    if isinstance(raw, str | bytes | Mapping) or not isinstance(raw, Sequence):
+        raise InputError(f"selection.strategies must be a list, got {raw!r}")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"selection.strategies[{i}]"
+        if not isinstance(entry, Mapping):
+            raise InputError(f"{where} must be a mapping with a strategy key, got {entry!r}")
+        out.append(_parse_one(entry, where))
+    names = [c.name for c in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"selection.strategies: {twice[0]} is configured twice")
+    return tuple(out)
+
+
+def is_plain_diversity(configs: Sequence[StrategyConfig]) -> bool:
+    """True when the picks are greedy k-center's: no strategy, or one positive
+    DIVERSITY, beside any THRESHOLDs (these only narrow the candidates)."""
+    rest = [c for c in configs if c.strategy != "threshold"]
+    return not rest or (len(rest) == 1 and rest[0].strategy == "diversity" and rest[0].strength > 0)
+
+
+def describe(configs: Sequence[StrategyConfig]) -> dict[str, dict[str, Any]]:
+    """The strategies as a plain dict for a version's metadata: name -> settings.
+
+    An empty configuration is plain diversity, strength 1.
+    """
+    if not configs:
+        return {"diversity": {"strategy": "diversity", "strength": 1.0}}
+    out: dict[str, dict[str, Any]] = {}
+    for c in configs:
+        entry: dict[str, Any] = {"strategy": c.strategy}
+        if c.strategy == "threshold":
+            entry |= {"column": c.column, "operation": c.operation, "value": c.value}
+        else:
+            entry["strength"] = c.strength
+        if c.strategy in ("weights", "balance"):
+            entry["column"] = c.column
+        if c.strategy == "balance":
+            entry["target"] = c.target if isinstance(c.target, str) else dict(c.target)
+        if c.strategy == "typicality":
+            entry["k"] = c.k
+        out[c.name] = entry
+    return out
