@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 import pandas as pd
 
@@ -105,21 +105,28 @@ class Member:
 Source = Path | Member
 
 
-class Packs:
-    """Open packs, each opened and checked against its manifest entry once; close when done
-    (a context manager). Not thread-safe."""
+class _Closing:
+    """A context manager that calls ``self.close()`` on exit (packs stay open until then)."""
 
-    def __init__(self) -> None:
-        self._open: dict[Path, zipfile.ZipFile] = {}
-        self._names: dict[Path, frozenset[str]] = {}
-
-    def __enter__(self) -> Packs:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Packs(_Closing):
+    """Open packs, each opened and checked against its manifest entry once; close when done
+    (a context manager). Not thread-safe."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, zipfile.ZipFile] = {}
+        self._names: dict[Path, frozenset[str]] = {}
 
     def close(self) -> None:
         """Close every pack opened so far."""
@@ -190,7 +197,7 @@ def describe(source: Source) -> str:
     return f"{source.pack} ({source.name})" if isinstance(source, Member) else str(source)
 
 
-class PoolImages:
+class PoolImages(_Closing):
     """The images of the pool in ``pool_dir``: where each row's image is, and its bytes.
 
     ``manifest`` is the version to read: by default the folder's, or that of a stage
@@ -215,14 +222,6 @@ class PoolImages:
         listed = manifest.packs if manifest is not None else []
         self._by_batch = {p.batch_id: p for p in listed}
         self.packs = Packs()
-
-    def __enter__(self) -> PoolImages:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the packs opened so far."""
