@@ -16,7 +16,7 @@ import typer
 from datapool.console import user_errors
 from datapool.errors import InputError
 from datapool.increment import StoppingCondition
-from datapool.layout import pool_dir
+from datapool.layout import REPORT_FILES, PoolPaths, pool_dir
 from datapool.revisions import Revision, history
 from datapool.settings import check_existing_pool_name, check_value, parse_settings
 from datapool.sharing import fetch_all_versions, push_all_versions
@@ -322,9 +322,11 @@ def demo(
             }
             step, _ = run_with_settings(where, settings)
             print(f"demo: {step.message(batch)}")
+    page = where / PoolPaths("my_datapool").report / REPORT_FILES["html"]
     print(
         f"demo: done. The workspace is {where}: see `datapool history my_datapool`, "
-        f"`dvc params diff HEAD~1`, and {pool_dir(where, 'my_datapool') / 'datapool_latest.csv'}"
+        f"`dvc params diff HEAD~1`, {pool_dir(where, 'my_datapool') / 'datapool_latest.csv'}, "
+        f"and the last run's report (open it in a browser): {page}"
     )
 
 
