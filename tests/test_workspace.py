@@ -270,7 +270,10 @@ def test_a_run_that_fails_after_merge_keeps_the_settings_dvc_lock_records(
     # dvc.lock records the pool made with n_samples=7, so params.yaml must say so too.
     dvc_yaml = ws / "dvc.yaml"
     after_merge = "\n  after_merge:\n    cmd: exit 3\n    deps:\n      - pools/${datapool.name}\n"
-    dvc_yaml.write_text(dvc_yaml.read_text() + after_merge)
+    text = dvc_yaml.read_text()
+    end = min((text.find(f"\n{k}:") for k in ("metrics", "plots") if f"\n{k}:" in text), default=-1)
+    # the stage goes at the end of `stages:`, before the top-level metrics/plots sections
+    dvc_yaml.write_text(text + after_merge if end < 0 else text[:end] + after_merge + text[end:])
     git_commit(ws, "a stage after merge", paths=["dvc.yaml"])
     fast = ["embed.image_size=32", "embed.num_workers=0", "embed.bootstrap_epochs=0"]
     result = cli(
