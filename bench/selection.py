@@ -8,7 +8,7 @@ memory-bandwidth bound of "one streaming pass over the data per pick".
 Example:
     python bench/selection.py --cases 100k 1m --k 1000
     python bench/selection.py --cases pool --skip textbook
-    python bench/selection.py --cases inc-1m --k 10000 --skip lightly
+    python bench/selection.py --cases inc-1m --k 10000 --skip lightly --threads 2
     python bench/selection.py --cases 10m 10m-f16 --skip lightly textbook
 """
 
@@ -131,7 +131,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> str:
     return f"first differs at pick {first}, {common:.0%} of picks shared"
 
 
-def run_case(name: str, k: int, skip: set[str], seed: int) -> None:
+def run_case(name: str, k: int, skip: set[str], seed: int, threads: int) -> None:
     """Time every engine on one case and print a report."""
     n, d, m, dtype = CASES[name]
     x = make(n, d, dtype, seed)
@@ -141,7 +141,7 @@ def run_case(name: str, k: int, skip: set[str], seed: int) -> None:
     print(f"  load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
     bound, bw = pass_bound(x, k)
     print(f"  one pass per pick at measured bandwidth ({bw:.1f} GB/s): {bound:.2f} s")
-    sel, t_ours, mem = measure(lambda: k_center_greedy(x, pool=pool, n_samples=k))
+    sel, t_ours, mem = measure(lambda: k_center_greedy(x, pool=pool, n_samples=k, threads=threads))
     ours = sel.indices
     radius = sel.min_distances[-1]
     print(f"  datapool      {t_ours:8.2f} s  peak +{mem / 1e6:8.1f} MB  radius {radius:.4f}")
@@ -180,10 +180,18 @@ def main() -> None:
         help="engines to leave out",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for datapool's blocked passes and the bare pool pass (default 1, "
+        "k_center_greedy's default; the textbook loop uses numpy's own)",
+    )
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
     for name in args.cases:
-        run_case(name, args.k, set(args.skip), args.seed)
+        torch.set_num_threads(args.threads)  # the bare pool pass runs on torch's setting
+        run_case(name, args.k, set(args.skip), args.seed, args.threads)
 
 
 if __name__ == "__main__":

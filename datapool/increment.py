@@ -296,7 +296,7 @@ def choose_increment(
     earlier pick when the candidate was picked (``inf`` for the first pick into
     an empty pool). Goes through :func:`datapool.strategies.select`, which keeps
     plain diversity on :func:`datapool.selection.k_center_greedy` (same picks,
-    same speed, torch's default threads as before).
+    same speed, one thread as before).
 
     Weak labels for BALANCE are the candidates' ``labels`` (their sub-folder).
     Raises InputError for every input error of :mod:`datapool.strategies` and

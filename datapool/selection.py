@@ -32,13 +32,15 @@ passes:
   (``pver`` records how far it got). Such a row is only an upper bound; it is
   completed (the rest of the pool applied) if it ever reaches the top set, so
   the estimate affects speed, never the picks.
-* The pool pass also keeps each row's *textbook* minimum over the pool: the
+* When ``n_samples`` is at least a tenth of the rows, the pool pass also keeps
+  each row's *textbook* minimum over the pool: the
   few pairs whose approximate value comes within ``2 eps`` of the running
   minimum are re-computed directly as they pass. Making a row exact then
   costs only its distances to the picks, never a second pass over the pool
   (at 10k picks against 200k pool rows that second pass was 3/4 of the time).
-* The blocked passes run on ``threads`` CPU threads (default: torch's count);
-  the per-pick vector work runs on one.
+* The blocked passes run on ``threads`` CPU threads (default 1: on a busy
+  2-core machine two threads made a 200k-row pool case 2.5x slower, 35 s vs
+  14 s, while a quiet one gains 1.9x); the per-pick vector work runs on one.
 
 Memory: O(n) for ``a``, the row norms and ``pver``, plus blocks bounded by the
 memory budget. Runs wherever the tensors are (CPU or CUDA).
@@ -139,6 +141,7 @@ _TOP_BYTES = 16 << 20  # ... but its float32 copy at most this size (stays in ca
 _POOL_TOP = 4  # with a pool, the top set holds at most this many rows per pick
 _POOL_ROWS = 4096  # candidate rows per block in the pool pass
 _SAMPLE = 4096  # rows sampled to estimate the level that matters in the pool pass
+_TRACK_SHARE = 10  # keep exact pool minima when n_samples >= n / this (see _select)
 _MIN_BUDGET = 64 << 20  # bytes; 4096-row pool-pass blocks (~20 % faster than 16 MiB allowed)
 _U = 2.0**-24  # float32 unit roundoff
 _ETA = 2.0**-100  # absolute slack for underflow (module Notes)
@@ -381,8 +384,10 @@ class _State:
         self.queued = 0  # picks [queued, k) not yet applied to every row
         self.pool_chunks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.pver: torch.Tensor | None = None  # pool rows applied per row, if not all
-        # textbook minimum over the pool rows applied so far (exact, not a bound)
+        # textbook minimum over the pool rows applied so far (exact, not a bound), kept
+        # only when many rows will be made exact (``track``, set by the caller)
         self.tpool = torch.full((n,), math.inf, dtype=torch.float32, device=self.dev)
+        self.track = False
         self.pool_cmax = 0.0  # largest squared norm of a pool row
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -425,7 +430,7 @@ class _State:
                 torch.sum(c * c, dim=1, out=cn)
                 self.pool_chunks.append((c, cn))
             _check_norms(norms, "pool", 0)
-            self.pool_cmax = float(norms.max())
+            self.pool_cmax = float(norms.max()) if self.centres.m else 0.0
             self.cmax = max(self.cmax, self.pool_cmax)
         return self.pool_chunks
 
@@ -451,6 +456,8 @@ class _State:
         g = torch.addmm(cn.unsqueeze(0), xb, c.T, alpha=-2.0)
         gm = g.amin(dim=1).add_(xn)
         torch.minimum(ab, gm, out=ab)
+        if not self.track:
+            return
         lim = (xn + self.pool_cmax).mul_(self.kappa).add_(_ETA).mul_(2).add_(ab)
         rows = (gm <= lim).nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -590,10 +597,16 @@ class _State:
     def exact(self, idx: torch.Tensor, xr: torch.Tensor, xnr: torch.Tensor) -> torch.Tensor:
         """Textbook squared distances of rows ``idx`` (values ``xr``) to every centre so far.
 
-        The rows must have received the whole pool (not late): their pool part
-        is already exact (:meth:`_pool_chunk`); only the picks are applied here.
+        The rows must have received the whole pool (not late). With ``track``
+        their pool part is already exact (:meth:`_pool_chunk`) and only the picks
+        are applied here; without, the pool is applied again to these rows.
         """
-        t = self.tpool[idx].clone()
+        if self.track:
+            t = self.tpool[idx].clone()
+        else:
+            t = torch.full_like(xnr, math.inf)
+            for c, _ in self._pool():
+                t = exact_min(xr, xnr, t, c, self.kappa)
         k = self.centres.k
         for s in range(0, k, _CHUNK):
             t = exact_min(xr, xnr, t, self.centres.picked[s : min(s + _CHUNK, k)], self.kappa)
@@ -740,6 +753,12 @@ def _select(
     if n == 0:
         return out, 0.0
     st = _State(x, _Centres(pool, d, dev), budget, pass_threads)
+    # Keeping exact pool minima costs ~20 % of the pool pass; re-checking a row
+    # against the pool costs a pass of that row. It pays once about a tenth of
+    # the rows will be made exact (each pick is one): 10k of 10k picks against
+    # 200k pool rows took 9.8 s with it, 34.7 s without; 200 of 2,000 against
+    # 20k rows 0.25 s without, 0.32 s with.
+    st.track = pool is not None and planned * _TRACK_SHARE >= n
     t_cap = max(64, budget // (8 * d))
     t_base = min(t_cap, _TOP_BYTES // (4 * d), max(256, n // _TOP_DIV))
     if pool is not None:  # the pool pass costs work per row kept: keep fewer
@@ -797,7 +816,7 @@ def k_center_greedy(
     min_distance: float | None = None,
     device: str | None = None,
     memory_budget: int | None = None,
-    threads: int | None = None,
+    threads: int | None = 1,
 ) -> Selection:
     """Pick candidates greedily, each the farthest from the pool and earlier picks.
 
@@ -817,10 +836,12 @@ def k_center_greedy(
             candidates' size (at least 64 MiB). A pool not stored as float32 on
             the device is also held there as a float32 copy.
         threads: torch CPU threads for the blocked matrix products (the
-            pool pass, flushes of queued picks); default None: torch's
-            current setting. The per-pick vector operations always run on
-            one thread: they stall badly with more on a busy machine. The
-            caller's setting is restored afterwards.
+            pool pass, flushes of queued picks); default 1, None: torch's
+            current setting. More threads help on an idle machine (1.9x on
+            two cores) and hurt badly on a busy one (2.5x slower), where
+            every product waits for its slowest thread. The per-pick vector
+            operations always run on one thread. The caller's setting is
+            restored afterwards.
 
     Returns:
         :class:`Selection`. With an empty pool the first pick is index 0
@@ -867,7 +888,7 @@ class Nearest:
 
 
 def nearest(
-    queries: Any, centres: Any, *, device: str | None = None, threads: int | None = None
+    queries: Any, centres: Any, *, device: str | None = None, threads: int | None = 1
 ) -> Nearest:
     """Each query's nearest centre, for reports (histograms, redundant pairs).
 
@@ -881,7 +902,8 @@ def nearest(
         queries: ``[n, d]`` float array or tensor.
         centres: ``[m, d]`` float array or tensor, or None / empty.
         device: where to compute; default the queries' device.
-        threads: torch CPU threads during the call; default torch's setting.
+        threads: torch CPU threads during the call (default 1, as
+            :func:`k_center_greedy`); None: torch's setting.
 
     Raises:
         InputError: non-2-D or non-float input, NaN/inf values, or different

@@ -210,14 +210,14 @@ def typicality(
     k: int = 20,
     sample: int = TYPICALITY_SAMPLE,
     seed: int = 0,
-    threads: int | None = None,
+    threads: int | None = 1,
 ) -> npt.NDArray[np.float64]:
     """TYPICALITY objective of each row of ``x`` [n, d], float64 ``[n]`` in (0, 1].
 
     ``min_j m(j) / m(i)`` with ``m`` the mean distance to the ``k`` nearest other
     rows, searched among all rows when ``n <= sample`` and else among a seeded
     uniform sample of ``sample`` rows (module docstring). ``threads``: torch CPU
-    threads for the products (default: torch's setting).
+    threads for the products (default 1; None: torch's setting).
     """
     t = _float32(x)
     n = t.shape[0]
@@ -265,7 +265,7 @@ def threshold(values: Any, operation: str, value: float) -> npt.NDArray[np.bool_
     return out
 
 
-def similarity(x: Any, queries: Any, *, threads: int | None = None) -> npt.NDArray[np.float64]:
+def similarity(x: Any, queries: Any, *, threads: int | None = 1) -> npt.NDArray[np.float64]:
     """SIMILARITY objective: ``1 / (1 + q / mean(q))``, float64 ``[n]`` in (0, 1].
 
     ``q`` is each row's distance to its nearest query ``[Q, d]``. Raises
@@ -487,7 +487,7 @@ def combine(
     diversity: float = 1.0,
     n_samples: int | None = None,
     min_distance: float | None = None,
-    threads: int | None = None,
+    threads: int | None = 1,
     lazy: bool = True,
 ) -> Combined:
     """The combination loop: greedy picks maximising the product of objectives.
@@ -501,7 +501,7 @@ def combine(
         diversity: DIVERSITY's strength (0: distances only decide eligibility).
         n_samples: picks to make (None: until no candidate is eligible).
         min_distance: candidates closer than this to a centre are ineligible.
-        threads: CPU threads for the pool pass (default torch's setting).
+        threads: CPU threads for the pool pass (default 1; None: torch's setting).
         lazy: without balance and with diversity strength >= 0, keep stale
             distances as upper bounds and refresh only a top set per pick
             (:func:`_run_lazy`: same picks, far fewer passes). False forces
@@ -862,7 +862,7 @@ def select(
     labels: Sequence[str] | None = None,
     queries: Any = None,
     seed: int = 0,
-    threads: int | None = None,
+    threads: int | None = 1,
 ) -> Picks:
     """Choose among ``embeddings`` [n, d] (one row per ``filenames`` entry) by ``strategies``.
 
@@ -881,7 +881,7 @@ def select(
         n_samples: total picks, pre-selected included; min_distance: as in
             :func:`combine`. At least one is required.
         seed: typicality's reference sample. threads: CPU threads for the
-            blocked passes (default torch's setting).
+            blocked passes (default 1; None: torch's setting).
 
     Raises:
         InputError: every input error named in the module docstring and in
