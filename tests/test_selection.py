@@ -470,19 +470,28 @@ def test_too_large_values_and_dimensions_are_refused() -> None:
 def test_each_row_receives_each_pool_row_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool pass keeps exact minima, so making rows exact never re-reads the pool."""
     applied: list[int] = []
-    chunk = selection._State._pool_chunk
+    rechecked: list[int] = []  # addresses of the centres made exact against
+    chunk, exact = selection._State._pool_chunk, selection.exact_min
 
     def counted(self: selection._State, xb: torch.Tensor, *args: Any) -> None:
         applied.append(xb.shape[0] * args[-1][0].shape[0])
         chunk(self, xb, *args)
 
+    def recorded(*args: Any) -> torch.Tensor:
+        c = args[3]
+        rechecked.append(c.data_ptr())
+        return exact(*args)
+
     monkeypatch.setattr(selection, "_CHUNK", 64)
     monkeypatch.setattr(selection._State, "_pool_chunk", counted)
+    monkeypatch.setattr(selection, "exact_min", recorded)
     x = clustered(np.random.default_rng(5), 3000, 16)
-    pool, cand = x[:640], x[640:]
+    pool, cand = np.ascontiguousarray(x[:640]), x[640:]
     sel = k_center_greedy(cand, pool=pool, n_samples=400)
     assert_same(sel, reference(cand, pool, n_samples=400))
     assert 0 < sum(applied) <= len(cand) * len(pool)
+    start, end = pool.ctypes.data, pool.ctypes.data + pool.nbytes
+    assert rechecked and not [a for a in rechecked if start <= a < end]  # picks only
 
 
 @pytest.mark.parametrize("with_pool", [False, True])
