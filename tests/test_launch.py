@@ -1,0 +1,87 @@
+"""datapool.launch: when a stage runs under torch.distributed's launcher, and how."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from datapool.errors import InputError
+from datapool.launch import Launch, launcher_command, relaunch, under_launcher
+
+
+def test_single_process_runs_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not under_launcher()
+    assert relaunch(Launch(), stage="embed", argv=["never-run.py"]) is None
+
+
+def test_a_worker_never_launches_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert under_launcher()
+    assert relaunch(Launch(nproc=4), stage="embed", argv=["never-run.py"]) is None
+
+
+def test_one_machine_is_standalone() -> None:
+    command = launcher_command(Launch(nproc=3), Path("stages/embed.py"), ["--a", "b c"], run_id="x")
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=3" in command and "--standalone" in command
+    assert command[-3:] == ["stages/embed.py", "--a", "b c"]  # arguments pass through verbatim
+
+
+def test_several_machines_meet_at_the_endpoint() -> None:
+    launch = Launch(nproc=2, nnodes=2, rdzv_endpoint="node0.lan:29400")
+    command = launcher_command(launch, Path("s.py"), [], run_id="datapool-embed")
+    assert "--standalone" not in command
+    assert {"--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0.lan:29400"} <= set(command)
+    assert "--rdzv-id=datapool-embed" in command
+    assert launch.world_size == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nproc": 0}, "must be >= 1"),
+        ({"nnodes": 0}, "must be >= 1"),
+        ({"nnodes": 2}, "needs distributed.rdzv_endpoint"),
+        ({"nnodes": 2, "rdzv_endpoint": "host"}, "host:port"),
+        ({"nnodes": 2, "rdzv_endpoint": "a b:1"}, "host:port"),
+    ],
+)
+def test_bad_settings_are_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        Launch(**kwargs)  # type: ignore[arg-type]
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from datapool.launch import Launch, relaunch
+
+    status = relaunch(Launch(nproc=2), stage="test")
+    if status is not None:
+        sys.exit(status)
+    rank = os.environ["RANK"]
+    Path(sys.argv[1], "rank-" + rank).write_text(os.environ["WORLD_SIZE"] + " " + sys.argv[2])
+    if sys.argv[2] == "fail" and rank == "1":
+        sys.exit(3)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_workers_run_the_same_command(tmp_path: Path) -> None:
+    script = tmp_path / "stage.py"
+    script.write_text(WORKER, encoding="utf-8")
+    ok = subprocess.run([sys.executable, str(script), str(tmp_path), "ok"], check=False)
+    assert ok.returncode == 0
+    assert sorted(p.name for p in tmp_path.glob("rank-*")) == ["rank-0", "rank-1"]
+    assert (tmp_path / "rank-1").read_text() == "2 ok"
+    # One failing worker fails the stage: DVC must see a non-zero exit.
+    failed = subprocess.run([sys.executable, str(script), str(tmp_path), "fail"], check=False)
+    assert failed.returncode != 0
