@@ -271,15 +271,19 @@ def _as_tensor(x: Any, name: str) -> torch.Tensor:
     return t.detach()
 
 
-def _check_finite(x: torch.Tensor, name: str, rows: int) -> None:
-    """Raise InputError if ``x`` holds NaN or inf (checked ``rows`` at a time)."""
+def _check_finite(x: torch.Tensor, name: str, rows: int, first: int = 0) -> None:
+    """Raise InputError if ``x`` holds NaN or inf (checked ``rows`` at a time).
+
+    ``first`` is the row number of ``x[0]`` in messages (a slice of a larger array).
+    """
     for s in range(0, x.shape[0], rows):
         block = x[s : s + rows]
         if math.isfinite(float(block.sum())):
             continue  # a NaN or inf anywhere makes the sum non-finite (overflow: re-check)
         bad = (~torch.isfinite(block)).any(dim=1).nonzero()
         if bad.numel():
-            raise InputError(f"{name} row {s + int(bad[0, 0])} contains NaN or infinite values")
+            row = first + s + int(bad[0, 0])
+            raise InputError(f"{name} row {row} contains NaN or infinite values")
 
 
 def _check_norms(sq: torch.Tensor, name: str, first: int) -> torch.Tensor:
@@ -617,26 +621,25 @@ class _Top:
     """The top set: rows with the largest upper bounds, kept up to date.
 
     ``hi``/``lo`` bound each row's textbook distance; for rows made exact
-    (positions ``epos``) both equal the exact value ``te``.
+    (positions ``epos``) both equal the exact value ``te``. ``idx`` (sorted)
+    names the rows in the pick output; ``exact(pos)`` returns the textbook
+    distances of the set's positions ``pos`` to every centre so far (default:
+    :meth:`_State.exact`). The sharded engine (datapool.selection_sharded)
+    builds one from the union of every rank's top rows, with global indices.
     """
 
-    def __init__(self, st: _State, t: int) -> None:
-        n = st.a.numel()
-        self.st = st
-        if t >= n:
-            idx = torch.arange(n, device=st.dev)
-            self.bound = -math.inf
-            late = st.late(idx)
-            if late.numel():
-                st.complete(late)
-        else:
-            vals, idx = self._take(st, t)
-            self.bound = float(vals[t])
-            idx = idx[:t].sort().values
-        self.idx = idx
-        self.rows = st.rows(idx)
-        self.xn = st.xn[idx]
-        self.a = st.a[idx].clone()
+    def __init__(
+        self,
+        st: _State,
+        idx: torch.Tensor,
+        rows: torch.Tensor,
+        xn: torch.Tensor,
+        a: torch.Tensor,
+        bound: float,
+        exact: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.st, self.idx, self.rows, self.xn, self.a, self.bound = st, idx, rows, xn, a, bound
+        self._exact = exact or (lambda pos: st.exact(self.idx[pos], self.rows[pos], self.xn[pos]))
         # picks of this phase come from these rows: their norms bound every new centre's
         st.cmax = max(st.cmax, float(self.xn.max()))
         self.eps = st.slack(self.xn)
@@ -646,6 +649,28 @@ class _Top:
         self.epos = torch.empty(0, dtype=torch.int64, device=st.dev)
         self.erows = self.rows[:0]
         self.te = self.a[:0]
+
+    @classmethod
+    def take(cls, st: _State, t: int) -> _Top:
+        """The ``t`` rows of ``st`` with the largest upper bounds (every row if ``t >= n``)."""
+        idx, bound = cls.rows_of(st, t)
+        return cls(st, idx, st.rows(idx), st.xn[idx], st.a[idx].clone(), bound)
+
+    @classmethod
+    def rows_of(cls, st: _State, t: int) -> tuple[torch.Tensor, float]:
+        """Sorted row indices of the top ``t`` (all complete) and the largest bound outside.
+
+        The bound is ``-inf`` when ``t >= n`` (every row is in the set).
+        """
+        n = st.a.numel()
+        if t >= n:
+            idx = torch.arange(n, device=st.dev)
+            late = st.late(idx)
+            if late.numel():
+                st.complete(late)
+            return idx, -math.inf
+        vals, idx = cls._take(st, t)
+        return idx[:t].sort().values, float(vals[t])
 
     @staticmethod
     def _take(st: _State, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -674,7 +699,7 @@ class _Top:
                 raise _stuck("completing late rows of the top set")
 
     def _make_exact(self, pos: torch.Tensor) -> None:
-        t = self.st.exact(self.idx[pos], self.rows[pos], self.xn[pos])
+        t = self._exact(pos)
         self.ex[pos] = True
         self.epos = torch.cat([self.epos, pos])
         self.erows = torch.cat([self.erows, self.rows[pos]])
@@ -776,7 +801,7 @@ def _select(
     while True:
         st.flush()
         t = t_base * grow
-        top = _Top(st, t)
+        top = _Top.take(st, t)
         before = len(out)
         nxt = _pick_phase(top, st, limit, min_distance, out)
         if nxt is not None:
