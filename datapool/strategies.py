@@ -445,6 +445,7 @@ class _Loop:
     objectives: Sequence[Objective]
     diversity: float
     min_distance: float | None
+    guard2: float = 0.0  # the radius guard, squared (0: off)
     picked: list[int] = field(default_factory=list)
     dists: list[float] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
@@ -468,6 +469,19 @@ class _Loop:
             u = static + d2.double().log() * (self.diversity / 2)
         return torch.where(reach, u, -math.inf)
 
+    def guarded(self, score: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``score`` with the radius guard applied, and the farthest live ``d2``.
+
+        Live rows are those scoring > -inf (they could be picked); a live row
+        stays only if its ``d2 >= guard^2 * max live d2`` (float64). Returns
+        ``(score, -inf)`` when the guard is off or no row is live.
+        """
+        live = score > -math.inf
+        if self.guard2 == 0 or not bool(live.any()):
+            return score, -math.inf
+        far = float(d2[live].max())
+        return torch.where(d2.double() >= self.guard2 * far, score, -math.inf), far
+
     def record(self, i: int, d2_i: float, d2_max: float) -> None:
         """Append pick ``i`` (squared distance ``d2_i``, largest ``d2_max``) and its objectives."""
         self.picked.append(i)
@@ -487,6 +501,7 @@ def combine(
     diversity: float = 1.0,
     n_samples: int | None = None,
     min_distance: float | None = None,
+    guard: float = 0.0,
     threads: int | None = 1,
     lazy: bool = True,
 ) -> Combined:
@@ -501,6 +516,9 @@ def combine(
         diversity: DIVERSITY's strength (0: distances only decide eligibility).
         n_samples: picks to make (None: until no candidate is eligible).
         min_distance: candidates closer than this to a centre are ineligible.
+        guard: the radius guard in [0, 1] (0: off): each pick is chosen only
+            among the eligible candidates whose distance is at least ``guard``
+            times the largest distance of an eligible candidate.
         threads: CPU threads for the pool pass (default 1; None: torch's setting).
         lazy: without balance and with diversity strength >= 0, keep stale
             distances as upper bounds and refresh only a top set per pick
@@ -509,10 +527,13 @@ def combine(
 
     Raises:
         InputError: as :func:`k_center_greedy` for the arrays, a negative
-            ``n_samples`` or ``min_distance``, or objectives of the wrong length.
+            ``n_samples`` or ``min_distance``, a guard outside [0, 1], or
+            objectives of the wrong length.
     """
     if n_samples is not None and n_samples < 0:
         raise InputError(f"n_samples must be >= 0, got {n_samples}")
+    if not 0 <= guard <= 1:
+        raise InputError(f"guard must be in [0, 1], got {guard!r}")
     if min_distance is not None and not min_distance >= 0:
         raise InputError(f"min_distance must be a number >= 0, got {min_distance!r}")
     xt, pool_t, _ = checked_inputs(x, pool, None)
@@ -533,7 +554,9 @@ def combine(
         for c in (pool_t, pre):
             if c is not None:
                 cov.add(c)
-        loop = _Loop(cov, _static_score(objectives, n), objectives, diversity, min_distance)
+        loop = _Loop(
+            cov, _static_score(objectives, n), objectives, diversity, min_distance, guard * guard
+        )
         loop.values = {"diversity": [], **{o.name: [] for o in objectives}}
         if balance is not None:
             loop.values[balance.name] = []
@@ -572,6 +595,7 @@ def _run(loop: _Loop, balance: Balance | None, limit: int) -> str | None:
             bal = _balance_values(balance, score > -math.inf, made, counts)
             term = _log_term(bal[torch.from_numpy(balance.codes)], balance.strength)
             score = torch.nan_to_num(score + term, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        score = loop.guarded(score, d2)[0]
         eligible = score > -math.inf  # NaN (excluded) compares False too
         if not bool(eligible.any()):
             return _why(d2, reach)
@@ -602,22 +626,31 @@ def _run_lazy(loop: _Loop, limit: int) -> str | None:
     (so the recorded maximum is exact). Otherwise the phase's picks are applied
     to every row in one blocked product and a new top set is taken (four
     times larger if the phase picked nothing). Same picks as :func:`_run`.
+
+    With the radius guard, the top set also holds the farthest *live* rows
+    (those that could be picked), so the guard's maximum is exact while the
+    top's farthest live row is at least ``bound_e``, every other live row's
+    stale distance; and ``bound_u`` only counts rows whose stale distance
+    passes the guard at ``bound_e``: the guard's maximum stays >= ``bound_e``
+    during the phase, so a row below that can't be picked in it.
     """
     cov = loop.cov
     n, d = cov.x.shape
     base, grow = _top_size(n, d), 1
     while len(loop.picked) < limit:
         t = min(n, base * grow)
-        reach = loop.reach(cov.d2)
-        upper = loop.score(loop.static, cov.d2, reach)
+        upper = loop.score(loop.static, cov.d2, loop.reach(cov.d2))  # d2 exact here
+        live = upper > -math.inf
         rest = torch.ones(n, dtype=torch.bool)
-        rest[upper.topk(t).indices] = False
         rest[cov.d2.topk(t).indices] = False
+        if loop.guard2:
+            rest[torch.where(live, cov.d2, -1.0).topk(t).indices] = False
+        bounds = _bounds(loop, upper, live, rest)
+        rest[torch.where(bounds.could, upper, -math.inf).topk(min(t, n)).indices] = False
+        bounds = _bounds(loop, upper, live, rest)
         top = (~rest).nonzero().squeeze(1)  # sorted
-        bound_u = float(upper[rest].max()) if top.numel() < n else -math.inf
-        bound_d = float(cov.d2[rest].max()) if top.numel() < n else 0.0
         before = len(loop.picked)
-        done = _phase(loop, top, bound_u, bound_d, limit)
+        done = _phase(loop, top, bounds, limit)
         if done:
             return _why(cov.d2, loop.reach(cov.d2))
         if len(loop.picked) == before and top.numel() == n:
@@ -626,7 +659,36 @@ def _run_lazy(loop: _Loop, limit: int) -> str | None:
     return None
 
 
-def _phase(loop: _Loop, top: torch.Tensor, bound_u: float, bound_d: float, limit: int) -> bool:
+@dataclass(frozen=True)
+class _Bounds:
+    """What the rows outside a top set can do during a phase (:func:`_run_lazy`).
+
+    ``u``: the highest score bound of a row that could pass the guard (-inf:
+    none); ``d``: the largest stale squared distance (0: none); ``e``: the
+    largest stale squared distance of a live row (-inf: none or no guard);
+    ``could``: bool [n], rows of ``rest`` that could pass the guard.
+    """
+
+    u: float
+    d: float
+    e: float
+    could: torch.Tensor
+
+
+def _bounds(loop: _Loop, upper: torch.Tensor, live: torch.Tensor, rest: torch.Tensor) -> _Bounds:
+    """The :class:`_Bounds` of the rows ``rest`` (bool [n]) given exact ``upper`` scores."""
+    far = loop.cov.d2
+    e = -math.inf
+    could = rest
+    if loop.guard2 and bool((rest & live).any()):
+        e = float(far[rest & live].max())
+        could = rest & (far.double() >= loop.guard2 * e)
+    u = float(upper[could].max()) if bool(could.any()) else -math.inf
+    d = float(far[rest].max()) if bool(rest.any()) else 0.0
+    return _Bounds(u, d, e, could)
+
+
+def _phase(loop: _Loop, top: torch.Tensor, bounds: _Bounds, limit: int) -> bool:
     """Pick from the top set ``top`` (sorted indices) while that is provably right.
 
     Returns True when no candidate is eligible anywhere. The picks are then
@@ -638,13 +700,15 @@ def _phase(loop: _Loop, top: torch.Tensor, bound_u: float, bound_d: float, limit
     queue: list[torch.Tensor] = []
     done = False
     while len(loop.picked) < limit:
-        score = loop.score(static, d2, loop.reach(d2))
+        score, far_e = loop.guarded(loop.score(static, d2, loop.reach(d2)), d2)
+        if far_e < bounds.e:  # a live row outside may be the farthest: the guard is unknown
+            break
         j = int(score.argmax())  # first of equals: top is sorted, so the lowest index
         best, far = float(score[j]), float(d2.max())
-        if best == -math.inf and bound_u == -math.inf:
+        if best == -math.inf and bounds.u == -math.inf:
             done = True
             break
-        if not best > bound_u or far < bound_d:
+        if not best > bounds.u or far < bounds.d:
             break
         loop.record(int(top[j]), float(d2[j]), far)
         queue.append(xt[j : j + 1].clone())
@@ -915,7 +979,7 @@ def select(
             centres = torch.cat(parts)
         got = _plain(xc, centres, budget, min_distance, threads)
     else:
-        div = [c.strength for c in strategies if c.strategy == "diversity"]
+        div = [c for c in strategies if c.strategy == "diversity"]
         bal = [c for c in strategies if c.strategy == "balance"]
         got = combine(
             xc,
@@ -923,9 +987,10 @@ def select(
             preselected=pre_rows,
             objectives=_objectives(strategies, xc, cand, filenames, scores, queries, seed, threads),
             balance=_balance(bal[0], cand, pre_idx, filenames, scores, labels) if bal else None,
-            diversity=div[0] if div else 0.0,
+            diversity=div[0].strength if div else 0.0,
             n_samples=budget,
             min_distance=min_distance,
+            guard=div[0].guard if div else 0.0,
             threads=threads,
         )
     nan = np.full(pre_idx.size, math.nan)

@@ -44,6 +44,11 @@ class StrategyConfig:
         value: ``threshold`` only.
         target: ``balance`` only: ``"uniform"``, ``"input"`` or label -> proportion.
         k: ``typicality`` only: neighbours per candidate.
+        guard: ``diversity`` only, in [0, 1]: the *radius guard*. When > 0, a
+            pick is chosen only among the candidates at least ``guard`` times as
+            far from the pool and earlier picks as the farthest candidate that
+            could be picked, so the coverage radius tracks greedy k-center's
+            while the other objectives choose among the far candidates; 0 is off.
     """
 
     strategy: str
@@ -53,6 +58,7 @@ class StrategyConfig:
     value: float = math.nan
     target: str | Mapping[str, float] = "uniform"
     k: int = 20
+    guard: float = 0.0
 
     @property
     def name(self) -> str:
@@ -65,7 +71,7 @@ class StrategyConfig:
 
 
 _KEYS = {
-    "diversity": {"strength"},
+    "diversity": {"strength", "guard"},
     "typicality": {"strength", "k"},
     "weights": {"strength", "column"},
     "threshold": {"column", "operation", "value"},
@@ -122,6 +128,14 @@ def _parse_one(raw: Mapping[str, Any], where: str) -> StrategyConfig:
         cfg = StrategyConfig(
             kind, strength, column, target=_target(raw.get("target", "uniform"), where)
         )
+    if kind == "diversity":
+        guard = _number(raw.get("guard", 0.0), f"{where}.guard")
+        if not 0 <= guard <= 1:
+            raise InputError(
+                f"{where}.guard must be in [0, 1] (a share of the farthest distance; 0 = off), "
+                f"got {guard:g}"
+            )
+        cfg = StrategyConfig(kind, strength, guard=guard)
     if kind == "typicality":
         k = raw.get("k", 20)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -156,7 +170,10 @@ def parse_strategies(raw: Sequence[Mapping[str, Any]] | None) -> tuple[StrategyC
 
 def is_plain_diversity(configs: Sequence[StrategyConfig]) -> bool:
     """True when the picks are greedy k-center's: no strategy, or one positive
-    DIVERSITY, beside any THRESHOLDs (these only narrow the candidates)."""
+    DIVERSITY, beside any THRESHOLDs (these only narrow the candidates).
+
+    A guard changes nothing then: the farthest candidate, which plain diversity
+    picks, always passes it."""
     rest = [c for c in configs if c.strategy != "threshold"]
     return not rest or (len(rest) == 1 and rest[0].strategy == "diversity" and rest[0].strength > 0)
 
@@ -181,5 +198,7 @@ def describe(configs: Sequence[StrategyConfig]) -> dict[str, dict[str, Any]]:
             entry["target"] = c.target if isinstance(c.target, str) else dict(c.target)
         if c.strategy == "typicality":
             entry["k"] = c.k
+        if c.guard:  # absent when off: versions recorded before the guard read the same
+            entry["guard"] = c.guard
         out[c.name] = entry
     return out

@@ -502,3 +502,142 @@ def test_plain_diversity_detection() -> None:
     assert is_plain_diversity(strategies({"strategy": "diversity", "strength": 3}))
     assert not is_plain_diversity(strategies({"strategy": "diversity", "strength": -1}))
     assert not is_plain_diversity(strategies({"strategy": "typicality"}))
+
+
+# --------------------------------------------------------------------------- the radius guard
+
+
+def textbook_guarded(
+    x: np.ndarray,
+    pool: np.ndarray | None,
+    fixed: list[tuple[np.ndarray, float]],
+    div: float,
+    guard: float,
+    n_samples: int,
+    min_distance: float = 0.0,
+) -> list[int]:
+    """The radius guard's rule written out, one full pass per pick: among the rows
+    that could be picked (score > 0), only those with ``d^2 >= guard^2 * max d^2``."""
+    d2 = np.full(len(x), np.inf, dtype=np.float32)
+    for row in [] if pool is None else pool:
+        np.minimum(d2, ((x - row) ** 2).sum(axis=1), out=d2)
+    picks: list[int] = []
+    while len(picks) < n_samples:
+        d = np.sqrt(d2.astype(np.float64))
+        score = (d / d.max()) ** div if np.isfinite(d.max()) else np.ones(len(x))
+        for values, strength in fixed:
+            score = score * values**strength
+        score[(d2 == 0) | (d < min_distance)] = 0
+        if not (score > 0).any():
+            break
+        far = float(d2[score > 0].max())
+        score[d2.astype(np.float64) < guard * guard * far] = 0
+        i = int(np.argmax(score))
+        picks.append(i)
+        np.minimum(d2, ((x - x[i]) ** 2).sum(axis=1), out=d2)
+    return picks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("pool_rows", [0, 40])
+@pytest.mark.parametrize(("guard", "min_distance"), [(0.9, 0.0), (0.5, 0.0), (0.8, 1.2)])
+def test_guard_matches_the_written_rule(
+    monkeypatch: pytest.MonkeyPatch, seed: int, pool_rows: int, guard: float, min_distance: float
+) -> None:
+    from datapool import strategies as module
+
+    monkeypatch.setattr(module, "_TOP_MIN", 8)  # small top sets: many phases in the lazy loop
+    rng = np.random.default_rng(seed)
+    x = gaussian(rng, 500, 6)
+    x[480:] = x[:20]  # duplicates: never picked twice
+    pool = gaussian(rng, pool_rows, 6) if pool_rows else None
+    typ = typicality(x, k=7)
+    want = textbook_guarded(x, pool, [(typ, 1.0)], 1.0, guard, 150, min_distance)
+    for lazy in (True, False):
+        got = combine(
+            x,
+            pool=pool,
+            objectives=[Objective("typicality", 1.0, typ)],
+            n_samples=150,
+            min_distance=min_distance or None,
+            guard=guard,
+            lazy=lazy,
+        )
+        assert list(got.indices) == want
+        assert got.reason == ("min_distance" if len(want) < 150 else "n_samples")
+
+
+def test_guard_with_zero_weights_and_balance_matches_the_written_rule() -> None:
+    """Rows that can't be picked (weight 0) never set the guard's maximum; with
+    balance (the full loop) the guard applies among rows whose label may still be picked."""
+    rng = np.random.default_rng(5)
+    x = gaussian(rng, 400, 5)
+    w = rng.uniform(0, 1, 400)
+    w[np.argsort(-np.linalg.norm(x, axis=1))[:30]] = 0  # the outermost rows weigh nothing
+    want = textbook_guarded(x, None, [(w / w.max(), 1.0)], 2.0, 0.85, 120)
+    got = combine(x, objectives=[Objective("w", 1.0, w / w.max())], diversity=2.0, n_samples=120,
+                  guard=0.85)  # fmt: skip
+    assert list(got.indices) == want
+    assert not (w[got.indices] == 0).any()
+    codes = np.zeros(400, np.int64)  # one label: balance never vetoes, the full loop runs
+    balanced = combine(
+        x,
+        objectives=[Objective("w", 1.0, w / w.max())],
+        balance=Balance("b", 1.0, codes, np.ones(1), np.zeros(1, np.int64)),
+        diversity=2.0,
+        n_samples=120,
+        guard=0.85,
+    )
+    assert list(balanced.indices) == want
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_guard_through_select_respects_pool_masked_and_preselected(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = gaussian(rng, 600, 6)
+    pool = gaussian(rng, 60, 6)
+    masked = np.zeros(600, dtype=bool)
+    masked[rng.choice(600, 50, replace=False)] = True
+    pre = np.zeros(600, dtype=bool)
+    pre[np.flatnonzero(~masked)[:3]] = True
+    cfg = strategies({"strategy": "diversity", "guard": 0.9}, {"strategy": "typicality", "k": 10})
+    got = select(x, names(600), strategies=cfg, pool=pool, masked=masked, preselected=pre,
+                 n_samples=80)  # fmt: skip
+    cand = np.flatnonzero(~masked & ~pre)
+    typ = typicality(x[cand], k=10)
+    want = textbook_guarded(x[cand], np.vstack([pool, x[pre]]), [(typ, 1.0)], 1.0, 0.9, 77)
+    np.testing.assert_array_equal(got.indices, [*np.flatnonzero(pre), *cand[want]])
+    assert got.strategies["diversity"] == {"strategy": "diversity", "strength": 1.0, "guard": 0.9}
+    # each pick is at least 0.9 times as far as the farthest candidate then
+    picked = got.objectives["diversity"][3:]
+    assert (picked >= 0.9 - 1e-9).all() and (picked < 1).any()
+
+
+def test_guard_changes_nothing_for_plain_diversity_and_guard_one_is_k_center() -> None:
+    rng = np.random.default_rng(3)
+    x = gaussian(rng, 800, 6)
+    want = k_center_greedy(x, n_samples=100).indices
+    alone = strategies({"strategy": "diversity", "guard": 0.5})
+    assert is_plain_diversity(alone)
+    np.testing.assert_array_equal(select(x, names(800), strategies=alone, n_samples=100).indices,
+                                  want)  # fmt: skip
+    # guard 1: only the farthest competes (random data has no ties); a pool, so that the
+    # first pick has a distance too (without centres every row is equally far)
+    pool = gaussian(rng, 10, 6)
+    typ = typicality(x, k=5)
+    got = combine(x, pool=pool, objectives=[Objective("t", 3.0, typ)], n_samples=100, guard=1.0)
+    np.testing.assert_array_equal(got.indices, k_center_greedy(x, pool=pool, n_samples=100).indices)
+
+
+def test_guard_settings_are_checked() -> None:
+    assert parse_strategies([{"strategy": "diversity", "guard": 0.8}])[0].guard == 0.8
+    assert describe(strategies({"strategy": "diversity"})) == {
+        "diversity": {"strategy": "diversity", "strength": 1.0}
+    }
+    for bad in (1.5, -0.1, "high", True, float("nan")):
+        msg = errors_of(lambda b=bad: parse_strategies([{"strategy": "diversity", "guard": b}]))
+        assert "selection.strategies[0].guard" in msg
+    assert "typicality takes no guard" in errors_of(
+        lambda: parse_strategies([{"strategy": "typicality", "guard": 0.9}])
+    )
+    assert "guard must be in [0, 1]" in errors_of(lambda: combine(np.ones((3, 2)), guard=2.0))
