@@ -1,0 +1,160 @@
+"""Sharded greedy k-center (datapool.selection_sharded) against the single-process engine.
+
+Two real gloo ranks run every case once per module (forked, see tests.ranks);
+each rank's picks must equal ``k_center_greedy``'s exactly: same indices in
+the same order, same distances, same ``next_distance``. Cases cover both
+splits of the pool pass, no pool, ``min_distance``, duplicates and exact
+ties, more picks than a rank's slice, uneven slices, a rank with no rows,
+slices far larger than a top set (many phases) and a pruned pool pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from datapool.distributed import World, single
+from datapool.errors import InputError
+from datapool.selection import Selection, k_center_greedy
+from datapool.selection_sharded import choose_split, k_center_greedy_sharded
+from tests.ranks import run_ranks
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def _clustered(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    centres = rng.normal(size=(12, d)) * 3
+    return (centres[rng.integers(0, 12, n)] + rng.normal(size=(n, d)) * 0.1).astype(np.float32)
+
+
+def _grid(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Small integers: many exactly tied distances and duplicate rows."""
+    return rng.integers(0, 3, size=(n, d)).astype(np.float32)
+
+
+def case(name: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Candidates, pool and keyword arguments of case ``name`` (same on every rank)."""
+    kind, seed, n, m, rule, split = CASES[name]
+    rng = np.random.default_rng(seed)
+    make = {"unit": _unit, "clustered": _clustered, "grid": _grid}[kind]
+    d = 6 if kind == "grid" else 16
+    x = make(rng, n, d)
+    if kind == "grid":  # duplicates across the slice boundary too
+        x[n // 2 :: 7] = x[: len(x[n // 2 :: 7])]
+    pool = make(rng, m, d) if m else None
+    return x, pool, {**rule, "split": split}
+
+
+# name: (kind, seed, candidates, pool rows, stopping rule, split)
+CASES: dict[str, tuple[str, int, int, int, dict[str, Any], str]] = {
+    **{
+        f"unit-{s}-{split}": ("unit", s, 601, 900, {"n_samples": 150}, split)
+        for s in range(3)
+        for split in ("candidates", "pool")
+    },
+    **{f"nopool-{s}": ("unit", s, 777, 0, {"n_samples": 120}, "auto") for s in range(3)},
+    "auto-pool-split": ("clustered", 3, 400, 2000, {"n_samples": 400}, "auto"),
+    "min-distance": ("clustered", 4, 501, 300, {"min_distance": 0.5}, "candidates"),
+    "min-distance-pool-split": ("clustered", 4, 501, 300, {"min_distance": 0.5}, "pool"),
+    "both-rules": ("unit", 5, 300, 100, {"n_samples": 50, "min_distance": 1.2}, "auto"),
+    "ties-duplicates": ("grid", 6, 333, 40, {"n_samples": 333}, "candidates"),
+    "ties-no-pool": ("grid", 7, 250, 0, {"n_samples": 250}, "auto"),
+    "ties-pool-split": ("grid", 8, 120, 200, {"n_samples": 120}, "pool"),
+    "more-than-a-slice": ("unit", 9, 41, 10, {"n_samples": 35}, "candidates"),
+    # slices far larger than a top set: many phases, the global bound decides
+    "many-phases": ("unit", 16, 5001, 0, {"n_samples": 400}, "auto"),
+    # few picks against a pool: the pool pass stops rows early and completes them later
+    "pruned-pool-pass": ("clustered", 17, 6001, 2500, {"n_samples": 60}, "candidates"),
+    "one-row": ("unit", 10, 1, 5, {"n_samples": 3}, "auto"),  # rank 1 holds no candidate
+    "one-row-no-pool": ("unit", 11, 1, 0, {"n_samples": 3}, "auto"),
+    "pool-of-one": ("unit", 12, 30, 1, {"n_samples": 40}, "pool"),  # rank 1: no pool row
+    "no-candidates": ("unit", 13, 0, 5, {"n_samples": 3}, "auto"),
+    "zero-picks": ("unit", 14, 50, 20, {"n_samples": 0}, "auto"),
+    "zero-picks-no-pool": ("unit", 15, 50, 0, {"n_samples": 0}, "auto"),
+}
+
+
+def _save(path: Path, sel: Selection) -> None:
+    np.savez(path, indices=sel.indices, dists=sel.min_distances, nxt=np.array(sel.next_distance))
+
+
+def _all_cases(world: World, out: Path) -> None:
+    for name in CASES:
+        x, pool, kw = case(name)
+        _save(
+            out / f"{name}.{world.rank}.npz",
+            k_center_greedy_sharded(x, pool=pool, world=world, **kw),
+        )
+    x, pool, _ = case("unit-0-candidates")
+    x[500, 3] = np.nan  # row 500 lies in rank 1's slice: rank 0 must raise too
+    try:
+        k_center_greedy_sharded(x, pool=pool, world=world, n_samples=5)
+    except InputError as e:
+        (out / f"nan.{world.rank}.txt").write_text(str(e))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sharded")
+    run_ranks(_all_cases, 2, out, out)
+    return out
+
+
+def _expected(name: str) -> Selection:
+    x, pool, kw = case(name)
+    kw.pop("split")
+    return k_center_greedy(x, pool=pool, **kw)
+
+
+def _assert_same(got: Any, want: Selection) -> None:
+    np.testing.assert_array_equal(got["indices"], want.indices)
+    np.testing.assert_array_equal(got["dists"], want.min_distances)
+    assert float(got["nxt"]) == want.next_distance
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_pick_exactly_what_one_process_picks(two_ranks: Path, name: str) -> None:
+    want = _expected(name)
+    for rank in (0, 1):
+        _assert_same(np.load(two_ranks / f"{name}.{rank}.npz"), want)
+
+
+def test_bad_row_in_one_rank_slice_raises_on_every_rank(two_ranks: Path) -> None:
+    for rank in (0, 1):
+        message = (two_ranks / f"nan.{rank}.txt").read_text()
+        assert "candidates row 500 contains NaN" in message
+
+
+@pytest.mark.parametrize("name", ["unit-1-pool", "ties-duplicates", "nopool-2", "min-distance"])
+def test_one_process_world_runs_the_same_algorithm(name: str) -> None:
+    x, pool, kw = case(name)
+    got = k_center_greedy_sharded(torch.from_numpy(x), pool=pool, world=single(), **kw)
+    want = _expected(name)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.min_distances, want.min_distances)
+    assert got.next_distance == want.next_distance
+
+
+def test_split_follows_the_shape() -> None:
+    assert choose_split(10_000, 1_000_000, 10_000) == "pool"  # issue 10: one increment
+    assert choose_split(10_000, 1_000_000, 100) == "candidates"  # few picks: keep pruning
+    assert choose_split(1_000_000, 10_000, 10_000) == "candidates"
+    assert choose_split(100, 0, 100) == "candidates"
+
+
+def test_bad_arguments_are_refused() -> None:
+    x = np.zeros((4, 3), dtype=np.float32)
+    with pytest.raises(InputError, match="split must be"):
+        k_center_greedy_sharded(x, world=single(), n_samples=1, split="rows")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="needs n_samples or min_distance"):
+        k_center_greedy_sharded(x, world=single())
+    with pytest.raises(InputError, match="pool has dimension 2"):
+        k_center_greedy_sharded(x, pool=np.zeros((2, 2), np.float32), world=single(), n_samples=1)
