@@ -123,6 +123,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from datapool.distributed import World
 from datapool.errors import InputError
 from datapool.selection import (
     checked_inputs,
@@ -778,11 +779,24 @@ def _plain(
     budget: int | None,
     min_distance: float | None,
     threads: int | None,
+    world: World | None = None,
 ) -> Combined:
-    """Plain diversity on the exact fast engine, as a :class:`Combined`."""
-    chosen = k_center_greedy(
-        xc, pool=pool, n_samples=budget, min_distance=min_distance, threads=threads
-    )
+    """Plain diversity on the exact fast engine, as a :class:`Combined`.
+
+    With a ``world`` of several ranks, every rank calls this with the same rows and
+    :func:`datapool.selection_sharded.k_center_greedy_sharded` shares the work
+    (identical picks).
+    """
+    if world is not None and world.size > 1:
+        from datapool.selection_sharded import k_center_greedy_sharded
+
+        chosen = k_center_greedy_sharded(
+            xc, world=world, pool=pool, n_samples=budget, min_distance=min_distance
+        )
+    else:
+        chosen = k_center_greedy(
+            xc, pool=pool, n_samples=budget, min_distance=min_distance, threads=threads
+        )
     k = len(chosen.indices)
     if budget is not None and k == budget:
         reason = "n_samples"
@@ -927,6 +941,7 @@ def select(
     queries: Any = None,
     seed: int = 0,
     threads: int | None = 1,
+    world: World | None = None,
 ) -> Picks:
     """Choose among ``embeddings`` [n, d] (one row per ``filenames`` entry) by ``strategies``.
 
@@ -946,6 +961,9 @@ def select(
             :func:`combine`. At least one is required.
         seed: typicality's reference sample. threads: CPU threads for the
             blocked passes (default 1; None: torch's setting).
+        world: the ranks sharing plain diversity (:mod:`datapool.distributed`;
+            every rank calls ``select`` with the same arguments). Other
+            strategies run whole on each rank that calls them.
 
     Raises:
         InputError: every input error named in the module docstring and in
@@ -977,7 +995,7 @@ def select(
         if pre_rows is not None:
             parts = [t.to(torch.float32) for t in (pool_t, pre_rows) if t is not None]
             centres = torch.cat(parts)
-        got = _plain(xc, centres, budget, min_distance, threads)
+        got = _plain(xc, centres, budget, min_distance, threads, world)
     else:
         div = [c for c in strategies if c.strategy == "diversity"]
         bal = [c for c in strategies if c.strategy == "balance"]
