@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +33,9 @@ from datapool.pool import (
 
 CANDIDATE_COLUMNS = ("content_hash", "batch_id", "model_id", "source")
 PICK_COLUMNS = ("filenames", "content_hash", "pick_rank", "pick_distance")
+
+if TYPE_CHECKING:  # torch stays unimported until a selection runs
+    from datapool.distributed import World
 
 
 @dataclass(frozen=True)
@@ -287,9 +290,13 @@ def choose_increment(
     pool: pd.DataFrame | None,
     stop: StoppingCondition,
     selection: SelectionInputs | None = None,
+    world: World | None = None,
 ) -> Choice:
     """Choose among ``candidates`` by ``selection``'s strategies, conditioned on the
     pool's other batches (default: plain greedy k-center).
+
+    ``world``: the torch.distributed ranks that share plain diversity; every rank
+    calls this with the same arguments and gets the same choice.
 
     Candidates whose content is already in the pool are never picked.
     ``pick_distance`` is the Euclidean distance to the nearest pool row or
@@ -331,6 +338,7 @@ def choose_increment(
         labels=[str(label) for label in fresh["labels"]],
         queries=selection.queries,
         seed=selection.seed,
+        world=world,
     )
     picks = fresh.iloc[picked.indices][["filenames", "content_hash"]].reset_index(drop=True)
     picks["pick_rank"] = np.arange(1, len(picks) + 1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -34,9 +34,13 @@ from datapool.increment import (
     describe_stop,
     effective_pool,
 )
+from datapool.launch import Launch, relaunch
 from datapool.metrics import write_seconds
 from datapool.store import read_any, write_any
 from datapool.transaction import open_pool
+
+if TYPE_CHECKING:
+    from datapool.distributed import World
 
 app = typer.Typer(add_completion=False)
 
@@ -73,15 +77,30 @@ def main(
     timings: Annotated[
         Path | None, typer.Option(help="folder recording each stage's seconds")
     ] = None,
+    processes: Annotated[int, typer.Option(help="processes per machine sharing the work")] = 1,
+    machines: Annotated[int, typer.Option(help="machines taking part")] = 1,
+    rendezvous: Annotated[
+        str, typer.Option(help="host:port where the machines meet (machines > 1)")
+    ] = "",
 ) -> None:
     """Pick the most diverse of --candidates into --out."""
     started = time.perf_counter()
+    with user_errors("sample"):
+        status = relaunch(Launch(processes, machines, rendezvous), stage="sample")
+    if status is not None:  # the workers did the work (and reported any error)
+        raise SystemExit(status)
     with user_errors("sample"):
         stop = StoppingCondition(n_samples, min_distance, proportion_samples)
         pool = effective_pool(open_pool(pool_dir, lock_file=lock_file), reembedded_pool)
         table = read_any(candidates, required=CANDIDATE_COLUMNS)
         selection = _selection(selection_inputs, checkpoint, device, table)
-        choice = choose_increment(table, pool, stop, selection)
+        world = _world(device, selection)
+        if world is None:  # a helper rank with nothing to share
+            return
+        choice = choose_increment(table, pool, stop, selection, world=world)
+        _leave(world)
+        if not world.is_main:  # rank 0 writes; the others only shared the work
+            return
         picks, n_fresh = choice.picks, choice.fresh
         write_any(picks, out)
         why = describe_stop(picks, n_fresh=n_fresh, stop=stop, reason=choice.reason)
@@ -103,6 +122,28 @@ def main(
         f"sample: picked {len(picks)} of {n_fresh} new candidates "
         f"({len(table) - n_fresh} already in the pool): {why}"
     )
+
+
+def _world(device: str, selection: SelectionInputs) -> World | None:
+    """This process's place among the ranks torchrun started (one process without it).
+
+    Only plain diversity is shared across ranks (:func:`datapool.strategies.select`);
+    for other strategies rank 0 selects alone and the other ranks get None.
+    """
+    from datapool.distributed import init_from_env, shutdown
+    from datapool.strategy_config import is_plain_diversity
+
+    world = init_from_env(device=None if device == "auto" else device)
+    if world.size > 1 and not world.is_main and not is_plain_diversity(selection.strategies):
+        shutdown(world)
+        return None
+    return world
+
+
+def _leave(world: World) -> None:
+    from datapool.distributed import shutdown
+
+    shutdown(world)
 
 
 def _selection(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from datapool.errors import InputError
@@ -85,3 +88,75 @@ def test_two_workers_run_the_same_command(tmp_path: Path) -> None:
     # One failing worker fails the stage: DVC must see a non-zero exit.
     failed = subprocess.run([sys.executable, str(script), str(tmp_path), "fail"], check=False)
     assert failed.returncode != 0
+
+
+def _sample(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run the real sample stage on the files ``_stage_inputs`` wrote."""
+    script = Path(__file__).resolve().parents[1] / "stages" / "sample.py"
+    args = [
+        sys.executable,
+        str(script),
+        "--candidates",
+        str(tmp / "candidates.arrow"),
+        "--pool-dir",
+        str(tmp / "pools" / "p"),
+        "--out",
+        str(tmp / out),
+        "--lock-file",
+        str(tmp / "dvc.lock"),
+        "--reembedded-pool",
+        str(tmp / "pool.arrow"),
+        "--n-samples",
+        "60",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+    return subprocess.run(args, cwd=tmp, text=True, capture_output=True, check=False)
+
+
+@pytest.mark.slow
+def test_sample_stage_on_two_processes_picks_as_one(tmp_path: Path) -> None:
+    from datapool.store import read_any, write_rows
+
+    from .test_pool import pool_table
+
+    def stored(n: int, seed: int, batch: str) -> pd.DataFrame:
+        table = pool_table(n, 16, seed=seed, batch=batch)
+        table["content_hash"] = [
+            hashlib.sha256(h.encode()).hexdigest() for h in table["content_hash"]
+        ]
+        return table
+
+    candidates = stored(500, 3, "b2").drop(columns=["pick_rank", "pick_distance"])
+    write_rows(candidates, tmp_path / "candidates.arrow")
+    write_rows(stored(800, 4, "b1"), tmp_path / "pool.arrow")
+    one = _sample(tmp_path, "one.arrow")
+    assert one.returncode == 0, one.stderr
+    two = _sample(tmp_path, "two.arrow", "--processes", "2")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("sample: picked 60 of 500") == 1  # rank 0 reports, once
+    assert read_any(tmp_path / "two.arrow").equals(read_any(tmp_path / "one.arrow"))
+
+
+@pytest.mark.parametrize("stage", ["embed", "sample"])
+def test_the_launcher_hands_every_stage_option_through(stage: str) -> None:
+    """torch.distributed.run's parser swallows options after the script, except an
+    abbreviation of its own options (``--nproc``), which it refuses: our stages' option
+    names must never be one."""
+    import click
+    import typer.main
+    from torch.distributed.run import get_args_parser
+
+    script = Path(__file__).resolve().parents[1] / "stages" / f"{stage}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{stage}", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    command = typer.main.get_command(module.app)
+    names = [n for p in command.params if isinstance(p, click.Option) for n in p.opts]
+    args = [a for name in names for a in (name, "1")]
+    launched = launcher_command(Launch(nproc=2), script, args, run_id="t")
+    parsed = get_args_parser().parse_args(launched[3:])
+    assert parsed.training_script == str(script)
+    assert parsed.training_script_args == args
