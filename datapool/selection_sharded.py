@@ -190,38 +190,59 @@ def _gather_top(st: _State, t: int, offset: int, world: World) -> _Union:
     return _Union(union[:, 0].long(), f32[:, 3:], f32[:, 1], f32[:, 0], f32[:, 2], float(b))
 
 
+def _decide(
+    st: _State, u: _Union, limit: int, min_distance: float | None, out: list[Any]
+) -> torch.Tensor:
+    """Rank 0's pick phase on the union; the message every rank applies.
+
+    float64 ``[2 + 2 u]``: the number of new picks (-1: this rank failed), the
+    exact squared distance of the next pick if selection is finished (else
+    NaN), then the new picks' global indices and distances. ``out`` gets the
+    new picks and ``st`` their centres, as :func:`datapool.selection._pick_phase`.
+    """
+
+    def exact(pos: torch.Tensor) -> torch.Tensor:
+        t = u.tpool[pos].clone()  # textbook pool minimum, from the row's owner
+        xr, xnr, k = u.rows[pos], u.xn[pos], st.centres.k
+        for s in range(0, k, _CHUNK):
+            t = exact_min(xr, xnr, t, st.centres.picked[s : min(s + _CHUNK, k)], st.kappa)
+        return t
+
+    before = len(out)
+    top = _Top(st, u.idx, u.rows, u.xn, u.a.clone(), u.bound, exact)
+    nxt = _pick_phase(top, st, limit, min_distance, out)
+    new = out[before:]
+    msg = torch.full((2 + 2 * u.idx.numel(),), math.nan, dtype=torch.float64)
+    msg[0] = len(new)
+    msg[1] = math.nan if nxt is None else nxt
+    msg[2 : 2 + len(new)] = torch.tensor([i for i, _ in new], dtype=torch.float64)
+    msg[2 + len(new) : 2 + 2 * len(new)] = torch.tensor([d for _, d in new], dtype=torch.float64)
+    return msg
+
+
 def _phase(
     st: _State, u: _Union, limit: int, min_distance: float | None, out: list[Any], world: World
 ) -> float | None:
-    """One pick phase on the union: rank 0 decides, every rank applies the picks.
+    """One pick phase on the union: rank 0 decides (:func:`_decide`), every rank applies.
 
     Returns the exact squared distance of the next pick when selection is
-    finished, else None (as :func:`datapool.selection._pick_phase`).
+    finished, else None. Raises on every rank if rank 0's phase raised.
     """
-    before = len(out)
-    msg = torch.full((2 + 2 * u.idx.numel(),), math.nan, dtype=torch.float64)
+    msg = torch.full((2 + 2 * u.idx.numel(),), -1.0, dtype=torch.float64)
     if world.rank == 0:
-
-        def exact(pos: torch.Tensor) -> torch.Tensor:
-            t = u.tpool[pos].clone()  # textbook pool minimum, from the row's owner
-            xr, xnr, k = u.rows[pos], u.xn[pos], st.centres.k
-            for s in range(0, k, _CHUNK):
-                t = exact_min(xr, xnr, t, st.centres.picked[s : min(s + _CHUNK, k)], st.kappa)
-            return t
-
-        top = _Top(st, u.idx, u.rows, u.xn, u.a.clone(), u.bound, exact)
-        nxt = _pick_phase(top, st, limit, min_distance, out)
-        new = out[before:]
-        msg[0] = len(new)
-        msg[1] = math.nan if nxt is None else nxt
-        msg[2 : 2 + len(new)] = torch.tensor([i for i, _ in new], dtype=torch.float64)
-        msg[2 + len(new) : 2 + 2 * len(new)] = torch.tensor(
-            [s for _, s in new], dtype=torch.float64
-        )
-    if world.distributed:
-        sent = msg.to(world.device)
-        dist.broadcast(sent, src=0)
-        msg = sent.cpu()
+        try:
+            msg = _decide(st, u, limit, min_distance, out)
+        except Exception:
+            if world.distributed:  # the others wait in the broadcast below: tell them
+                dist.broadcast(msg.to(world.device), src=0)
+            raise
+    if not world.distributed:
+        return None if math.isnan(float(msg[1])) else float(msg[1])
+    sent = msg.to(world.device)
+    dist.broadcast(sent, src=0)
+    msg = sent.cpu()
+    if float(msg[0]) < 0:
+        raise RuntimeError("rank 0 failed in the sharded pick phase; see its error")
     if world.rank != 0:
         st.cmax = max(st.cmax, float(u.xn.max()))  # as _Top does on rank 0
         count = int(msg[0])

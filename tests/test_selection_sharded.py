@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from datapool import selection_sharded
 from datapool.distributed import World, single
 from datapool.errors import InputError
 from datapool.selection import Selection, k_center_greedy
@@ -99,6 +100,17 @@ def _all_cases(world: World, out: Path) -> None:
         k_center_greedy_sharded(x, pool=pool, world=world, n_samples=5)
     except InputError as e:
         (out / f"nan.{world.rank}.txt").write_text(str(e))
+    x, pool, kw = case("unit-0-candidates")
+    if world.rank == 0:  # an internal error on the deciding rank reaches the other
+        selection_sharded._pick_phase = _failing  # type: ignore[attr-defined,assignment]
+    try:
+        k_center_greedy_sharded(x, pool=pool, world=world, **kw)
+    except RuntimeError as e:
+        (out / f"failed.{world.rank}.txt").write_text(str(e))
+
+
+def _failing(*args: Any) -> None:
+    raise RuntimeError("internal error in k_center_greedy: simulated")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +143,11 @@ def test_bad_row_in_one_rank_slice_raises_on_every_rank(two_ranks: Path) -> None
     for rank in (0, 1):
         message = (two_ranks / f"nan.{rank}.txt").read_text()
         assert "candidates row 500 contains NaN" in message
+
+
+def test_an_internal_error_on_rank_0_raises_on_every_rank(two_ranks: Path) -> None:
+    assert "simulated" in (two_ranks / "failed.0.txt").read_text()
+    assert "rank 0 failed" in (two_ranks / "failed.1.txt").read_text()
 
 
 @pytest.mark.parametrize("name", ["unit-1-pool", "ties-duplicates", "nopool-2", "min-distance"])
