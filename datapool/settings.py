@@ -207,9 +207,24 @@ def _pool_name(value: str) -> str | None:
 
 
 def _weights(value: str) -> str | None:
-    if WEIGHTS_NAME.fullmatch(value):
+    """auto, none, a torchvision weights name, or a weights file's path (a ``/``, a
+    leading ``~`` or a .pth/.pt ending: the rule of ``embedding.model.is_weights_path``)."""
+    is_path = "/" in value or value.startswith("~") or value.lower().endswith((".pth", ".pt"))
+    if is_path and not UNQUOTABLE.search(value):
         return None
-    return f"must be a torchvision weights name or none (e.g. DEFAULT), got {value!r}"
+    if not is_path and WEIGHTS_NAME.fullmatch(value):
+        return None
+    return (
+        "must be auto, none, a torchvision weights name (e.g. DEFAULT) or the path of a "
+        f"weights file (.pth, without ', \\ or control characters), got {value!r}"
+    )
+
+
+def _image_size(value: str) -> str | None:
+    """auto (follows the images), or a whole number of pixels >= 16."""
+    if value == "auto" or (value.isdigit() and int(value) >= 16):
+        return None
+    return f"must be auto or a whole number >= 16, got {value!r}"
 
 
 def _device(value: str) -> str | None:
@@ -241,7 +256,8 @@ SETTINGS: dict[str, Rule] = {
     "embed.model": Rule(str, choices=("mobilenet_v3_small", "resnet18", "resnet34", "resnet50")),
     "embed.weights": Rule(str, check=_weights),
     "embed.embedding_dim": Rule(int, low=1),
-    "embed.image_size": Rule(int, low=16),
+    # auto, or pixels: stored as text so a hand-written 224 and `image_size=224` agree.
+    "embed.image_size": Rule(str, check=_image_size, whole_numbers_as_text=True),
     "embed.batch_size": Rule(int, low=1),
     "embed.num_workers": Rule(int, low=0),
     "embed.device": Rule(str, check=_device),

@@ -1,7 +1,10 @@
 """DVC stage `embed`: embed every image of the input folder with the pool's model.
 
 Uses the pool's checkpoint when the pool exists, else builds the configured
-model (bootstrapped by a short self-supervised run when it has random weights);
+model (bootstrapped by a short self-supervised run when it has random weights;
+``--weights auto`` = torchvision's DEFAULT weights if already in the torch hub
+cache, ``--image-size auto`` = follows the first batch's images, see
+datapool.embedding.pool_model.resolve_image_size);
 trains it further when embed.train_epochs > 0. If the model is not the one that
 embedded the pool, the pool's stored images are embedded again. Writes to
 --out-dir: candidates.arrow (the pool's shard format, datapool.store), model.ckpt,
@@ -20,8 +23,8 @@ import typer
 
 from datapool.console import user_errors
 from datapool.embedding.inference import resolve_device
-from datapool.embedding.model import ModelConfig
-from datapool.embedding.pool_model import Training, embed_increment
+from datapool.embedding.model import ModelConfig, resolve_weights
+from datapool.embedding.pool_model import Training, embed_increment, resolve_image_size
 from datapool.metrics import write_seconds
 from datapool.store import write_rows
 from datapool.transaction import open_pool
@@ -36,9 +39,13 @@ def main(
     out_dir: Annotated[Path, typer.Option(help="where the candidates and model go")],
     lock_file: Annotated[Path, typer.Option(help="dvc.lock, to detect a pool not yet pulled")],
     model: Annotated[str, typer.Option(help="torchvision backbone")] = "resnet18",
-    weights: Annotated[str, typer.Option(help="torchvision weights name, or none")] = "none",
+    weights: Annotated[
+        str, typer.Option(help="auto, none, a torchvision weights name, or a weights file")
+    ] = "auto",
     embedding_dim: Annotated[int, typer.Option(help="embedding length D")] = 64,
-    image_size: Annotated[int, typer.Option(help="square crop side in pixels")] = 224,
+    image_size: Annotated[
+        str, typer.Option(help="square crop side in pixels, or auto (follows the images)")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="images per forward pass / training step")] = 64,
     num_workers: Annotated[int, typer.Option(help="decoding processes, 0 = a thread")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
@@ -73,11 +80,21 @@ def main(
     }
     with user_errors("embed"):
         pool = open_pool(pool_dir, lock_file=lock_file)
+        size, size_from = resolve_image_size(
+            image_size, pool_dir=pool_dir, input_dir=input_dir, seed=seed
+        )
+        start_weights = resolve_weights(weights, model)
+        # The report shows what ran: the resolved values, and where an "auto" led.
+        settings["embed.image_size"] = (
+            size if size_from == "setting" else f"{size} (auto: {size_from})"
+        )
+        if start_weights != weights:
+            settings["embed.weights"] = f"{start_weights} ({weights})"
         wanted = ModelConfig(
             arch=model,
             embedding_dim=embedding_dim,
-            image_size=image_size,
-            weights=weights,
+            image_size=size,
+            weights=start_weights,
             precision=precision,
         )
         training = Training(train_epochs, bootstrap_epochs, learning_rate, train_batch_size)

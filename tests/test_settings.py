@@ -17,6 +17,7 @@ from datapool.settings import (
     check_params,
     check_pool_name,
     check_selection,
+    check_value,
     flatten,
     load_params,
     parse_settings,
@@ -88,10 +89,12 @@ def test_values_are_parsed_by_the_type_of_their_setting() -> None:
         ("embed.precision=fp16", "embed.precision must be one of fp32, bf16"),
         ("embed.device=gpu", "embed.device must be auto or a torch device (cpu, cuda"),
         ("embed.device=cuda:x", "embed.device must be auto or a torch device"),
-        ("embed.weights=a..b", "embed.weights must be a torchvision weights name"),
-        ("embed.weights=x;rm", "embed.weights must be a torchvision weights name"),
+        ("embed.weights=a..b", "embed.weights must be auto, none, a torchvision weights name"),
+        ("embed.weights=x;rm", "embed.weights must be auto, none, a torchvision weights name"),
+        ("embed.weights=/m/x'y.pth", "or the path of a weights file"),
+        ("embed.image_size=auto32", "embed.image_size must be auto or a whole number >= 16"),
         ("embed.embedding_dim=0", "embed.embedding_dim must be a whole number >= 1, got 0"),
-        ("embed.image_size=8", "embed.image_size must be a whole number >= 16, got 8"),
+        ("embed.image_size=8", "embed.image_size must be auto or a whole number >= 16, got '8'"),
         ("embed.batch_size=0", "embed.batch_size must be a whole number >= 1"),
         ("embed.num_workers=-2", "embed.num_workers must be a whole number >= 0"),
         ("embed.train_batch_size=1", "embed.train_batch_size must be a whole number >= 2"),
@@ -154,11 +157,36 @@ def test_other_pool_names_are_refused(name: str) -> None:
         "embed.device=cuda:0",
         "embed.weights=ResNet18_Weights.IMAGENET1K_V1",
         "embed.weights=IMAGENET1K_V2",
+        "embed.weights=auto",
+        "embed.weights=/models/resnet18-f37072fd.pth",
+        "embed.weights=~/resnet18.pth",
+        "embed.weights=weights.pt",
+        "embed.image_size=auto",
+        "embed.image_size=96",
     ],
 )
 def test_devices_and_weights_torch_accepts_pass(pair: str) -> None:
     key, _, value = pair.partition("=")
     assert parse_settings([pair]) == {key: value}
+
+
+def test_image_size_is_auto_or_pixels_whether_written_or_given() -> None:
+    # A hand-written `image_size: 224` and `image_size=224` on the command line agree.
+    assert check_value("embed.image_size", 224) == "224"
+    assert parse_settings(["embed.image_size=224"]) == {"embed.image_size": "224"}
+    assert check_value("embed.image_size", "auto") == "auto"
+    with pytest.raises(InputError, match=r"embed\.image_size must be auto or a whole number"):
+        check_value("embed.image_size", 8)
+
+
+def test_a_weights_path_is_a_path_to_the_model_code_too() -> None:
+    from datapool.embedding.model import is_weights_path
+
+    for value in ("/models/resnet18-f37072fd.pth", "~/r.pth", "weights.pt", "a/b"):
+        assert is_weights_path(value)
+        assert check_value("embed.weights", value) == value
+    for value in ("DEFAULT", "ResNet18_Weights.IMAGENET1K_V1", "auto", "none"):
+        assert not is_weights_path(value)
 
 
 def test_every_accepted_device_type_is_one_torch_knows() -> None:

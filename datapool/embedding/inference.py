@@ -173,6 +173,34 @@ def discover_batch(input_dir: Path) -> tuple[list[ImageFile], dict[str, str]]:
     return files, skipped
 
 
+# image_size "auto": sizes a model may get, and how many headers decide it.
+AUTO_SIZE_MIN, AUTO_SIZE_MAX, AUTO_SIZE_STEP, AUTO_SIZE_SAMPLE = 32, 224, 32, 200
+
+
+def auto_image_size(paths: Sequence[Path], *, seed: int, sample: int = AUTO_SIZE_SAMPLE) -> int:
+    """The model input side that follows the images: ``embed.image_size: auto``.
+
+    Reads the headers (``Image.open(...).size``, no pixels decoded) of a seeded sample
+    of ``sample`` of ``paths``, takes the median short side, rounds it up to a multiple
+    of 32 and clamps it to [32, 224] pixels: 28 px digits get 32 (not a 64x costlier
+    224), photos get 224 (ImageNet's size, where ResNets were designed). Files whose
+    header cannot be read are left out; if none can be, 224.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(paths), size=min(sample, len(paths)), replace=False))
+    sides: list[int] = []
+    for i in chosen:
+        try:
+            with Image.open(paths[i]) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # embed_folder reports it as corrupt
+    if not sides:
+        return AUTO_SIZE_MAX
+    side = AUTO_SIZE_STEP * -(-int(np.median(sides)) // AUTO_SIZE_STEP)
+    return min(max(side, AUTO_SIZE_MIN), AUTO_SIZE_MAX)
+
+
 def embed_folder(
     *,
     input_dir: Path,

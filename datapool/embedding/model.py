@@ -42,9 +42,12 @@ class ModelConfig:
         arch: torchvision backbone name, one of :data:`BACKBONES`.
         embedding_dim: length D of the output vector (after the projection).
         image_size: side in pixels of the square crop the model sees.
-        weights: torchvision weights to start from (``"DEFAULT"``, ``"IMAGENET1K_V1"``,
-            ...), or ``"none"`` for random initialisation. Only used when no
-            checkpoint exists yet; afterwards the checkpoint's weights rule.
+        weights: where a new model's weights come from (:func:`resolve_weights`):
+            ``"auto"`` (torchvision's DEFAULT weights when already in the torch hub
+            cache, else random), ``"none"`` (random initialisation), a torchvision
+            weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...) or the path of a
+            torchvision state dict file (``/models/resnet18-f37072fd.pth``). Only used
+            when no checkpoint exists yet; afterwards the checkpoint's weights rule.
         precision: ``"fp32"``, or ``"bf16"`` (autocast; about 2x faster on CPUs
             with bf16 support and on GPUs, coordinates differ from fp32 by ~1e-3).
             Part of the config so one pool never mixes the two.
@@ -89,8 +92,10 @@ class EmbeddingModel(nn.Module):
     def __init__(self, config: ModelConfig, *, pretrained: bool = False) -> None:
         super().__init__()
         self.config = config
-        weights = config.weights if pretrained and config.weights.lower() != "none" else None
-        self.backbone, n_features = _headless_backbone(config.arch, weights)
+        weights = resolve_weights(config.weights, config.arch) if pretrained else "none"
+        self.backbone, n_features = _headless_backbone(
+            config.arch, None if weights.lower() == "none" else weights
+        )
         self.projection = nn.Linear(n_features, config.embedding_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -98,22 +103,63 @@ class EmbeddingModel(nn.Module):
         return nn.functional.normalize(self.projection(features).float(), dim=1)
 
 
+def is_weights_path(weights: str) -> bool:
+    """Whether an ``embed.weights`` value names a file rather than torchvision weights.
+
+    Decision: a value with a ``/``, starting with ``~``, or ending in ``.pth`` / ``.pt``
+    is a path (torchvision's names have none of these), so ``weights.pth`` in the
+    workspace is a file and ``IMAGENET1K_V1`` a name.
+    """
+    return "/" in weights or weights.startswith("~") or weights.lower().endswith((".pth", ".pt"))
+
+
+def cached_default_weights(arch: str) -> Path | None:
+    """torchvision's DEFAULT weights file of ``arch`` if it is already in the torch hub
+    cache (``torch.hub.get_dir()/checkpoints``, i.e. ``$TORCH_HOME/hub/checkpoints``),
+    else None. Never downloads."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / str(url).rsplit("/", 1)[-1]
+    return path if path.is_file() else None
+
+
+def resolve_weights(weights: str, arch: str) -> str:
+    """What ``embed.weights`` means for a new model: ``"none"``, a torchvision weights
+    name, or a file path (expanded ``~``).
+
+    ``"auto"`` (the default) is ``"DEFAULT"`` when :func:`cached_default_weights`
+    finds the file, else ``"none"``: pretrained weights are used when the machine
+    has them and the first run never waits on a download. Case is kept otherwise.
+    """
+    if weights.lower() == "auto":
+        return "DEFAULT" if cached_default_weights(arch) is not None else "none"
+    if is_weights_path(weights):
+        return str(Path(weights).expanduser())
+    return weights
+
+
 def _headless_backbone(arch: str, weights: str | None) -> tuple[nn.Module, int]:
     """The torchvision backbone with its classifier replaced by identity, and its width.
 
     ``weights=None`` initialises randomly (from torch's current RNG); a name loads
-    torchvision's pretrained weights, downloading them if they are not cached.
+    torchvision's pretrained weights (from the hub cache, downloading them if they are
+    not there); a path (:func:`is_weights_path`) loads that torchvision state dict.
     """
     import torchvision
 
-    try:
-        backbone: nn.Module = torchvision.models.get_model(arch, weights=weights)
-    except Exception as err:  # download failures, unknown weight names: all user-fixable
-        raise CheckpointError(
-            f"cannot load torchvision weights {weights!r} for {arch}: {err}. "
-            "Put the weight file in $TORCH_HOME/hub/checkpoints on an offline machine, "
-            "or set embed.weights=none."
-        ) from err
+    if weights is not None and is_weights_path(weights):
+        backbone: nn.Module = torchvision.models.get_model(arch, weights=None)
+        _load_weights_file(backbone, Path(weights), arch)
+    else:
+        try:
+            backbone = torchvision.models.get_model(arch, weights=weights)
+        except Exception as err:  # download failures, unknown weight names: all user-fixable
+            raise CheckpointError(
+                f"cannot load torchvision weights {weights!r} for {arch}: {err}. "
+                "Put the weight file in $TORCH_HOME/hub/checkpoints on an offline machine, "
+                "give its path as embed.weights, or set embed.weights=none."
+            ) from err
     head_name = BACKBONES[arch]
     head = getattr(backbone, head_name)
     linear = (
@@ -123,6 +169,30 @@ def _headless_backbone(arch: str, weights: str | None) -> tuple[nn.Module, int]:
     )
     setattr(backbone, head_name, nn.Identity())
     return backbone, int(linear.in_features)
+
+
+def _load_weights_file(backbone: nn.Module, path: Path, arch: str) -> None:
+    """Load the torchvision state dict at ``path`` into ``backbone`` (all keys, same shapes).
+
+    Loaded with ``weights_only=True``. Raises :class:`CheckpointError` naming the file
+    when it is missing, unreadable, or not a state dict of ``arch``.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"embed.weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"embed.weights file {path} cannot be loaded safely: {err}") from err
+    try:
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+        backbone.load_state_dict(state)
+    except (TypeError, RuntimeError) as err:
+        why = " ".join(str(err).split())  # load_state_dict lists every key: keep the start
+        why = why if len(why) <= 300 else why[:300] + " ..."
+        raise CheckpointError(
+            f"embed.weights file {path} is not a torchvision {arch} state dict: {why}"
+        ) from err
 
 
 def build_model(config: ModelConfig, *, seed: int) -> EmbeddingModel:

@@ -20,13 +20,21 @@ import torch
 
 from datapool.embedding.inference import (
     EmbeddedBatch,
+    auto_image_size,
     discover_batch,
     embed_files,
     embed_folder,
 )
-from datapool.embedding.model import EmbeddingModel, ModelConfig, model_for_pool, save_checkpoint
+from datapool.embedding.model import (
+    EmbeddingModel,
+    ModelConfig,
+    load_checkpoint,
+    model_for_pool,
+    resolve_weights,
+    save_checkpoint,
+)
 from datapool.embedding.training import train_contrastive
-from datapool.errors import PoolError
+from datapool.errors import InputError, PoolError
 from datapool.images import ImageFile
 from datapool.increment import batch_identity
 from datapool.packs import extract_images
@@ -47,6 +55,18 @@ class Training:
         batch_size: images per training step (each gives two views).
         max_images: the bootstrap trains on at most this many images of the first
             batch (a seeded sample), so its cost stays bounded on a CPU.
+        max_image_size: training views are ``min(model image_size, this)`` pixels
+            square; the model then embeds at its own ``image_size``.
+
+    Decision (issue 12): the bootstrap is bounded in compute, not only in epochs: at
+    most ``max_images x bootstrap_epochs`` views of at most ``max_image_size`` pixels
+    square (every-run training is capped at that size too).
+    64 px keeps 28-32 px images' bootstrap exactly as measured in docs/BENCHMARKS.md
+    (2,000 images x 5 epochs at 32 px) and makes a 224 px model's bootstrap 12x
+    cheaper than training at 224 (~80 s instead of ~17 min for 2,000 images x 5 epochs
+    on a 2-core CPU with bf16): FixRes (Touvron et al. 2019) found CNNs trained on
+    random-resized crops do as well or better used at a higher resolution than trained.
+    The evidence at 64 -> 224 px is in docs/BENCHMARKS.md ("First run on CPU").
     """
 
     epochs: int = 0
@@ -54,6 +74,7 @@ class Training:
     learning_rate: float = 1e-3
     batch_size: int = 128
     max_images: int = 2000
+    max_image_size: int = 64
 
 
 @contextmanager
@@ -90,17 +111,19 @@ def choose_model(
 ) -> EmbeddingModel:
     """This run's model: the pool's (or a new one), trained if the settings say so.
 
-    A new pool with random weights is bootstrapped on the images of
-    ``input_dir``; with ``training.epochs`` every run trains on the pool's
-    images plus those.
+    A new pool with random weights (``wanted.weights`` resolving to ``none``, see
+    :func:`~datapool.embedding.model.resolve_weights`) is bootstrapped on the images
+    of ``input_dir``; with ``training.epochs`` every run trains on the pool's images
+    plus those. Pretrained weights (a name or a file) skip the bootstrap.
     """
     has_model = (pool_dir / CHECKPOINT).exists()
+    random_init = resolve_weights(wanted.weights, wanted.arch).lower() == "none"
     model = model_for_pool(pool_dir / CHECKPOINT, wanted=wanted, seed=seed)
     with ExitStack() as scratch:
         if training.epochs:
             pooled = scratch.enter_context(pool_images(pool_dir, pool)) if pool is not None else []
             images, epochs = [*pooled, *_batch(input_dir)], training.epochs
-        elif not has_model and wanted.weights.lower() == "none" and training.bootstrap_epochs:
+        elif not has_model and random_init and training.bootstrap_epochs:
             images, epochs = (
                 _sample(_batch(input_dir), training.max_images, seed),
                 training.bootstrap_epochs,
@@ -115,7 +138,32 @@ def choose_model(
             learning_rate=training.learning_rate,
             seed=seed,
             device=device,
+            image_size=min(model.config.image_size, training.max_image_size),
         )
+
+
+def resolve_image_size(
+    setting: str | int, *, pool_dir: Path, input_dir: Path, seed: int
+) -> tuple[int, str]:
+    """``embed.image_size`` as pixels, and where that number came from.
+
+    An integer (or its text) is used as given: a pool whose checkpoint disagrees
+    keeps refusing it in :func:`~datapool.embedding.model.model_for_pool`. ``"auto"``
+    is the pool's checkpoint's size once the pool has a model (so a pool never
+    changes size), else :func:`~datapool.embedding.inference.auto_image_size` of
+    ``input_dir``'s images. Returns ``(pixels, "setting"|"checkpoint"|"images")``.
+    Raises :class:`InputError` for any other text and
+    :class:`~datapool.errors.CheckpointError` for an unreadable checkpoint.
+    """
+    text = str(setting).strip().lower()
+    if text != "auto":
+        if not text.isdigit():
+            raise InputError(f"embed.image_size must be auto or a whole number, got {setting!r}")
+        return int(text), "setting"
+    if (pool_dir / CHECKPOINT).exists():
+        model, _ = load_checkpoint(pool_dir / CHECKPOINT)
+        return model.config.image_size, "checkpoint"
+    return auto_image_size(_batch(input_dir), seed=seed), "images"
 
 
 def _batch(input_dir: Path) -> list[Path]:

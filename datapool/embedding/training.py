@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +37,8 @@ from datapool.errors import InputError
 from datapool.images import CorruptImageError, load_rgb
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 WEIGHT_DECAY = 1e-6  # SimCLR's value; larger decay fights the loss on short runs
 
@@ -218,6 +221,8 @@ def train_contrastive(
     device: torch.device,
     num_workers: int = 0,
     augmentation: Augmentation | None = None,
+    image_size: int | None = None,
+    bf16: bool | None = None,
 ) -> EmbeddingModel:
     """Train ``model`` in place with SimCLR on ``images``; returns it, in eval mode, on ``device``.
 
@@ -232,10 +237,18 @@ def train_contrastive(
         temperature: NT-Xent temperature (:func:`nt_xent_loss`).
         seed: decides shuffling and augmentations; same seed, images and settings
             give identical weights on CPU.
-        device: where to train. On CUDA, autocast runs in bf16 (fp16 with loss
-            scaling where bf16 is unsupported); on CPU everything stays fp32.
-        num_workers: DataLoader processes decoding and augmenting; 0 = in this process.
+        device: where to train.
+        num_workers: DataLoader processes decoding and augmenting; 0 = in this process,
+            between steps, on one torch thread (:func:`_one_thread`).
         augmentation: the view recipe; ``None`` = :class:`Augmentation` defaults.
+        image_size: side in pixels of the training views; ``None`` = the model's
+            ``config.image_size``. A CNN trained on random-resized crops at a lower
+            resolution than it is used at works as well or better (Touvron et al.
+            2019, FixRes), and costs the square of the ratio less.
+        bf16: autocast in bfloat16. ``None`` = where it is native: on CUDA (fp16 with
+            loss scaling where bf16 is unsupported) and on CPUs with ``avx512_bf16`` or
+            ``amx_bf16`` (:func:`cpu_has_native_bf16`; elsewhere emulated bf16 would be
+            slower than fp32). Weights and the loss stay fp32 either way.
 
     Raises:
         InputError: a setting is out of range, or fewer than 2 images could be read.
@@ -243,17 +256,20 @@ def train_contrastive(
     _check_settings(images, epochs=epochs, batch_size=batch_size, lr=learning_rate, t=temperature)
     recipe = augmentation or Augmentation()
     generator = torch.Generator().manual_seed(seed)
-    dataset = _PairDataset(images, model.config.image_size, recipe)
+    size = image_size or model.config.image_size
+    dataset = _PairDataset(images, size, recipe)
     model = model.to(device).train()
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    step = _Step(model, optimizer, temperature=temperature, device=device)
+    step = _Step(model, optimizer, temperature=temperature, device=device, bf16=bf16)
     steps_taken = 0
-    with tqdm(total=epochs * len(dataset), unit="img", desc="train") as bar:
+    # The total is known up front (images x epochs), so tqdm's estimate is of the whole run.
+    desc = f"train {size}px{' bf16' if step.dtype == torch.bfloat16 else ''}"
+    with tqdm(total=epochs * len(dataset), unit="img", desc=desc) as bar:
         for epoch in range(epochs):
             loader = _epoch_loader(dataset, generator, batch_size, num_workers, device)
-            for view_a, view_b, skipped in loader:
+            for view_a, view_b, skipped in _one_thread(loader) if num_workers == 0 else loader:
                 if view_a.shape[0] >= 2:
                     loss = step(view_a, view_b)
                     schedule.step()
@@ -263,6 +279,29 @@ def train_contrastive(
     if steps_taken == 0:
         raise InputError(f"contrastive training needs at least 2 readable images of {len(images)}")
     return model.eval()
+
+
+def _one_thread(batches: Iterable[T]) -> Iterator[T]:
+    """Yield ``batches``, each made with torch limited to one thread, the model's steps not.
+
+    Why: augmenting a 32-64 px view is a chain of tiny ops (jitter, blur) that torch
+    still spreads over its threads; on a busy 2-core machine each op then waits for a
+    descheduled thread, and a view took 12 ms instead of 1 ms with one thread (the
+    bootstrap ran 8x below the model's speed). DataLoader worker processes use one
+    thread for the same reason. The thread count is process-wide, so this is serial:
+    no read-ahead thread may run the model meanwhile.
+    """
+    threads = torch.get_num_threads()
+    iterator = iter(batches)
+    while True:
+        torch.set_num_threads(1)
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield item
 
 
 def _epoch_loader(
@@ -304,8 +343,37 @@ def _check_settings(
         raise InputError(f"training temperature must be > 0, got {t}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 ``avx512_bf16`` or ``amx_bf16``).
+
+    Read from ``/proc/cpuinfo``'s flags (False where there is none, e.g. macOS). Not
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: that is also true on plain
+    AVX-512 CPUs, where oneDNN emulates bf16 more slowly than fp32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])  # fmt: skip
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _autocast_dtype(device: torch.device, bf16: bool | None) -> torch.dtype | None:
+    """The autocast dtype of training on ``device`` (None = fp32); see train_contrastive."""
+    if bf16 is False:
+        return None
+    if device.type == "cuda":
+        if bf16 or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "cpu" and (bf16 or cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
 class _Step:
-    """One optimisation step on a batch of pairs, with mixed precision on CUDA only."""
+    """One optimisation step on a batch of pairs, under autocast in ``dtype`` (None = fp32)."""
 
     def __init__(
         self,
@@ -314,19 +382,19 @@ class _Step:
         *,
         temperature: float,
         device: torch.device,
+        bf16: bool | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         self.temperature, self.device = temperature, device
-        self.dtype: torch.dtype | None = None
-        if device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.dtype = _autocast_dtype(device, bf16)
         # fp16's narrow range needs loss scaling; bf16 and fp32 don't.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
     def __call__(self, view_a: torch.Tensor, view_b: torch.Tensor) -> float:
         """Both views ``[n, 3, S, S]`` -> one update; returns the batch loss."""
         batch = torch.cat([view_a, view_b]).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        enabled = self.dtype is not None
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled):
             out = self.model(batch)  # one pass: BatchNorm sees both views together
         loss = nt_xent_loss(*out.float().chunk(2), temperature=self.temperature)
         self.optimizer.zero_grad(set_to_none=True)

@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from datapool.embedding.inference import embed_folder, read_ahead, resolve_device
+from datapool.embedding.inference import (
+    AUTO_SIZE_MAX,
+    auto_image_size,
+    embed_folder,
+    read_ahead,
+    resolve_device,
+)
 from datapool.embedding.model import ModelConfig, build_model
 from datapool.errors import InputError
 
@@ -111,3 +118,39 @@ def test_read_ahead_keeps_order_and_reraises() -> None:
     with pytest.raises(OSError, match="disk vanished"):
         seen.extend(read_ahead(broken()))
     assert seen == [1]
+
+
+def _sized(root: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    """Plain PNGs of the given (width, height), in name order."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (i, 0, 0)).save(root / f"{i:03d}.png")
+        paths.append(root / f"{i:03d}.png")
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("sizes", "side"),
+    [
+        ([(28, 28)] * 5, 32),  # digits are not upscaled to 224
+        ([(8, 8)] * 3, 32),  # at least 32
+        ([(640, 480)] * 3, 224),  # at most 224
+        ([(100, 80), (90, 97), (30, 200)], 96),  # median short side 80 -> 96
+        ([(64, 64)] * 2, 64),  # a multiple of 32 stays
+    ],
+)
+def test_auto_image_size_follows_the_images(
+    tmp_path: Path, sizes: list[tuple[int, int]], side: int
+) -> None:
+    assert auto_image_size(_sized(tmp_path / "in", sizes), seed=0) == side
+
+
+def test_auto_image_size_reads_a_sample_and_skips_unreadable_headers(tmp_path: Path) -> None:
+    paths = _sized(tmp_path / "in", [(28, 28)] * 3)
+    broken = tmp_path / "in" / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert auto_image_size([*paths, broken], seed=0) == 32
+    assert auto_image_size([broken], seed=0) == AUTO_SIZE_MAX
+    # Only `sample` headers are read: one readable of many broken ones may be missed.
+    assert auto_image_size([broken] * 9 + paths[:1], seed=0, sample=1) in (32, AUTO_SIZE_MAX)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import re
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,11 @@ from datapool.embedding.model import (
     BACKBONES,
     ModelConfig,
     build_model,
+    cached_default_weights,
     load_checkpoint,
     model_for_pool,
     model_id,
+    resolve_weights,
     save_checkpoint,
 )
 from datapool.errors import CheckpointError, InputError
@@ -127,3 +132,68 @@ def test_unavailable_pretrained_weights_explain_themselves(
     monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(CheckpointError, match=r"embed\.weights=none"):
         build_model(ModelConfig(arch="resnet18", weights="DEFAULT"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real torchvision resnet18 state dict (random init, seed 1) under the file name of
+    torchvision's DEFAULT weights, as a user or the torch hub cache would have it."""
+    import torchvision
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def _conv1(model: torch.nn.Module) -> torch.Tensor:
+    weight: torch.Tensor = model.state_dict()["backbone.conv1.weight"]
+    return weight
+
+
+def test_weights_file_is_loaded(resnet18_file: Path) -> None:
+    model = build_model(replace(SMALL, weights=str(resnet18_file)), seed=0)
+    assert torch.equal(_conv1(model), torch.load(resnet18_file)["conv1.weight"])
+    assert not torch.equal(_conv1(model), _conv1(build_model(SMALL, seed=0)))
+
+
+def test_a_weights_file_of_another_kind_is_refused_naming_it(
+    tmp_path: Path, resnet18_file: Path
+) -> None:
+    other = tmp_path / "mobilenet.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, other)
+    listing = tmp_path / "list.pt"
+    torch.save([1, 2], listing)
+    for path, why in (
+        (other, "is not a torchvision resnet18 state dict"),
+        (listing, "is not a torchvision resnet18 state dict: it holds a list"),
+        (tmp_path / "missing.pth", "does not exist"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(f"{path} {why}")):
+            build_model(replace(SMALL, weights=str(path)), seed=0)
+    with pytest.raises(CheckpointError, match="resnet34 state dict"):
+        build_model(replace(SMALL, arch="resnet34", weights=str(resnet18_file)), seed=0)
+
+
+def test_auto_weights_are_the_cached_default_else_random(
+    tmp_path: Path, resnet18_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert cached_default_weights("resnet18") is None
+    assert resolve_weights("auto", "resnet18") == "none"
+    auto = replace(SMALL, weights="auto")
+    assert torch.equal(_conv1(build_model(auto, seed=0)), _conv1(build_model(SMALL, seed=0)))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copyfile(resnet18_file, cache / resnet18_file.name)
+    assert cached_default_weights("resnet18") == cache / resnet18_file.name
+    assert resolve_weights("auto", "resnet18") == "DEFAULT"
+    assert resolve_weights("auto", "resnet34") == "none"  # only the arch's own file
+    loaded = build_model(auto, seed=0)  # from the cache: nothing is downloaded
+    assert torch.equal(_conv1(loaded), torch.load(resnet18_file)["conv1.weight"])
+
+
+def test_names_and_paths_resolve_as_written() -> None:
+    assert resolve_weights("none", "resnet18") == "none"
+    assert resolve_weights("IMAGENET1K_V1", "resnet18") == "IMAGENET1K_V1"
+    assert resolve_weights("~/w.pth", "resnet18") == str(Path.home() / "w.pth")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,15 +14,20 @@ import torch
 
 from datapool.embedding.inference import embed_folder
 from datapool.embedding.model import ModelConfig, build_model, model_id, save_checkpoint
-from datapool.embedding.pool_model import Training, choose_model, reembed_pool
-from datapool.errors import PoolError
+from datapool.embedding.pool_model import (
+    Training,
+    choose_model,
+    reembed_pool,
+    resolve_image_size,
+)
+from datapool.errors import InputError, PoolError
 from datapool.increment import image_sources
 from datapool.pool import CHECKPOINT, IMAGES_DIR, embeddings_of
 from datapool.transaction import save_pool
 
 CONFIG = ModelConfig(arch="resnet18", embedding_dim=8, image_size=32)
 CPU = torch.device("cpu")
-QUICK = {"learning_rate": 1e-3, "batch_size": 4}
+QUICK: dict[str, Any] = {"learning_rate": 1e-3, "batch_size": 4}
 
 
 def _pool(tmp_path: Path, make_images: Callable[..., Path]) -> tuple[Path, pd.DataFrame]:
@@ -171,3 +178,39 @@ def test_missing_pool_images_stop_reembedding(
             device=CPU,
         )
     assert (pool_dir / CHECKPOINT).exists()
+
+
+def test_pretrained_weights_skip_the_bootstrap(
+    tmp_path: Path, make_images: Callable[..., Path]
+) -> None:
+    import torchvision
+
+    inbox = make_images("inbox", {f"{i}.png": i for i in range(4)})
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    wanted = replace(CONFIG, weights=str(weights))
+    model = choose_model(
+        pool_dir=tmp_path / "new", pool=None, wanted=wanted, seed=0,
+        training=Training(bootstrap_epochs=1, learning_rate=1e-3, batch_size=4),
+        input_dir=inbox, device=CPU,
+    )  # fmt: skip
+    assert model_id(model) == model_id(build_model(wanted, seed=0))  # untrained
+
+
+def test_image_size_auto_follows_the_batch_then_the_pool(
+    tmp_path: Path, make_images: Callable[..., Path]
+) -> None:
+    inbox = make_images("inbox", {f"{i}.png": i for i in range(3)})  # 24 px drawings
+    new = tmp_path / "new"
+    assert resolve_image_size("auto", pool_dir=new, input_dir=inbox, seed=0) == (32, "images")
+    assert resolve_image_size("48", pool_dir=new, input_dir=inbox, seed=0) == (48, "setting")
+    assert resolve_image_size(224, pool_dir=new, input_dir=inbox, seed=0) == (224, "setting")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    save_checkpoint(build_model(replace(CONFIG, image_size=64), seed=0), pool / CHECKPOINT)
+    assert resolve_image_size("auto", pool_dir=pool, input_dir=inbox, seed=0) == (
+        64,
+        "checkpoint",
+    )
+    with pytest.raises(InputError, match=r"embed\.image_size must be auto or a whole number"):
+        resolve_image_size("big", pool_dir=new, input_dir=inbox, seed=0)

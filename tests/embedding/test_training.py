@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,11 @@ import torch
 from datapool.embedding.model import EmbeddingModel, ModelConfig, build_model, model_id
 from datapool.embedding.training import (
     Augmentation,
+    _autocast_dtype,
+    _one_thread,
     _PairDataset,
     augment,
+    cpu_has_native_bf16,
     nt_xent_loss,
     train_contrastive,
 )
@@ -157,3 +160,41 @@ def test_nt_xent_prefers_aligned_pairs() -> None:
     aligned = nt_xent_loss(eye, eye, temperature=0.1)
     shuffled = nt_xent_loss(eye, eye.roll(1, dims=0), temperature=0.1)
     assert float(aligned) < 0.01 < float(shuffled)
+
+
+def test_views_can_be_smaller_than_the_model_input(sixteen: list[Path]) -> None:
+    dataset = _PairDataset(sixteen, 16, Augmentation())
+    view_a, view_b, _ = dataset[(0, 1)]
+    assert view_a.shape == view_b.shape == (3, 16, 16)
+    trained = train(sixteen[:4], image_size=16)
+    assert model_id(trained) != model_id(build_model(TINY, seed=0))
+    assert trained.config.image_size == 32  # it still embeds at its own size
+
+
+def test_bf16_training_on_cpu_runs_and_is_reproducible(sixteen: list[Path]) -> None:
+    # Forced on: emulated where the CPU lacks it, but the arithmetic is the same.
+    first, second = train(sixteen[:4], bf16=True), train(sixteen[:4], bf16=True)
+    assert model_id(first) == model_id(second) != model_id(build_model(TINY, seed=0))
+
+
+def test_autocast_follows_the_device_and_the_cpu() -> None:
+    native = cpu_has_native_bf16()
+    assert _autocast_dtype(CPU, None) == (torch.bfloat16 if native else None)
+    assert _autocast_dtype(CPU, False) is None
+    assert _autocast_dtype(CPU, True) == torch.bfloat16
+
+
+def test_the_thread_count_is_restored_after_each_batch() -> None:
+    threads = torch.get_num_threads()
+    made, used = [], []
+
+    def batches() -> Iterator[int]:
+        for i in range(3):
+            made.append(torch.get_num_threads())
+            yield i
+
+    for _ in _one_thread(batches()):
+        used.append(torch.get_num_threads())
+    assert made == [1, 1, 1]
+    assert used == [threads] * 3
+    assert torch.get_num_threads() == threads
