@@ -8,11 +8,13 @@ clusters with ``--data clustered``), no pool:
   :func:`datapool.strategies.combine` (lazy: a top set kept exact per pick,
   stale distances as bounds elsewhere), timed separately and together: the
   same work :func:`datapool.strategies.select` does for this configuration;
+* the same with diversity's radius guard (``--guard``, default 0.9; 0 skips
+  it): the proposed default, timed against the unguarded loop;
 * the named peer, plain diversity through :func:`datapool.selection.k_center_greedy`
   (the exact fast path ``select`` keeps for it), on the same data;
 * optionally (``--diversity-loop``) diversity alone through ``combine``, which
   must give the peer's picks: the price of the general loop; and
-  (``--full-loop``) the combination with one pass over the candidates per pick,
+  (``--full-loop``) the combinations with one pass over the candidates per pick,
   which must give the lazy loop's picks.
 
 Prints wall time, peak RSS above the start of each call, the load average and
@@ -78,6 +80,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for passes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--guard", type=float, default=0.9, help="radius guard of the guarded run (0: skip it)"
+    )
+    parser.add_argument(
         "--diversity-loop",
         action="store_true",
         help="also run diversity alone through the combination loop (checks the picks)",
@@ -108,6 +113,18 @@ def main() -> None:
     print(f"  combination loop        {t_loop:8.2f} s  peak +{m_loop / 1e6:7.1f} MB")
     total = t_typ + t_loop
     print(f"  diversity x typicality  {total:8.2f} s  (typicality + loop)")
+    guarded = None
+    if args.guard:
+        guarded, t_guard, m_guard = measure(
+            lambda: combine(
+                x, objectives=objective, n_samples=args.picks, threads=threads, guard=args.guard
+            )
+        )
+        print(
+            f"  guarded loop (guard {args.guard:g}) {t_guard:6.2f} s  peak +{m_guard / 1e6:7.1f} MB"
+            f"  ({t_guard / t_loop:.2f}x the unguarded loop; with typicality "
+            f"{(t_typ + t_guard) / total:.2f}x)"
+        )
     print(f"load average {os.getloadavg()[0]:.2f}")
 
     plain, t_plain, m_plain = measure(
@@ -123,6 +140,27 @@ def main() -> None:
         f"  picks shared with plain diversity: {shared:.0%}; coverage radius after: "
         f"{both.next_distance:.4f} (combined) vs {plain.next_distance:.4f} (plain)"
     )
+    if guarded is not None:
+        print(
+            f"  guarded: diversity x typicality / plain = {(t_typ + t_guard) / t_plain:.1f}x; "
+            f"coverage radius after {guarded.next_distance:.4f}"
+        )
+    if args.full_loop and guarded is not None:
+        full_g, t_full_g, _ = measure(
+            lambda: combine(
+                x,
+                objectives=objective,
+                n_samples=args.picks,
+                threads=threads,
+                guard=args.guard,
+                lazy=False,
+            )
+        )
+        same = np.array_equal(full_g.indices, guarded.indices)
+        print(
+            f"  guarded, one pass per pick {t_full_g:6.2f} s  "
+            f"({t_full_g / t_guard:.1f}x the lazy loop), picks {'identical' if same else 'DIFFER'}"
+        )
     if args.full_loop:
         full, t_full, _ = measure(
             lambda: combine(

@@ -1,7 +1,7 @@
 """Selection strategies through the real pipeline: params.yaml -> dvc repro -> pool, history.
 
 One workspace (real git, real DVC, small PIL images in two sub-folders) picks with
-diversity x typicality behind a threshold on a score CSV; the tests then probe
+diversity x typicality (diversity with a radius guard) behind a threshold on a score CSV; the tests then probe
 what it recorded and what re-runs when an input changes.
 """
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 NAME = "strategic"
 STRATEGIES = [
-    {"strategy": "diversity", "strength": 1.0},
+    {"strategy": "diversity", "strength": 1.0, "guard": 0.9},
     {"strategy": "typicality", "strength": 1.0, "k": 3},
     {"strategy": "threshold", "column": "sharp", "operation": ">=", "value": 0.5},
 ]
@@ -91,6 +91,7 @@ def test_picks_respect_the_threshold_and_record_every_score(run: Run) -> None:
     assert selection["score_typicality"].between(0, 1).all()
     info = json.loads((work / "sample" / "selection.json").read_text())
     assert set(info["strategies"]) == {"diversity", "typicality", "threshold:sharp"}
+    assert info["strategies"]["diversity"]["guard"] == 0.9  # parsed from params.yaml
     listed = json.loads((work / "select_inputs.json").read_text())
     assert set(listed["files"]) == {"scores_file"}
 
