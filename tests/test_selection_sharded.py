@@ -10,6 +10,9 @@ slices far larger than a top set (many phases) and a pruned pool pass.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +44,12 @@ def _grid(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return rng.integers(0, 3, size=(n, d)).astype(np.float32)
 
 
-def case(name: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Candidates, pool and keyword arguments of case ``name`` (same on every rank)."""
-    kind, seed, n, m, rule, split = CASES[name]
+def case(
+    name: str, table: dict[str, tuple[str, int, int, int, dict[str, Any], str]] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Candidates, pool and keyword arguments of case ``name`` of ``table`` (default
+    :data:`CASES`), the same on every rank."""
+    kind, seed, n, m, rule, split = (table or CASES)[name]
     rng = np.random.default_rng(seed)
     make = {"unit": _unit, "clustered": _clustered, "grid": _grid}[kind]
     d = 6 if kind == "grid" else 16
@@ -175,3 +181,60 @@ def test_bad_arguments_are_refused() -> None:
         k_center_greedy_sharded(x, world=single())
     with pytest.raises(InputError, match="pool has dimension 2"):
         k_center_greedy_sharded(x, pool=np.zeros((2, 2), np.float32), world=single(), n_samples=1)
+
+
+def _larger(world: World, out: Path) -> None:
+    for name in LARGER:
+        x, pool, kw = case(name, LARGER)
+        sel = k_center_greedy_sharded(x, pool=pool, world=world, **kw)
+        _save(out / f"{name}.{world.rank}.npz", sel)
+
+
+LARGER: dict[str, tuple[str, int, int, int, dict[str, Any], str]] = {
+    "big-candidates": ("clustered", 20, 40_001, 3000, {"n_samples": 500}, "candidates"),
+    "big-pool": ("unit", 21, 3001, 30_000, {"n_samples": 3001}, "pool"),
+    "big-no-pool": ("unit", 22, 50_000, 0, {"n_samples": 800, "min_distance": 1.0}, "auto"),
+}
+
+
+@pytest.mark.slow
+def test_three_ranks_on_larger_slices_pick_what_one_process_picks(tmp_path: Path) -> None:
+    run_ranks(_larger, 3, tmp_path, tmp_path)
+    for name in LARGER:
+        x, pool, kw = case(name, LARGER)
+        kw.pop("split")
+        want = k_center_greedy(x, pool=pool, **kw)
+        for rank in range(3):
+            _assert_same(np.load(tmp_path / f"{name}.{rank}.npz"), want)
+
+
+TORCHRUN_SCRIPT = """
+import sys
+import numpy as np
+from datapool.distributed import init_from_env, shutdown
+from datapool.selection_sharded import k_center_greedy_sharded
+from tests.test_selection_sharded import case
+
+world = init_from_env(device="cpu")
+x, pool, kw = case("unit-2-pool")
+sel = k_center_greedy_sharded(x, pool=pool, world=world, **kw)
+if world.is_main:  # the pipeline's rule: rank 0 writes outputs
+    np.savez(sys.argv[1], indices=sel.indices, dists=sel.min_distances,
+             nxt=np.array(sel.next_distance), size=np.array(world.size))
+shutdown(world)
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_init_from_env_joins_and_rank_0_writes_the_picks(tmp_path: Path) -> None:
+    script = tmp_path / "sharded_picks.py"  # not select.py: it would shadow the stdlib module
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "picks.npz"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # --standalone: a local rendezvous on a free port, so parallel tests never collide
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(out)]
+    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    got = np.load(out)
+    assert int(got["size"]) == 2
+    _assert_same(got, _expected("unit-2-pool"))
