@@ -8,8 +8,9 @@ clusters with ``--data clustered``), no pool:
   :func:`datapool.strategies.combine` (lazy: a top set kept exact per pick,
   stale distances as bounds elsewhere), timed separately and together: the
   same work :func:`datapool.strategies.select` does for this configuration;
-* the same with diversity's radius guard (``--guard``, default 0.9; 0 skips
-  it): the proposed default, timed against the unguarded loop;
+* typicality behind diversity's radius guard (``--guard``, default 0.9, 0 skips
+  it; diversity strength ``--guard-strength``, default 0): issue 12's proposed
+  default, timed against the unguarded loop;
 * the named peer, plain diversity through :func:`datapool.selection.k_center_greedy`
   (the exact fast path ``select`` keeps for it), on the same data;
 * optionally (``--diversity-loop``) diversity alone through ``combine``, which
@@ -83,6 +84,9 @@ def main() -> None:
         "--guard", type=float, default=0.9, help="radius guard of the guarded run (0: skip it)"
     )
     parser.add_argument(
+        "--guard-strength", type=float, default=0.0, help="diversity strength of the guarded run"
+    )
+    parser.add_argument(
         "--diversity-loop",
         action="store_true",
         help="also run diversity alone through the combination loop (checks the picks)",
@@ -117,7 +121,12 @@ def main() -> None:
     if args.guard:
         guarded, t_guard, m_guard = measure(
             lambda: combine(
-                x, objectives=objective, n_samples=args.picks, threads=threads, guard=args.guard
+                x,
+                objectives=objective,
+                n_samples=args.picks,
+                threads=threads,
+                diversity=args.guard_strength,
+                guard=args.guard,
             )
         )
         print(
@@ -152,6 +161,7 @@ def main() -> None:
                 objectives=objective,
                 n_samples=args.picks,
                 threads=threads,
+                diversity=args.guard_strength,
                 guard=args.guard,
                 lazy=False,
             )

@@ -77,6 +77,18 @@ no candidate is eligible; for plain diversity that is exactly
 :func:`k_center_greedy`'s stop rule. Distances are always tracked, even when
 DIVERSITY is not configured, for that rule and the reported pick distances.
 
+The RADIUS GUARD (diversity's ``guard``, in [0, 1], 0 = off) narrows each
+step further: among the eligible candidates, only those at least ``guard``
+times as far as the farthest eligible candidate compete (compared squared, in
+float64: ``d2 >= guard**2 * max d2``). The farthest always passes, so greedy
+k-center's argument carries over with a factor: after any number of picks,
+the picks and the farthest candidate are pairwise at least ``guard * r``
+apart (``r`` the coverage radius then), so ``r`` is at most ``2 / guard``
+times the optimal radius for that many centres (k-center: 2). Within that,
+the other objectives choose. With DIVERSITY strength 0 and TYPICALITY, each
+pick is the most typical candidate among the far ones: issue 12's measured
+default (docs/BENCHMARKS.md). A guard leaves plain diversity unchanged.
+
 Exactness and cost
 ------------------
 Distances are the textbook float32 values ``sum((x - c)^2)`` that
@@ -172,6 +184,7 @@ _TOP_MIN = 256  # ... at least this many rows ...
 _TOP_BYTES = 16 << 20  # ... and its float32 copy at most this size (stays in cache)
 _PASS_BYTES = 16 << 20  # product output per block in the blocked passes
 _CHUNK = 1024  # centres per product in the pool pass
+_GUARD_LEVEL = 0.9  # lazy loop with a guard: a phase ends once the max d2 is below this x its start
 
 
 # --------------------------------------------------------------------------- strategies
@@ -629,11 +642,14 @@ def _run_lazy(loop: _Loop, limit: int) -> str | None:
     times larger if the phase picked nothing). Same picks as :func:`_run`.
 
     With the radius guard, the top set also holds the farthest *live* rows
-    (those that could be picked), so the guard's maximum is exact while the
-    top's farthest live row is at least ``bound_e``, every other live row's
-    stale distance; and ``bound_u`` only counts rows whose stale distance
-    passes the guard at ``bound_e``: the guard's maximum stays >= ``bound_e``
-    during the phase, so a row below that can't be picked in it.
+    (those that could be picked), and the phase goes on while the top's
+    farthest live row is at least ``bound_e``: every other live row's stale
+    distance (so the guard's maximum is exact), and at least
+    :data:`_GUARD_LEVEL` times the phase's starting maximum (squared). So
+    ``bound_u`` only counts rows whose stale distance passes the guard at
+    ``bound_e``: one below can't be picked in the phase. Without that level,
+    the band between ``guard^2 * bound_e`` and the guard's real threshold kept
+    ``bound_u`` high and phases short (3x slower on clustered rows).
     """
     cov = loop.cov
     n, d = cov.x.shape
@@ -646,9 +662,10 @@ def _run_lazy(loop: _Loop, limit: int) -> str | None:
         rest[cov.d2.topk(t).indices] = False
         if loop.guard2:
             rest[torch.where(live, cov.d2, -1.0).topk(t).indices] = False
-        bounds = _bounds(loop, upper, live, rest)
+        level = _GUARD_LEVEL * float(cov.d2[live].max()) if bool(live.any()) else -math.inf
+        bounds = _bounds(loop, upper, live, rest, level)
         rest[torch.where(bounds.could, upper, -math.inf).topk(min(t, n)).indices] = False
-        bounds = _bounds(loop, upper, live, rest)
+        bounds = _bounds(loop, upper, live, rest, level)
         top = (~rest).nonzero().squeeze(1)  # sorted
         before = len(loop.picked)
         done = _phase(loop, top, bounds, limit)
@@ -676,13 +693,20 @@ class _Bounds:
     could: torch.Tensor
 
 
-def _bounds(loop: _Loop, upper: torch.Tensor, live: torch.Tensor, rest: torch.Tensor) -> _Bounds:
-    """The :class:`_Bounds` of the rows ``rest`` (bool [n]) given exact ``upper`` scores."""
+def _bounds(
+    loop: _Loop, upper: torch.Tensor, live: torch.Tensor, rest: torch.Tensor, level: float
+) -> _Bounds:
+    """The :class:`_Bounds` of the rows ``rest`` (bool [n]) given exact ``upper`` scores.
+
+    With the guard, ``e`` is at least ``level``: the phase then ends once the
+    guard's maximum falls below it, and in exchange only rows that pass the
+    guard at ``level`` count in ``u`` (a tighter bound, longer phases).
+    """
     far = loop.cov.d2
     e = -math.inf
     could = rest
     if loop.guard2 and bool((rest & live).any()):
-        e = float(far[rest & live].max())
+        e = max(level, float(far[rest & live].max()))
         could = rest & (far.double() >= loop.guard2 * e)
     u = float(upper[could].max()) if bool(could.any()) else -math.inf
     d = float(far[rest].max()) if bool(rest.any()) else 0.0
