@@ -54,6 +54,10 @@ def run(
         typer.Argument(help="settings as KEY=VALUE, e.g. stopping_condition.min_distance=0.1"),
     ] = None,
     input_dir: Annotated[Path | None, typer.Option(help="folder of new images")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="processes sharing the work (distributed.nproc; torchrun)"),
+    ] = None,
     workspace: Workspace = Path(),
 ) -> None:
     """Write settings to params.yaml, run the pipeline, and commit the pool as a revision.
@@ -69,6 +73,8 @@ def run(
         if input_dir is not None:
             settings["input_dir"] = str(input_dir.resolve())
             check_value("input_dir", settings["input_dir"])
+        if nproc is not None:
+            settings["distributed.nproc"] = check_value("distributed.nproc", nproc)
         step, done = run_with_settings(workspace, settings)
     keep = done.keep_history
     note = "" if keep else f" (keep_history=false: not committed; {step.history_note})"

@@ -41,7 +41,8 @@ from datapool.errors import InputError
 
 # Variables torchrun sets in every worker; either one means "already launched".
 _WORKER_VARS = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE")
-_ENDPOINT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$")
+# host:port (an IPv6 host in brackets); also checked up front by datapool.settings.
+RENDEZVOUS = re.compile(r"[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Launch:
                 f"distributed.nproc and distributed.nnodes must be >= 1, "
                 f"got {self.nproc} and {self.nnodes}"
             )
-        if self.nnodes > 1 and not _ENDPOINT.match(self.rdzv_endpoint):
+        if self.nnodes > 1 and not RENDEZVOUS.fullmatch(self.rdzv_endpoint):
             raise InputError(
                 f"distributed.nnodes={self.nnodes} needs distributed.rdzv_endpoint as "
                 f"host:port (the first machine's address), got {self.rdzv_endpoint!r}"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datapool.errors import InputError
+from datapool.launch import RENDEZVOUS
 from datapool.strategy_config import parse_strategies
 
 POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -234,6 +235,12 @@ def _device(value: str) -> str | None:
     return f"must be auto or a torch device ({kinds}, optionally :N), got {value!r}"
 
 
+def _endpoint(value: str) -> str | None:
+    if not value or RENDEZVOUS.fullmatch(value):
+        return None
+    return f"must be empty or host:port (the first machine's address), got {value!r}"
+
+
 SETTINGS: dict[str, Rule] = {
     "input_dir": Rule(str, check=_input_dir),
     "datapool.name": Rule(str, check=_pool_name, whole_numbers_as_text=True),
@@ -253,6 +260,10 @@ SETTINGS: dict[str, Rule] = {
     "selection.query_dir": Rule(str, check=_optional_path),
     "selection.seed": Rule(int, low=0),
     "append_weak_labels": Rule(bool),
+    # Processes and machines sharing a stage's work (issue 14, datapool.launch).
+    "distributed.nproc": Rule(int, low=1),
+    "distributed.nnodes": Rule(int, low=1),
+    "distributed.rdzv_endpoint": Rule(str, check=_endpoint),
     "embed.model": Rule(str, choices=("mobilenet_v3_small", "resnet18", "resnet34", "resnet50")),
     "embed.weights": Rule(str, check=_weights),
     "embed.embedding_dim": Rule(int, low=1),

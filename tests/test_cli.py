@@ -418,3 +418,23 @@ def test_a_second_run_never_lands_in_the_first_runs_revision(tmp_path: Path, dig
     assert committed["input_dir"] == b1
     assert committed["stopping_condition"]["n_samples"] == 12
     assert run_tool(["git", "status", "--porcelain"], cwd=ws, quiet=True) == ""
+
+
+def test_two_processes_grow_the_same_pool_as_one(tmp_path: Path, digits: Path) -> None:
+    """`datapool run --nproc 2` (torchrun, 2 gloo ranks sharing the selection) gives the
+    pool one process gives, byte for byte in its table, and records the setting."""
+    b1 = str(digits / "batch_1")
+    pools = []
+    for nproc in ("1", "2"):
+        (tmp_path / f"n{nproc}").mkdir()
+        ws = fresh_workspace(tmp_path / f"n{nproc}")
+        out = cli(ws, "run", "--input-dir", b1, "--nproc", nproc, *FAST)
+        assert "run:" in out.stdout
+        committed = yaml.safe_load(
+            run_tool(["git", "show", "HEAD:params.yaml"], cwd=ws, quiet=True)
+        )
+        assert committed["distributed"]["nproc"] == int(nproc)
+        table = read_pool(pool_dir(ws, "my_datapool"))
+        assert table is not None
+        pools.append(table)
+    assert pools[0].equals(pools[1])

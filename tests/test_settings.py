@@ -310,3 +310,13 @@ def test_n_samples_and_proportion_samples_are_exclusive() -> None:
         parse_settings(["stopping_condition.proportion_samples=1.5"])
     parsed = parse_settings(["selection.strategies=[{strategy: typicality, k: 3}]"])
     assert parsed == {"selection.strategies": [{"strategy": "typicality", "k": 3}]}
+
+
+def test_distributed_settings_are_checked_up_front() -> None:
+    assert check_value("distributed.nproc", 4) == 4
+    assert check_value("distributed.rdzv_endpoint", "node0.lan:29400") == "node0.lan:29400"
+    assert check_value("distributed.rdzv_endpoint", "") == ""
+    with pytest.raises(InputError, match="distributed.nproc"):
+        check_value("distributed.nproc", 0)
+    with pytest.raises(InputError, match="host:port"):
+        check_value("distributed.rdzv_endpoint", "node0 29400")
