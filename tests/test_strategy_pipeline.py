@@ -1,8 +1,8 @@
 """Selection strategies through the real pipeline: params.yaml -> dvc repro -> pool, history.
 
 One workspace (real git, real DVC, small PIL images in two sub-folders) picks with
-diversity x typicality (diversity with a radius guard) behind a threshold on a score CSV; the tests then probe
-what it recorded and what re-runs when an input changes.
+diversity x typicality (diversity with a radius guard) behind a threshold on a score
+CSV; the tests then probe what it recorded and what re-runs when an input changes.
 """
 
 from __future__ import annotations
