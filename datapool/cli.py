@@ -273,6 +273,36 @@ def recover_command(workspace: Workspace = Path()) -> None:
 
 
 @app.command()
+def worker(
+    node: Annotated[int, typer.Option(help="this machine's number: 1 .. distributed.nnodes - 1")],
+    stage: Annotated[
+        list[str] | None, typer.Option(help="stage to join, repeatable, in order (default sample)")
+    ] = None,
+    workspace: Workspace = Path(),
+) -> None:
+    """Lend this machine to a run on several machines (distributed.nnodes > 1).
+
+    Machine 0 runs `datapool run`; every other machine runs `datapool worker --node N`
+    in the same workspace (a shared folder, or a clone at the same revision with the same
+    input folder). It waits until machine 0 starts each stage, computes its share, and
+    writes nothing.
+    """
+    import yaml
+
+    from datapool.launch import run_worker
+
+    with user_errors("worker"):
+        check_workspace(workspace)
+        params = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8")) or {}
+        nnodes = int((params.get("distributed") or {}).get("nnodes", 1))
+        for name in stage or ["sample"]:
+            status = run_worker(workspace, name, node=node, nnodes=nnodes)
+            if status != 0:
+                raise InputError(f"stage {name} failed on this machine (exit status {status})")
+    print(f"worker: machine {node} took part in {', '.join(stage or ['sample'])}")
+
+
+@app.command()
 def push(
     remote: Annotated[
         str | None, typer.Option(help="DVC remote (default: the default one)")

@@ -86,7 +86,7 @@ def main(
     """Pick the most diverse of --candidates into --out."""
     started = time.perf_counter()
     with user_errors("sample"):
-        status = relaunch(Launch(processes, machines, rendezvous), stage="sample")
+        status = relaunch(Launch(processes, machines, rendezvous))
     if status is not None:  # the workers did the work (and reported any error)
         raise SystemExit(status)
     with user_errors("sample"):

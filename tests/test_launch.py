@@ -4,45 +4,77 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
 from datapool.errors import InputError
-from datapool.launch import Launch, launcher_command, relaunch, under_launcher
+from datapool.launch import (
+    NODE_RANK_VAR,
+    Launch,
+    launcher_command,
+    relaunch,
+    run_worker,
+    stage_command,
+    under_launcher,
+)
+from datapool.store import read_any
 
 
 def test_single_process_runs_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert not under_launcher()
-    assert relaunch(Launch(), stage="embed", argv=["never-run.py"]) is None
+    assert relaunch(Launch(), argv=["never-run.py"]) is None
 
 
 def test_a_worker_never_launches_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert under_launcher()
-    assert relaunch(Launch(nproc=4), stage="embed", argv=["never-run.py"]) is None
+    assert relaunch(Launch(nproc=4), argv=["never-run.py"]) is None
 
 
 def test_one_machine_is_standalone() -> None:
-    command = launcher_command(Launch(nproc=3), Path("stages/embed.py"), ["--a", "b c"], run_id="x")
+    command = launcher_command(Launch(nproc=3), Path("stages/embed.py"), ["--a", "b c"])
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc-per-node=3" in command and "--standalone" in command
     assert command[-3:] == ["stages/embed.py", "--a", "b c"]  # arguments pass through verbatim
 
 
-def test_several_machines_meet_at_the_endpoint() -> None:
-    launch = Launch(nproc=2, nnodes=2, rdzv_endpoint="node0.lan:29400")
-    command = launcher_command(launch, Path("s.py"), [], run_id="datapool-embed")
+def test_several_machines_meet_at_the_endpoint_with_fixed_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    launch = Launch(nproc=2, nnodes=3, rdzv_endpoint="node0.lan:29400")
+    monkeypatch.delenv(NODE_RANK_VAR, raising=False)
+    command = launcher_command(launch, Path("s.py"), [])
     assert "--standalone" not in command
-    assert {"--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0.lan:29400"} <= set(command)
-    assert "--rdzv-id=datapool-embed" in command
-    assert launch.world_size == 4
+    assert {"--nnodes=3", "--node-rank=0", "--master-addr=node0.lan", "--master-port=29400"} <= set(
+        command
+    )
+    monkeypatch.setenv(NODE_RANK_VAR, "2")
+    assert "--node-rank=2" in launcher_command(launch, Path("s.py"), [])
+    assert launch.world_size == 6
+    for bad in ("3", "-1", "x"):
+        monkeypatch.setenv(NODE_RANK_VAR, bad)
+        with pytest.raises(InputError, match=NODE_RANK_VAR):
+            launcher_command(launch, Path("s.py"), [])
+    ipv6 = Launch(nproc=1, nnodes=2, rdzv_endpoint="[fd00::1]:29400")
+    monkeypatch.setenv(NODE_RANK_VAR, "1")
+    assert "--master-addr=fd00::1" in launcher_command(ipv6, Path("s.py"), [])
+
+
+def test_a_worker_machine_needs_its_number() -> None:
+    with pytest.raises(InputError, match=r"numbered 1\.\.1"):
+        run_worker(Path(), "sample", node=0, nnodes=2)
+    with pytest.raises(InputError, match=r"numbered 1\.\.0"):
+        run_worker(Path(), "sample", node=1, nnodes=1)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +98,7 @@ WORKER = textwrap.dedent(
     from pathlib import Path
     from datapool.launch import Launch, relaunch
 
-    status = relaunch(Launch(nproc=2), stage="test")
+    status = relaunch(Launch(nproc=2))
     if status is not None:
         sys.exit(status)
     rank = os.environ["RANK"]
@@ -90,34 +122,9 @@ def test_two_workers_run_the_same_command(tmp_path: Path) -> None:
     assert failed.returncode != 0
 
 
-def _sample(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    """Run the real sample stage on the files ``_stage_inputs`` wrote."""
-    script = Path(__file__).resolve().parents[1] / "stages" / "sample.py"
-    args = [
-        sys.executable,
-        str(script),
-        "--candidates",
-        str(tmp / "candidates.arrow"),
-        "--pool-dir",
-        str(tmp / "pools" / "p"),
-        "--out",
-        str(tmp / out),
-        "--lock-file",
-        str(tmp / "dvc.lock"),
-        "--reembedded-pool",
-        str(tmp / "pool.arrow"),
-        "--n-samples",
-        "60",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    return subprocess.run(args, cwd=tmp, text=True, capture_output=True, check=False)
-
-
-@pytest.mark.slow
-def test_sample_stage_on_two_processes_picks_as_one(tmp_path: Path) -> None:
-    from datapool.store import read_any, write_rows
+def _stage_inputs(tmp: Path) -> None:
+    """500 candidates and an 800-row pool (as embed's re-embedded pool file), 16-d."""
+    from datapool.store import write_rows
 
     from .test_pool import pool_table
 
@@ -129,14 +136,54 @@ def test_sample_stage_on_two_processes_picks_as_one(tmp_path: Path) -> None:
         return table
 
     candidates = stored(500, 3, "b2").drop(columns=["pick_rank", "pick_distance"])
-    write_rows(candidates, tmp_path / "candidates.arrow")
-    write_rows(stored(800, 4, "b1"), tmp_path / "pool.arrow")
+    write_rows(candidates, tmp / "candidates.arrow")
+    write_rows(stored(800, 4, "b1"), tmp / "pool.arrow")
+
+
+def _sample(tmp: Path, out: str, *extra: str, node: int = 0, wait: bool = True) -> Any:
+    """Run the real sample stage on the files ``_stage_inputs`` wrote, as machine ``node``
+    (a finished CompletedProcess, or the running Popen with ``wait=False``)."""
+    script = Path(__file__).resolve().parents[1] / "stages" / "sample.py"
+    args = [sys.executable, str(script), "--candidates", str(tmp / "candidates.arrow")]
+    args += ["--pool-dir", str(tmp / "pools" / "p"), "--out", str(tmp / out)]
+    args += ["--lock-file", str(tmp / "dvc.lock"), "--reembedded-pool", str(tmp / "pool.arrow")]
+    args += ["--n-samples", "60", "--device", "cpu", *extra]
+    env = dict(os.environ, **{NODE_RANK_VAR: str(node)})
+    if not wait:
+        pipe = subprocess.PIPE
+        return subprocess.Popen(args, cwd=tmp, env=env, text=True, stdout=pipe, stderr=pipe)
+    return subprocess.run(args, cwd=tmp, env=env, text=True, capture_output=True, check=False)
+
+
+@pytest.mark.slow
+def test_sample_stage_on_two_processes_picks_as_one(tmp_path: Path) -> None:
+    _stage_inputs(tmp_path)
     one = _sample(tmp_path, "one.arrow")
     assert one.returncode == 0, one.stderr
     two = _sample(tmp_path, "two.arrow", "--processes", "2")
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("sample: picked 60 of 500") == 1  # rank 0 reports, once
     assert read_any(tmp_path / "two.arrow").equals(read_any(tmp_path / "one.arrow"))
+
+
+@pytest.mark.slow
+def test_sample_stage_on_two_machines_picks_as_one(tmp_path: Path) -> None:
+    """Two "machines" on this host (static rendezvous on a free local port): machine 0
+    writes the picks one process makes, machine 1 (DATAPOOL_NODE_RANK=1) writes nothing."""
+    _stage_inputs(tmp_path)
+    one = _sample(tmp_path, "one.arrow")
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    meet = ["--machines", "2", "--rendezvous", f"127.0.0.1:{port}"]
+    worker = _sample(tmp_path, "worker.arrow", *meet, node=1, wait=False)
+    main = _sample(tmp_path, "main.arrow", *meet)
+    _, err = worker.communicate(timeout=300)
+    assert main.returncode == 0, main.stderr
+    assert worker.returncode == 0, err
+    assert read_any(tmp_path / "main.arrow").equals(read_any(tmp_path / "one.arrow"))
+    assert not (tmp_path / "worker.arrow").exists()
 
 
 @pytest.mark.parametrize("stage", ["embed", "sample"])
@@ -156,7 +203,20 @@ def test_the_launcher_hands_every_stage_option_through(stage: str) -> None:
     command = typer.main.get_command(module.app)
     names = [n for p in command.params if isinstance(p, click.Option) for n in p.opts]
     args = [a for name in names for a in (name, "1")]
-    launched = launcher_command(Launch(nproc=2), script, args, run_id="t")
+    launched = launcher_command(Launch(nproc=2), script, args)
     parsed = get_args_parser().parse_args(launched[3:])
     assert parsed.training_script == str(script)
     assert parsed.training_script_args == args
+
+
+def test_a_worker_runs_the_stage_command_dvc_would_run(tmp_path: Path) -> None:
+    from datapool.workspace import create_workspace
+
+    ws = tmp_path / "ws"
+    create_workspace(ws)
+    argv = stage_command(ws, "sample")
+    assert argv[:2] == [sys.executable, "stages/sample.py"]
+    assert argv[argv.index("--n-samples") + 1] == "30"  # params.yaml's value, filled in
+    assert argv[argv.index("--machines") + 1] == "1"
+    with pytest.raises(InputError, match="no stage 'nope'"):
+        stage_command(ws, "nope")
