@@ -662,7 +662,9 @@ def _run_lazy(loop: _Loop, limit: int) -> str | None:
         rest[cov.d2.topk(t).indices] = False
         if loop.guard2:
             rest[torch.where(live, cov.d2, -1.0).topk(t).indices] = False
-        level = _GUARD_LEVEL * float(cov.d2[live].max()) if bool(live.any()) else -math.inf
+        level = -math.inf
+        if loop.guard2 and bool(live.any()):
+            level = _GUARD_LEVEL * float(cov.d2[live].max())
         bounds = _bounds(loop, upper, live, rest, level)
         rest[torch.where(bounds.could, upper, -math.inf).topk(min(t, n)).indices] = False
         bounds = _bounds(loop, upper, live, rest, level)
