@@ -116,8 +116,9 @@ def init_from_env(*, device: str | None = None) -> World:
     if not 0 <= rank < size:
         raise InputError(f"RANK={rank} is outside WORLD_SIZE={size}")
     backend, dev = _backend_device(local, device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=size)
+    if dist.is_initialized():  # joined before (e.g. by the caller): keep its backend
+        return World(rank, size, dev, str(dist.get_backend()))
+    dist.init_process_group(backend, rank=rank, world_size=size)
     return World(rank, size, dev, backend)
 
 
