@@ -17,8 +17,9 @@ the peer's. Best of ``--repeats`` rounds.
 **Training** (``--train-epochs N``): what BatchNorm's per-rank statistics cost. SimCLR
 on scikit-learn's 1,797 digits (bench/embedding_quality.py's ``write_digits``, 32 px)
 from the same random resnet18, once in this process (``train_contrastive``), once on
-2 ranks (``train_contrastive_distributed``, same global batch and seed), and once in
-this process with seed + 1 (how far a mere change of seed moves the model). Prints
+2 ranks (``train_contrastive_distributed``, same global batch and seed), and two
+references in this process: on 2 torch threads (how far floating-point noise alone
+carries a run: another summation order) and with seed 1 (a different run). Prints
 leave-one-out 1-NN accuracy in each embedding and the largest and mean differences of
 the embeddings from the one-process model's.
 
@@ -207,12 +208,15 @@ def training(args: argparse.Namespace, tmp: Path) -> None:
         "random start": _embed_all(build_model(_config(args, 32), seed=0), root)
     }
     seconds: dict[str, float] = {}
-    for name, seed in (("1 process", 0), ("1 process, seed 1", 1)):
+    for name, seed, threads in (("1 process", 0, 1), ("1 process, 2 thr", 0, 2),
+                                ("1 process, seed 1", 1, 1)):  # fmt: skip
+        torch.set_num_threads(threads)
         t0 = time.perf_counter()
         model = train_contrastive(
             build_model(_config(args, 32), seed=0), images, device=CPU, seed=seed, **settings
         )
         seconds[name] = time.perf_counter() - t0
+        torch.set_num_threads(1)
         embedded[name] = _embed_all(model, root)
     store, ranks = _spawned(_train_rank, 2, tmp, args, str(root))
     seconds["2 ranks"] = max(r["seconds"] for r in ranks)

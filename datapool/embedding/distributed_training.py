@@ -31,32 +31,29 @@ Decisions:
   ranks' work differs by an image. A rank may even hold no readable image of a
   step (a last short batch, or undecodable files): it still runs the (empty)
   forward and backward pass that DDP needs, and contributes a zero gradient.
-* **BatchNorm** is the one part that cannot equal one process on CPU: in
-  training mode a BatchNorm layer normalises with the statistics of the batch
-  it sees, here the rank's slice (both views of its images), not the global
-  batch. ``torch.nn.SyncBatchNorm`` would share them but refuses CPU tensors
-  (torch 2.14: "SyncBatchNorm expected input tensor to be on GPU or XPU");
-  on a CUDA World we convert the model to it for training (not tested here:
-  the project's CI has no GPU). The running averages, which eval mode (and so
-  every embedding) uses, are kept per rank during training
-  (``forward_sync_buffers=False``) and averaged over the ranks at the end: the
-  running mean is then the one-process one given the same weights, the running
-  variance misses the spread between the ranks' means. Every rank ends with
-  identical weights and buffers (DDP's averaged gradients; tested).
-* Without BatchNorm the result equals one process's up to floating-point
-  noise: the tests swap the model's BatchNorm layers for GroupNorm (per image)
-  and find one step's gradients within 1e-4 (relative) of one process's and,
-  after 9 steps, embeddings within 1e-6.
+* **BatchNorm sees the global batch.** In training mode a BatchNorm layer
+  normalises with the statistics of the batch it sees; per rank that would be
+  the rank's slice, not one process's batch. ``torch.nn.SyncBatchNorm`` shares
+  them but refuses CPU tensors (torch 2.14: "SyncBatchNorm expected input
+  tensor to be on GPU or XPU"), so the model is trained with its BatchNorm
+  layers swapped for :class:`GlobalBatchNorm`, which all-reduces the statistics
+  on any backend (a few small collectives per layer), on CPU and CUDA alike:
+  one tested code path. Running statistics then equal one process's on every
+  rank; the trained weights go back into the caller's (plain BatchNorm) model.
+* Every rank ends with identical weights and buffers (DDP's averaged gradients,
+  all-reduced statistics; tested).
 
-BatchNorm's cost, measured (bench/embed_distributed.py --train-epochs 5: resnet18,
-scikit-learn's 1,797 digits at 32 px, global batch 128, 5 epochs = 70 steps, fp32,
-same random start and seed): the 2-rank model is a different model, as far from the
-one-process one as a change of seed is (embeddings of all digits: max |difference|
-0.54, mean 0.108; seed 1 instead of 0 in one process: 0.66, 0.115), and as good:
-leave-one-out 1-NN accuracy 0.954 on 2 ranks, 0.947 in one process, 0.968 with seed 1
-(the random start: 0.952). So the number of ranks is, for BatchNorm models on CPU,
-like the seed: part of what makes the run reproducible (same ranks, same seed, same
-weights), not part of what makes it good.
+Equality with one process, measured (tests/embedding/test_distributed_training.py,
+2 gloo ranks, mobilenet_v3_small at 32 px, 5 images split 3 + 2): one step's loss,
+running statistics and gradients equal one process's to 1e-5 of the largest
+gradient (summation order). Over several AdamW steps the models drift apart by
+more than that, exactly as one process does against itself on another number of
+threads: a bias feeding a BatchNorm (through a convolution) has a true gradient
+of zero, so its gradient is rounding noise, which AdamW scales up to full
+learning-rate steps. After 9 steps, 2 ranks against 1 process: embeddings 0.021
+apart, such biases 0.008; 1 process on 1 against 2 threads: 0.025 and 0.008.
+Without BatchNorm (swapped for GroupNorm in the tests) that drift is absent:
+embeddings within 1e-6 after 9 steps.
 """
 
 from __future__ import annotations
@@ -150,23 +147,80 @@ def train_contrastive_distributed(
                 bar.update(sum(n + s for n, s in counts))
     if steps_taken == 0:
         raise InputError(f"contrastive training needs at least 2 readable images of {len(images)}")
-    _average_buffers(net, world)
-    if net is not model:
-        model.load_state_dict(net.state_dict())
+    model.load_state_dict(net.state_dict())
     return model.eval()
 
 
 def _wrap(model: EmbeddingModel, device: torch.device) -> tuple[nn.Module, DistributedDataParallel]:
-    """The module to train (``model``, or on CUDA a SyncBatchNorm copy of it) and its DDP wrapper.
+    """A copy of ``model`` with :class:`GlobalBatchNorm` layers to train, and its DDP wrapper.
 
     Buffers are not synchronised at each forward pass (``forward_sync_buffers=False``):
-    each rank keeps its own running statistics and :func:`_average_buffers` merges them.
+    the global statistics keep them equal on every rank already.
     """
-    if device.type != "cuda":
-        return model, DistributedDataParallel(model, forward_sync_buffers=False)
-    # SyncBatchNorm refuses CPU tensors; on GPUs it gives the global batch's statistics.
-    net = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))  # type: ignore[no-untyped-call]
-    return net, DistributedDataParallel(net, device_ids=[device], forward_sync_buffers=False)
+    net = copy.deepcopy(model)
+    for name, module in list(net.named_modules()):
+        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            parent, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(parent), attr, GlobalBatchNorm.like(module))
+    device_ids = [device] if device.type == "cuda" else None
+    return net, DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are those of the whole global batch.
+
+    ``torch.nn.SyncBatchNorm`` does this on accelerators only; this runs wherever the
+    process group does (gloo on CPU included), with two all-reduces per layer forward
+    (the sum and count, then the squared deviations from the global mean: two passes,
+    as stable as one process's) and two backward. The all-reduces are
+    differentiable (``torch.distributed.nn.functional.all_reduce``): a rank's gradient
+    then includes its inputs' share in the other ranks' normalisation, and with
+    :class:`_GlobalStep`'s scaling DDP's average is one process's gradient. Eval mode
+    is plain BatchNorm (running statistics). State dict keys are BatchNorm's.
+    """
+
+    @classmethod
+    def like(cls, bn: nn.modules.batchnorm._BatchNorm) -> GlobalBatchNorm:
+        """A GlobalBatchNorm with ``bn``'s settings, parameters and running statistics."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        new.load_state_dict(bn.state_dict())
+        return new.to(next(iter(bn.state_dict().values())).device).train(bn.training)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            plain: torch.Tensor = super().forward(input)
+            return plain
+        x = input.float()
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / max(x.shape[1], 1)], device=x.device)
+        summed = _summed(torch.cat([x.sum(dims), count]))
+        total = summed[-1].detach()
+        mean = summed[:-1] / total
+        var = _summed(((x - mean.view(shape)) ** 2).sum(dims)) / total  # biased, as BN
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            self._update_running(mean.detach(), var.detach(), total)
+        return out.to(input.dtype)
+
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
+        """Running averages as BatchNorm keeps them (unbiased variance, ``momentum``)."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum
+        if momentum is None:  # cumulative average, as BatchNorm's momentum=None
+            momentum = 1.0 / float(self.num_batches_tracked)
+        unbiased = var * total / (total - 1).clamp(min=1)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
 def _rank_loader(
@@ -266,10 +320,9 @@ class _GlobalStep:
         return float(loss.detach())
 
 
-def _average_buffers(net: nn.Module, world: World) -> None:
-    """Replace every floating-point buffer (BatchNorm's running statistics) by the ranks' mean."""
-    with torch.no_grad():
-        for buffer in net.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer)
-                buffer /= world.size
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks; differentiable (its gradient is summed back likewise)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    out: torch.Tensor = all_reduce(t)  # type: ignore[no-untyped-call]
+    return out
