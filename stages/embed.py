@@ -80,10 +80,14 @@ def main(
     }
     with user_errors("embed"):
         pool = open_pool(pool_dir, lock_file=lock_file)
-        size, size_from = resolve_image_size(
-            image_size, pool_dir=pool_dir, input_dir=input_dir, seed=seed
-        )
+        training = Training(train_epochs, bootstrap_epochs, learning_rate, train_batch_size)
         start_weights = resolve_weights(weights, model)
+        # A new model trained from random weights gets a size a CPU can bootstrap.
+        bootstraps = start_weights.lower() == "none" and bootstrap_epochs > 0
+        size, size_from = resolve_image_size(
+            image_size, pool_dir=pool_dir, input_dir=input_dir, seed=seed,
+            cap=training.max_image_size if bootstraps else None,
+        )  # fmt: skip
         # The report shows what ran: the resolved values, and where an "auto" led.
         settings["embed.image_size"] = (
             size if size_from == "setting" else f"{size} (auto: {size_from})"
@@ -97,7 +101,6 @@ def main(
             weights=start_weights,
             precision=precision,
         )
-        training = Training(train_epochs, bootstrap_epochs, learning_rate, train_batch_size)
         done = embed_increment(
             pool_dir=pool_dir,
             pool=pool,

@@ -8,6 +8,7 @@ never compared with each other.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -41,6 +42,8 @@ from datapool.packs import extract_images
 from datapool.pool import CHECKPOINT, embedding_columns, known_embeddings
 from datapool.store import read_manifest
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Training:
@@ -55,18 +58,18 @@ class Training:
         batch_size: images per training step (each gives two views).
         max_images: the bootstrap trains on at most this many images of the first
             batch (a seeded sample), so its cost stays bounded on a CPU.
-        max_image_size: training views are ``min(model image_size, this)`` pixels
-            square; the model then embeds at its own ``image_size``.
+        max_image_size: the bootstrap runs only for models of at most this many pixels
+            (``image_size``); a larger new model with random weights is not
+            bootstrapped (a warning says so), and ``image_size: auto`` stays at most
+            this size when a new model will be bootstrapped (:func:`resolve_image_size`).
 
     Decision (issue 12): the bootstrap is bounded in compute, not only in epochs: at
-    most ``max_images x bootstrap_epochs`` views of at most ``max_image_size`` pixels
-    square (every-run training is capped at that size too).
-    64 px keeps 28-32 px images' bootstrap exactly as measured in docs/BENCHMARKS.md
-    (2,000 images x 5 epochs at 32 px) and makes a 224 px model's bootstrap 12x
-    cheaper than training at 224 (~80 s instead of ~17 min for 2,000 images x 5 epochs
-    on a 2-core CPU with bf16): FixRes (Touvron et al. 2019) found CNNs trained on
-    random-resized crops do as well or better used at a higher resolution than trained.
-    The evidence at 64 -> 224 px is in docs/BENCHMARKS.md ("First run on CPU").
+    most ``max_images x bootstrap_epochs`` two-view steps of at most 64 px. 28-32 px
+    images train exactly as measured in docs/BENCHMARKS.md (2,000 images x 5 epochs at
+    32 px); 640x480 photos get a 64 px model (~2 min of bootstrap on a 2-core CPU with
+    bf16, instead of ~17 min at 224 px). Training 64 px views and embedding at 224 px
+    (FixRes, Touvron et al. 2019) was measured and rejected: on upscaled digits it was
+    worse than no bootstrap at all (docs/BENCHMARKS.md, "First run on CPU").
     """
 
     epochs: int = 0
@@ -112,9 +115,10 @@ def choose_model(
     """This run's model: the pool's (or a new one), trained if the settings say so.
 
     A new pool with random weights (``wanted.weights`` resolving to ``none``, see
-    :func:`~datapool.embedding.model.resolve_weights`) is bootstrapped on the images
-    of ``input_dir``; with ``training.epochs`` every run trains on the pool's images
-    plus those. Pretrained weights (a name or a file) skip the bootstrap.
+    :func:`~datapool.embedding.model.resolve_weights`) of at most
+    ``training.max_image_size`` pixels is bootstrapped on the images of ``input_dir``;
+    with ``training.epochs`` every run trains on the pool's images plus those.
+    Pretrained weights (a name or a file) skip the bootstrap.
     """
     has_model = (pool_dir / CHECKPOINT).exists()
     random_init = resolve_weights(wanted.weights, wanted.arch).lower() == "none"
@@ -124,6 +128,14 @@ def choose_model(
             pooled = scratch.enter_context(pool_images(pool_dir, pool)) if pool is not None else []
             images, epochs = [*pooled, *_batch(input_dir)], training.epochs
         elif not has_model and random_init and training.bootstrap_epochs:
+            if wanted.image_size > training.max_image_size:
+                logger.warning(
+                    "no bootstrap: embed.image_size=%d is above the %d px a bootstrap trains "
+                    "at on a CPU budget; the new model keeps random weights. Use "
+                    "embed.image_size=auto (or <= %d), or pretrained embed.weights",
+                    wanted.image_size, training.max_image_size, training.max_image_size,
+                )  # fmt: skip
+                return model
             images, epochs = (
                 _sample(_batch(input_dir), training.max_images, seed),
                 training.bootstrap_epochs,
@@ -138,12 +150,11 @@ def choose_model(
             learning_rate=training.learning_rate,
             seed=seed,
             device=device,
-            image_size=min(model.config.image_size, training.max_image_size),
         )
 
 
 def resolve_image_size(
-    setting: str | int, *, pool_dir: Path, input_dir: Path, seed: int
+    setting: str | int, *, pool_dir: Path, input_dir: Path, seed: int, cap: int | None = None
 ) -> tuple[int, str]:
     """``embed.image_size`` as pixels, and where that number came from.
 
@@ -151,7 +162,9 @@ def resolve_image_size(
     keeps refusing it in :func:`~datapool.embedding.model.model_for_pool`. ``"auto"``
     is the pool's checkpoint's size once the pool has a model (so a pool never
     changes size), else :func:`~datapool.embedding.inference.auto_image_size` of
-    ``input_dir``'s images. Returns ``(pixels, "setting"|"checkpoint"|"images")``.
+    ``input_dir``'s images, at most ``cap`` (the caller passes
+    ``Training.max_image_size`` when the new model will be bootstrapped from random
+    weights). Returns ``(pixels, "setting"|"checkpoint"|"images")``.
     Raises :class:`InputError` for any other text and
     :class:`~datapool.errors.CheckpointError` for an unreadable checkpoint.
     """
@@ -163,7 +176,8 @@ def resolve_image_size(
     if (pool_dir / CHECKPOINT).exists():
         model, _ = load_checkpoint(pool_dir / CHECKPOINT)
         return model.config.image_size, "checkpoint"
-    return auto_image_size(_batch(input_dir), seed=seed), "images"
+    size = auto_image_size(_batch(input_dir), seed=seed)
+    return (size if cap is None else min(size, cap)), "images"
 
 
 def _batch(input_dir: Path) -> list[Path]:

@@ -242,9 +242,10 @@ def train_contrastive(
             between steps, on one torch thread (:func:`_one_thread`).
         augmentation: the view recipe; ``None`` = :class:`Augmentation` defaults.
         image_size: side in pixels of the training views; ``None`` = the model's
-            ``config.image_size``. A CNN trained on random-resized crops at a lower
-            resolution than it is used at works as well or better (Touvron et al.
-            2019, FixRes), and costs the square of the ratio less.
+            ``config.image_size``. Smaller costs the square of the ratio less, but
+            64 px views for a 224 px model were worse than no training on upscaled
+            digits (docs/BENCHMARKS.md, "First run on CPU"): the pipeline trains at
+            the model's own size.
         bf16: autocast in bfloat16. ``None`` = where it is native: on CUDA (fp16 with
             loss scaling where bf16 is unsupported) and on CPUs with ``avx512_bf16`` or
             ``amx_bf16`` (:func:`cpu_has_native_bf16`; elsewhere emulated bf16 would be

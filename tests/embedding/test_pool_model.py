@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from datapool.embedding.inference import embed_folder
 from datapool.embedding.model import ModelConfig, build_model, model_id, save_checkpoint
@@ -214,3 +215,35 @@ def test_image_size_auto_follows_the_batch_then_the_pool(
     )
     with pytest.raises(InputError, match=r"embed\.image_size must be auto or a whole number"):
         resolve_image_size("big", pool_dir=new, input_dir=inbox, seed=0)
+
+
+def test_a_new_model_above_the_bootstrap_size_is_not_bootstrapped(
+    tmp_path: Path, make_images: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    inbox = make_images("inbox", {f"{i}.png": i for i in range(4)})
+    training = Training(bootstrap_epochs=1, learning_rate=1e-3, batch_size=4, max_image_size=16)
+    model = choose_model(
+        pool_dir=tmp_path / "new", pool=None, wanted=CONFIG, seed=0, training=training,
+        input_dir=inbox, device=CPU,
+    )  # fmt: skip
+    assert model_id(model) == model_id(build_model(CONFIG, seed=0))  # random weights kept
+    assert "no bootstrap: embed.image_size=32 is above the 16 px" in caplog.text
+
+
+def test_image_size_auto_stays_within_the_cap(
+    tmp_path: Path, make_images: Callable[..., Path]
+) -> None:
+    inbox = tmp_path / "photos"
+    inbox.mkdir()
+    for i in range(3):
+        Image.new("RGB", (640, 480), (i, 0, 0)).save(inbox / f"{i}.jpg")
+    new = tmp_path / "new"
+    assert resolve_image_size("auto", pool_dir=new, input_dir=inbox, seed=0) == (224, "images")
+    assert resolve_image_size("auto", pool_dir=new, input_dir=inbox, seed=0, cap=64) == (
+        64,
+        "images",
+    )
+    assert resolve_image_size("128", pool_dir=new, input_dir=inbox, seed=0, cap=64) == (
+        128,
+        "setting",
+    )
