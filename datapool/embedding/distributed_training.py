@@ -54,6 +54,15 @@ learning-rate steps. After 9 steps, 2 ranks against 1 process: embeddings 0.021
 apart, such biases 0.008; 1 process on 1 against 2 threads: 0.025 and 0.008.
 Without BatchNorm (swapped for GroupNorm in the tests) that drift is absent:
 embeddings within 1e-6 after 9 steps.
+
+At scale (bench/embed_distributed.py --train-epochs 5: resnet18, scikit-learn's
+1,797 digits at 32 px, global batch 128, 70 steps, fp32, same start and seed),
+embeddings of all digits against the one-process model's, mean / max |difference|:
+2 ranks 0.064 / 0.36, one process on 2 threads 0.057 / 0.41 (rounding noise
+alone), seed 1 instead of 0: 0.115 / 0.66 (another run). Leave-one-out 1-NN
+accuracy: 0.955 on 2 ranks, 0.947 and 0.963 in one process on 1 and 2 threads
+(0.952 untrained). Before GlobalBatchNorm (per-rank statistics) 2 ranks were
+0.108 / 0.54 away: as far as another seed.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -322,7 +332,26 @@ class _GlobalStep:
 
 def _summed(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks; differentiable (its gradient is summed back likewise)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    out: torch.Tensor = all_reduce(t)  # type: ignore[no-untyped-call]
+    out: torch.Tensor = _SumOverRanks.apply(t)
     return out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) with a gradient: the sum's gradient is every rank's, summed.
+
+    Written here because torch's own (``torch.distributed.nn.functional.all_reduce``,
+    the same two all-reduces) warns that it is deprecated in torch 2.14, and the
+    functional collectives it points to are private (``torch.distributed._...``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        total = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
