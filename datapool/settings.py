@@ -401,6 +401,8 @@ def strategies_summary(entries: Any) -> str:
             words.append(f"threshold({entry.get('column', '?')} {op} {value})")
             continue
         detail = [f"k={entry['k']}"] if "k" in entry else []
+        if entry.get("guard"):
+            detail.append(f"guard={entry['guard']:g}")
         if kind in ("weights", "balance"):
             detail.append(str(entry.get("column") or "labels"))
         if kind == "balance":
