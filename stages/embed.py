@@ -22,9 +22,11 @@ from typing import Annotated
 import typer
 
 from datapool.console import user_errors
+from datapool.distributed import init_from_env, shutdown
 from datapool.embedding.inference import resolve_device
 from datapool.embedding.model import ModelConfig, resolve_weights
 from datapool.embedding.pool_model import Training, embed_increment, resolve_image_size
+from datapool.launch import Launch, relaunch
 from datapool.metrics import write_seconds
 from datapool.store import write_rows
 from datapool.transaction import open_pool
@@ -60,9 +62,18 @@ def main(
     timings: Annotated[
         Path | None, typer.Option(help="folder recording each stage's seconds")
     ] = None,
+    processes: Annotated[int, typer.Option(help="processes per machine sharing the work")] = 1,
+    machines: Annotated[int, typer.Option(help="machines taking part")] = 1,
+    rendezvous: Annotated[
+        str, typer.Option(help="host:port where the machines meet (machines > 1)")
+    ] = "",
 ) -> None:
     """Embed --input-dir into --out-dir."""
     started = time.perf_counter()
+    with user_errors("embed"):
+        status = relaunch(Launch(processes, machines, rendezvous))
+    if status is not None:  # the workers did the work (and reported any error)
+        raise SystemExit(status)
     # What the report shows of this stage's settings (it never reads params.yaml).
     settings = {"input_dir": str(input_dir)} | {
         f"embed.{k}": v
@@ -79,6 +90,9 @@ def main(
         }.items()
     }
     with user_errors("embed"):
+        # Under torchrun every rank hashes, embeds (and trains on) its share of the files
+        # and ends with the whole batch; rank 0 writes. One process: a World of one.
+        world = init_from_env(device=None if device == "auto" else device)
         pool = open_pool(pool_dir, lock_file=lock_file)
         training = Training(train_epochs, bootstrap_epochs, learning_rate, train_batch_size)
         start_weights = resolve_weights(weights, model)
@@ -110,9 +124,13 @@ def main(
             training=training,
             batch_size=batch_size,
             num_workers=num_workers,
-            device=resolve_device(device),
+            device=world.device if world.size > 1 else resolve_device(device),
             checkpoint=out_dir / "model.ckpt",
+            world=world,
         )
+        shutdown(world)
+        if not world.is_main:
+            return
         batch, model_id, refreshed = done.batch, done.model_id, done.reembedded
         if refreshed is not None:
             write_rows(refreshed, out_dir / "pool_reembedded.arrow")

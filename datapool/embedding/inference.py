@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from datapool.distributed import World, single
 from datapool.embedding.model import EmbeddingModel
 from datapool.errors import InputError
 from datapool.images import (
@@ -209,16 +210,23 @@ def embed_folder(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    world: World | None = None,
 ) -> EmbeddedBatch:
     """Embed every distinct image under ``input_dir`` (recursively).
+
+    With a ``world`` of several ranks, every rank passes the same folder, hashes and
+    embeds its slice, and returns the whole batch (:mod:`datapool.embedding.sharded`).
 
     ``known`` maps content hash -> embedding ``[D]`` already computed by this same
     model (e.g. the pool's rows); those images are not run through the model again.
     Entries that are skipped, unreadable or undecodable go to ``corrupt`` with a reason.
     Raises :class:`InputError` when the folder is missing or holds no images.
     """
+    from datapool.embedding.sharded import embed_files_sharded, hash_files_sharded
+
+    world = world or single(device)
     files, corrupt = discover_batch(input_dir)
-    hashes, unreadable = hash_files(files)
+    hashes, unreadable = hash_files_sharded(files, world=world)
     corrupt.update(unreadable)
     batch_id = hashlib.sha256("\n".join(sorted(h for h in hashes if h)).encode()).hexdigest()[:16]
     first_with: dict[str, ImageFile] = {}
@@ -232,8 +240,13 @@ def embed_folder(
             first_with[digest] = item
     unique = list(first_with.values())
     todo = [item for item, digest in zip(unique, first_with, strict=True) if digest not in known]
-    computed, failed = embed_files(
-        todo, model=model, batch_size=batch_size, num_workers=num_workers, device=device
+    computed, failed = embed_files_sharded(
+        todo,
+        model=model,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        world=world,
     )
     corrupt.update(failed)
     kept = [

@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from datapool.distributed import World, single
+from datapool.embedding.distributed_training import train_contrastive_distributed
 from datapool.embedding.inference import (
     EmbeddedBatch,
     auto_image_size,
     discover_batch,
-    embed_files,
     embed_folder,
 )
 from datapool.embedding.model import (
@@ -31,9 +32,11 @@ from datapool.embedding.model import (
     ModelConfig,
     load_checkpoint,
     model_for_pool,
+    model_id,
     resolve_weights,
     save_checkpoint,
 )
+from datapool.embedding.sharded import embed_files_sharded
 from datapool.embedding.training import train_contrastive
 from datapool.errors import InputError, PoolError
 from datapool.images import ImageFile
@@ -111,6 +114,7 @@ def choose_model(
     training: Training,
     input_dir: Path,
     device: torch.device,
+    world: World | None = None,
 ) -> EmbeddingModel:
     """This run's model: the pool's (or a new one), trained if the settings say so.
 
@@ -142,6 +146,16 @@ def choose_model(
             )
         else:
             return model
+        if world is not None and world.size > 1:  # the global batch split across ranks
+            return train_contrastive_distributed(
+                model,
+                images,
+                world=world,
+                epochs=epochs,
+                batch_size=training.batch_size,
+                learning_rate=training.learning_rate,
+                seed=seed,
+            )
         return train_contrastive(
             model,
             images,
@@ -202,6 +216,7 @@ def reembed_pool(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    world: World | None = None,
 ) -> pd.DataFrame | None:
     """The pool's rows embedded by ``model``; None if they already are.
 
@@ -212,8 +227,13 @@ def reembed_pool(
         return None
     with pool_images(pool_dir, pool) as paths:
         files = [ImageFile(path=p, relpath=p.name, label="") for p in paths]
-        vectors, failed = embed_files(
-            files, model=model, batch_size=batch_size, num_workers=num_workers, device=device
+        vectors, failed = embed_files_sharded(
+            files,
+            model=model,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            world=world or single(device),
         )
     if failed:
         name, reason = next(iter(failed.items()))
@@ -259,6 +279,7 @@ def embed_increment(
     num_workers: int,
     device: torch.device,
     checkpoint: Path,
+    world: World | None = None,
 ) -> IncrementEmbeddings:
     """Choose (and train) the model, save it to ``checkpoint``, re-embed the pool if the
     model changed, then embed ``input_dir`` reusing the pool's embeddings of the same images.
@@ -274,8 +295,10 @@ def embed_increment(
         training=training,
         input_dir=input_dir,
         device=device,
+        world=world,
     )
-    mid = save_checkpoint(model, checkpoint)
+    main = world is None or world.is_main  # rank 0 writes; every rank needs the id
+    mid = save_checkpoint(model, checkpoint) if main else model_id(model)
     refreshed = None
     if pool is not None:
         refreshed = reembed_pool(
@@ -286,6 +309,7 @@ def embed_increment(
             batch_size=batch_size,
             num_workers=num_workers,
             device=device,
+            world=world,
         )
     current = refreshed if refreshed is not None else pool
     batch = embed_folder(
@@ -295,6 +319,7 @@ def embed_increment(
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
+        world=world,
     )
     # The folder's content names the batch, unless an earlier increment had that content.
     manifest = read_manifest(pool_dir)
