@@ -349,13 +349,9 @@ def demo(
         create_workspace(where)
         for batch in ("batch_1", "batch_2"):
             # As `datapool run` does: settings checked, workspace locked, params.yaml
-            # put back if the run fails. The digits are 32 px: a 64 px crop keeps
-            # the example quick on a laptop CPU.
-            settings = {
-                "datapool.name": "my_datapool",
-                "embed.image_size": 64,
-                "input_dir": str(EXAMPLE_DIR / batch),
-            }
+            # put back if the run fails. Default settings otherwise: image_size auto
+            # sees the 32 px digits and embeds them at 32 px.
+            settings = {"datapool.name": "my_datapool", "input_dir": str(EXAMPLE_DIR / batch)}
             step, _ = run_with_settings(where, settings)
             print(f"demo: {step.message(batch)}")
     page = where / PoolPaths("my_datapool").report / REPORT_FILES["html"]
