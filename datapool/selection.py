@@ -760,6 +760,18 @@ def _pick_phase(
         top.apply(row)
 
 
+def _start_at_row_0(st: _State, x: torch.Tensor, out: list[tuple[int, float]], limit: int) -> bool:
+    """Without any centre yet, pick row 0 first (distance inf), as the textbook loop does.
+
+    Appends it to ``out`` and makes it a centre; False (nothing done) when ``limit`` is 0.
+    """
+    if limit == 0:
+        return False
+    out.append((0, math.inf))
+    st.centres.add(x[0].to(st.dev, torch.float32))
+    return True
+
+
 def _select(
     x: torch.Tensor,
     pool: torch.Tensor | None,
@@ -792,11 +804,8 @@ def _select(
     # many of them stop the pool pass early would only defer their pool work to
     # smaller, slower blocks
     st.first_pass(max(2 * t_base, 2 * planned))
-    if st.centres.m == 0:  # no distances yet: start at row 0
-        if limit == 0:
-            return out, math.inf
-        out.append((0, math.inf))
-        st.centres.add(x[0].to(dev, torch.float32))
+    if st.centres.m == 0 and not _start_at_row_0(st, x, out, limit):
+        return out, math.inf
     grow = 1
     while True:
         st.flush()

@@ -82,6 +82,7 @@ from datapool.selection import (
     _check_limits,
     _check_norms,
     _pick_phase,
+    _start_at_row_0,
     _State,
     _stuck,
     _Top,
@@ -304,11 +305,8 @@ def _select(
         _pool_split_pass(st, x, pool, world)
     else:
         st.first_pass(max(2 * t_base, 2 * planned))
-    if pool is None:  # no distances yet: start at global row 0, as one process does
-        if limit == 0:
-            return out, math.inf
-        out.append((0, math.inf))
-        st.centres.add(x[0].to(dev, torch.float32))
+    if pool is None and not _start_at_row_0(st, x, out, limit):  # global row 0, as one process
+        return out, math.inf
     grow = 1
     while True:
         st.flush()

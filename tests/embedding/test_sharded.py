@@ -8,7 +8,6 @@ exactly the one-process result.
 
 from __future__ import annotations
 
-import inspect
 import pickle
 from pathlib import Path
 from typing import Any
@@ -53,11 +52,10 @@ def _rank_work(world: World, root: Path, out: Path) -> None:
         )
     except (InputError, ValueError) as err:
         result["failure"] = f"{type(err).__name__}: {err}"
-    if "world" in inspect.signature(embed_folder).parameters:  # once inference.py takes a World
-        result["folder"] = embed_folder(  # type: ignore[call-arg]
-            input_dir=root, model=MODEL, known={}, batch_size=3, num_workers=0, device=CPU,
-            world=world,
-        )  # fmt: skip
+    result["folder"] = embed_folder(
+        input_dir=root, model=MODEL, known={}, batch_size=3, num_workers=0, device=CPU,
+        world=world,
+    )  # fmt: skip
     (out / f"rank{world.rank}.pkl").write_bytes(pickle.dumps(result))
 
 
@@ -118,8 +116,6 @@ def test_ranks_with_different_files_or_a_failure_all_refuse(ranks: list[dict[str
 def test_embed_folder_with_a_world_equals_one_process(
     folder: Path, ranks: list[dict[str, Any]]
 ) -> None:
-    if "folder" not in ranks[0]:
-        pytest.skip("inference.embed_folder has no world parameter yet (issue 14 edit pending)")
     one = embed_folder(
         input_dir=folder, model=MODEL, known={}, batch_size=4, num_workers=0, device=CPU
     )
