@@ -135,7 +135,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from datapool.distributed import World
+from datapool.distributed import World, gather_in_order, shard_range
 from datapool.errors import InputError
 from datapool.selection import (
     checked_inputs,
@@ -225,6 +225,7 @@ def typicality(
     sample: int = TYPICALITY_SAMPLE,
     seed: int = 0,
     threads: int | None = 1,
+    world: World | None = None,
 ) -> npt.NDArray[np.float64]:
     """TYPICALITY objective of each row of ``x`` [n, d], float64 ``[n]`` in (0, 1].
 
@@ -232,6 +233,11 @@ def typicality(
     rows, searched among all rows when ``n <= sample`` and else among a seeded
     uniform sample of ``sample`` rows (module docstring). ``threads``: torch CPU
     threads for the products (default 1; None: torch's setting).
+
+    With a ``world`` of several ranks (every rank passing the same ``x``), each rank
+    computes ``m`` for its slice of the rows (:func:`datapool.distributed.shard_range`)
+    and the slices are gathered: every rank returns the whole result, equal to one
+    process's up to the rounding of differently sized matrix blocks (~1e-7 relative).
     """
     t = _float32(x)
     n = t.shape[0]
@@ -244,8 +250,12 @@ def typicality(
         ref_idx = torch.from_numpy(chosen)
     self_pos = torch.full((n,), -1, dtype=torch.int64)
     self_pos[ref_idx] = torch.arange(len(ref_idx))
+    mine = range(n) if world is None else shard_range(n, world)
     with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
-        m = _knn_mean(t, t[ref_idx], self_pos, min(k, len(ref_idx) - 1))
+        part = t[mine.start : mine.stop]
+        m = _knn_mean(part, t[ref_idx], self_pos[mine.start : mine.stop], min(k, len(ref_idx) - 1))
+    if world is not None:
+        m = gather_in_order(m, world)
     positive = m[m > 0]
     if positive.numel() == 0:
         return np.ones(n)
@@ -932,13 +942,15 @@ def _objectives(
     queries: Any,
     seed: int,
     threads: int | None,
+    world: World | None = None,
 ) -> list[Objective]:
-    """The fixed objectives (typicality, weights, similarity) over the candidates ``cand``."""
+    """The fixed objectives (typicality, weights, similarity) over the candidates ``cand``;
+    typicality shared across ``world``'s ranks."""
     out = []
     names = [filenames[i] for i in cand]
     for cfg in configs:
         if cfg.strategy == "typicality":
-            values = typicality(xc, k=cfg.k, seed=seed, threads=threads)
+            values = typicality(xc, k=cfg.k, seed=seed, threads=threads, world=world)
         elif cfg.strategy == "weights":
             table = _need_scores(scores, cfg)
             raw = table.numbers(cfg.column, names)
@@ -987,9 +999,11 @@ def select(
             :func:`combine`. At least one is required.
         seed: typicality's reference sample. threads: CPU threads for the
             blocked passes (default 1; None: torch's setting).
-        world: the ranks sharing plain diversity (:mod:`datapool.distributed`;
-            every rank calls ``select`` with the same arguments). Other
-            strategies run whole on each rank that calls them.
+        world: the ranks sharing the work (:mod:`datapool.distributed`; every
+            rank calls ``select`` with the same arguments and gets the same
+            picks): plain diversity by the sharded engine, typicality's
+            neighbour search by slices; the combination loop itself runs whole
+            on every rank (deterministic, so all ranks agree).
 
     Raises:
         InputError: every input error named in the module docstring and in
@@ -1029,7 +1043,9 @@ def select(
             xc,
             pool=pool_t,
             preselected=pre_rows,
-            objectives=_objectives(strategies, xc, cand, filenames, scores, queries, seed, threads),
+            objectives=_objectives(
+                strategies, xc, cand, filenames, scores, queries, seed, threads, world
+            ),
             balance=_balance(bal[0], cand, pre_idx, filenames, scores, labels) if bal else None,
             diversity=div[0].strength if div else 0.0,
             n_samples=budget,

@@ -94,9 +94,7 @@ def main(
         pool = effective_pool(open_pool(pool_dir, lock_file=lock_file), reembedded_pool)
         table = read_any(candidates, required=CANDIDATE_COLUMNS)
         selection = _selection(selection_inputs, checkpoint, device, table)
-        world = _world(device, selection)
-        if world is None:  # a helper rank with nothing to share
-            return
+        world = _world(device)
         choice = choose_increment(table, pool, stop, selection, world=world)
         _leave(world)
         if not world.is_main:  # rank 0 writes; the others only shared the work
@@ -124,20 +122,16 @@ def main(
     )
 
 
-def _world(device: str, selection: SelectionInputs) -> World | None:
-    """This process's place among the ranks torchrun started (one process without it).
+def _world(device: str) -> World:
+    """This process's place among the ranks torchrun started (a World of one without it).
 
-    Only plain diversity is shared across ranks (:func:`datapool.strategies.select`);
-    for other strategies rank 0 selects alone and the other ranks get None.
+    Every rank runs the selection with the same inputs: plain diversity and typicality's
+    neighbour search are shared (:func:`datapool.strategies.select`), the rest of the
+    combination loop runs whole on each rank; rank 0 writes.
     """
-    from datapool.distributed import init_from_env, shutdown
-    from datapool.strategy_config import is_plain_diversity
+    from datapool.distributed import init_from_env
 
-    world = init_from_env(device=None if device == "auto" else device)
-    if world.size > 1 and not world.is_main and not is_plain_diversity(selection.strategies):
-        shutdown(world)
-        return None
-    return world
+    return init_from_env(device=None if device == "auto" else device)
 
 
 def _leave(world: World) -> None:

@@ -648,3 +648,47 @@ def test_guard_settings_are_checked() -> None:
         lambda: parse_strategies([{"strategy": "typicality", "guard": 0.9}])
     )
     assert "guard must be in [0, 1]" in errors_of(lambda: combine(np.ones((3, 2)), guard=2.0))
+
+
+def _on_ranks(world: Any, out: Path) -> None:
+    """Typicality (exact and sampled) and the default selection, computed by every rank."""
+    import pickle
+
+    from datapool.strategy_config import parse_strategies
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(301, 8)).astype(np.float32)
+    pool = rng.normal(size=(40, 8)).astype(np.float32)
+    default = parse_strategies(
+        [
+            {"strategy": "diversity", "strength": 0.0, "guard": 0.9},
+            {"strategy": "typicality", "strength": 1.0, "k": 20},
+        ]
+    )
+    names = [f"f{i}" for i in range(len(x))]
+    result = {
+        "exact": typicality(x, k=5, world=world),
+        "sampled": typicality(x, k=5, sample=100, seed=3, world=world),
+        "picks": select(x, names, strategies=default, pool=pool, n_samples=25, world=world),
+    }
+    (out / f"rank{world.rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def test_typicality_and_the_default_selection_on_two_ranks_equal_one_process(
+    tmp_path: Path,
+) -> None:
+    import pickle
+
+    from datapool.distributed import single
+    from tests.ranks import run_ranks
+
+    run_ranks(_on_ranks, 2, tmp_path, tmp_path)
+    one = tmp_path / "one"
+    one.mkdir()
+    _on_ranks(single(), one)
+    want = pickle.loads((one / "rank0.pkl").read_bytes())
+    for rank in (0, 1):
+        got = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        np.testing.assert_allclose(got["exact"], want["exact"], rtol=1e-6)
+        np.testing.assert_allclose(got["sampled"], want["sampled"], rtol=1e-6)
+        assert got["picks"].indices.tolist() == want["picks"].indices.tolist()

@@ -98,14 +98,17 @@ def test_picks_respect_the_threshold_and_record_every_score(run: Run) -> None:
 
 def test_history_and_params_diff_show_the_strategies(run: Run) -> None:
     (revision,) = history(run.ws, NAME)
-    assert revision.strategies == ("diversity^1, typicality(k=3)^1, threshold(sharp >= 0.5)")
+    assert revision.strategies == (
+        "diversity(guard=0.9)^1, typicality(k=3)^1, threshold(sharp >= 0.5)"
+    )
     assert "typicality(k=3)^1" in "\n".join(format_history([revision]))
     shown = run_tool(
         ["dvc", "params", "diff", run.first_rev, "HEAD", "--json"], cwd=run.ws, quiet=True
     )
     changed = json.loads(shown)["params.yaml"]
     # DVC shows a list value as its text
-    assert changed["selection.strategies"]["old"] == "[]"
+    # the template's default: typicality behind diversity's guard
+    assert "'guard': 0.9" in changed["selection.strategies"]["old"]
     assert "'typicality', 'strength': 1.0, 'k': 3" in changed["selection.strategies"]["new"]
 
 
