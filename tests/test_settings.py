@@ -316,7 +316,7 @@ def test_distributed_settings_are_checked_up_front() -> None:
     assert check_value("distributed.nproc", 4) == 4
     assert check_value("distributed.rdzv_endpoint", "node0.lan:29400") == "node0.lan:29400"
     assert check_value("distributed.rdzv_endpoint", "") == ""
-    with pytest.raises(InputError, match="distributed.nproc"):
+    with pytest.raises(InputError, match=r"distributed\.nproc"):
         check_value("distributed.nproc", 0)
     with pytest.raises(InputError, match="host:port"):
         check_value("distributed.rdzv_endpoint", "node0 29400")
