@@ -276,16 +276,18 @@ def recover_command(workspace: Workspace = Path()) -> None:
 def worker(
     node: Annotated[int, typer.Option(help="this machine's number: 1 .. distributed.nnodes - 1")],
     stage: Annotated[
-        list[str] | None, typer.Option(help="stage to join, repeatable, in order (default sample)")
+        list[str] | None,
+        typer.Option(help="stage to join, repeatable, in order (default: embed, then sample)"),
     ] = None,
     workspace: Workspace = Path(),
 ) -> None:
     """Lend this machine to a run on several machines (distributed.nnodes > 1).
 
     Machine 0 runs `datapool run`; every other machine runs `datapool worker --node N`
-    in the same workspace (a shared folder, or a clone at the same revision with the same
-    input folder). It waits until machine 0 starts each stage, computes its share, and
-    writes nothing.
+    in the same workspace, on a shared file system at the same path (a stage reads what
+    the one before it wrote on machine 0). It waits until machine 0 starts each stage,
+    computes its share, and writes nothing; joined to another stage than machine 0's,
+    every process stops with a message.
     """
     import yaml
 
@@ -295,11 +297,12 @@ def worker(
         check_workspace(workspace)
         params = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8")) or {}
         nnodes = int((params.get("distributed") or {}).get("nnodes", 1))
-        for name in stage or ["sample"]:
+        stages = stage or ["embed", "sample"]
+        for name in stages:
             status = run_worker(workspace, name, node=node, nnodes=nnodes)
             if status != 0:
                 raise InputError(f"stage {name} failed on this machine (exit status {status})")
-    print(f"worker: machine {node} took part in {', '.join(stage or ['sample'])}")
+    print(f"worker: machine {node} took part in {', '.join(stages)}")
 
 
 @app.command()

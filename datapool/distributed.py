@@ -21,27 +21,33 @@ order (:func:`all_gather_rows`, :func:`gather_in_order`) gives file order.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from datapool.errors import InputError
+from datapool.errors import DatapoolError, InputError
 
 __all__ = [
     "World",
     "agree",
     "all_gather_rows",
+    "check_same",
     "gather_in_order",
     "init_from_env",
     "init_with_file",
+    "main_first",
     "shard_range",
     "shutdown",
     "single",
 ]
+
+T = TypeVar("T")
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -85,6 +91,12 @@ def _backend_device(rank_on_node: int, device: str | None) -> tuple[str, torch.d
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if not want_cuda:
         return "gloo", torch.device("cpu")
+    if rank_on_node >= torch.cuda.device_count():  # one GPU per process on a machine
+        raise InputError(
+            f"process {rank_on_node} of this machine has no GPU of its own "
+            f"({torch.cuda.device_count()} visible): set distributed.nproc to at most the "
+            "number of GPUs, or embed.device=cpu"
+        )
     dev = torch.device("cuda", rank_on_node)
     torch.cuda.set_device(dev)  # NCCL picks the current device for its communicator
     return "nccl", dev
@@ -198,3 +210,40 @@ def agree(world: World, error: str | None, facts: Any = None) -> list[Any]:
         if other is not None:
             raise InputError(f"rank {r}: {other}")
     return [f for _, f in shared]
+
+
+def check_same(world: World, what: str, value: Any) -> None:
+    """Raise on every rank unless every rank holds an equal ``value`` (any picklable).
+
+    For what each rank resolved on its own and must not differ: the stage it runs,
+    the model settings an ``auto`` chose from its machine's files. The message names
+    ``what`` and the first rank that differs from rank 0. One collective.
+    """
+    values = agree(world, None, value)
+    for rank, other in enumerate(values):
+        if other != values[0]:
+            raise InputError(
+                f"the processes disagree on {what}: rank 0 has {values[0]!r}, rank {rank} "
+                f"{other!r} (every machine needs the same files and settings)"
+            )
+
+
+def main_first(world: World, step: Callable[[], T]) -> T:
+    """``step()`` on rank 0, then on every other rank; its result on each.
+
+    For a step that may change shared files (the pool's crash recovery): rank 0 does
+    it alone, and the others only run it (then a no-op) once rank 0 has finished.
+    An error on rank 0 is raised on every rank, so none is left waiting.
+    """
+    if not world.is_main:
+        agree(world, None)  # raises "rank 0: ..." when rank 0's step failed
+        return step()
+    try:
+        result = step()
+    except Exception as err:
+        message = str(err) if isinstance(err, DatapoolError) else f"{type(err).__name__}: {err}"
+        with contextlib.suppress(InputError):  # tell the others, then raise the original here
+            agree(world, message)
+        raise
+    agree(world, None)
+    return result

@@ -22,7 +22,7 @@ from typing import Annotated
 import typer
 
 from datapool.console import user_errors
-from datapool.distributed import init_from_env, shutdown
+from datapool.distributed import check_same, init_from_env, main_first, shutdown
 from datapool.embedding.inference import resolve_device
 from datapool.embedding.model import ModelConfig, resolve_weights
 from datapool.embedding.pool_model import Training, embed_increment, resolve_image_size
@@ -93,7 +93,9 @@ def main(
         # Under torchrun every rank hashes, embeds (and trains on) its share of the files
         # and ends with the whole batch; rank 0 writes. One process: a World of one.
         world = init_from_env(device=None if device == "auto" else device)
-        pool = open_pool(pool_dir, lock_file=lock_file)
+        check_same(world, "the stage they run", "embed")  # machines meet at one address
+        # Rank 0 alone may finish an interrupted save (recovery moves files); then the rest.
+        pool = main_first(world, lambda: open_pool(pool_dir, lock_file=lock_file))
         training = Training(train_epochs, bootstrap_epochs, learning_rate, train_batch_size)
         start_weights = resolve_weights(weights, model)
         # A new model trained from random weights gets a size a CPU can bootstrap.
@@ -108,6 +110,8 @@ def main(
         )
         if start_weights != weights:
             settings["embed.weights"] = f"{start_weights} ({weights})"
+        # "auto" reads each machine's torch cache and images: all must choose the same.
+        check_same(world, "the model's start (embed.weights, image_size)", (start_weights, size))
         wanted = ModelConfig(
             arch=model,
             embedding_dim=embedding_dim,
@@ -128,6 +132,7 @@ def main(
             checkpoint=out_dir / "model.ckpt",
             world=world,
         )
+        check_same(world, "the model (its id)", done.model_id)
         shutdown(world)
         if not world.is_main:
             return

@@ -25,7 +25,7 @@ import numpy as np
 import typer
 
 from datapool.console import user_errors
-from datapool.errors import PoolError
+from datapool.errors import DatapoolError, PoolError
 from datapool.increment import (
     CANDIDATE_COLUMNS,
     SelectionInputs,
@@ -90,11 +90,20 @@ def main(
     if status is not None:  # the workers did the work (and reported any error)
         raise SystemExit(status)
     with user_errors("sample"):
+        from datapool.distributed import agree, main_first  # torch: after the relaunch
+
         stop = StoppingCondition(n_samples, min_distance, proportion_samples)
-        pool = effective_pool(open_pool(pool_dir, lock_file=lock_file), reembedded_pool)
-        table = read_any(candidates, required=CANDIDATE_COLUMNS)
-        selection = _selection(selection_inputs, checkpoint, device, table)
         world = _world(device)
+        # Rank 0 alone may finish an interrupted save (recovery moves files); then the rest.
+        pool = main_first(world, lambda: open_pool(pool_dir, lock_file=lock_file))
+        try:  # a rank that cannot read its inputs must not leave the others waiting
+            pool = effective_pool(pool, reembedded_pool)
+            table = read_any(candidates, required=CANDIDATE_COLUMNS)
+            selection = _selection(selection_inputs, checkpoint, device, table)
+        except DatapoolError as err:
+            agree(world, str(err))
+            raise
+        agree(world, None)
         choice = choose_increment(table, pool, stop, selection, world=world)
         _leave(world)
         if not world.is_main:  # rank 0 writes; the others only shared the work
@@ -127,11 +136,14 @@ def _world(device: str) -> World:
 
     Every rank runs the selection with the same inputs: plain diversity and typicality's
     neighbour search are shared (:func:`datapool.strategies.select`), the rest of the
-    combination loop runs whole on each rank; rank 0 writes.
+    combination loop runs whole on each rank; rank 0 writes. The ranks first check that
+    they all run this stage (machines meet at one address for every stage).
     """
-    from datapool.distributed import init_from_env
+    from datapool.distributed import check_same, init_from_env
 
-    return init_from_env(device=None if device == "auto" else device)
+    world = init_from_env(device=None if device == "auto" else device)
+    check_same(world, "the stage they run", "sample")
+    return world
 
 
 def _leave(world: World) -> None:

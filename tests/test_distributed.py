@@ -12,8 +12,10 @@ from datapool.distributed import (
     World,
     agree,
     all_gather_rows,
+    check_same,
     gather_in_order,
     init_from_env,
+    main_first,
     shard_range,
     single,
 )
@@ -119,3 +121,40 @@ def test_two_gloo_ranks_gather_uneven_and_empty_slices_in_file_order(tmp_path: P
         messages.append(str(got["message"]))
     # every rank raises: the failing one its own message, the other names the failing rank
     assert messages == ["rank 1: row 4 is bad", "row 4 is bad"]
+
+
+def _checks(world: World, out: Path) -> None:
+    """check_same and main_first on every rank; what each saw goes to a file."""
+    seen: list[str] = []
+    check_same(world, "the stage", "sample")
+    try:
+        check_same(world, "the model", world.rank)  # ranks 0 and 1 differ
+    except InputError as err:
+        seen.append(str(err))
+    order = out / "order.txt"
+
+    def step() -> int:
+        with order.open("a") as f:
+            f.write(f"{world.rank}\n")
+        return world.rank
+
+    seen.append(f"result {main_first(world, step)}")
+
+    def failing() -> int:
+        raise InputError("pool is damaged")
+
+    try:
+        main_first(world, failing)
+    except InputError as err:
+        seen.append(str(err))
+    (out / f"seen{world.rank}.txt").write_text("\n".join(seen))
+
+
+def test_check_same_and_main_first_on_two_ranks(tmp_path: Path) -> None:
+    run_ranks(_checks, 2, tmp_path, tmp_path)
+    assert (tmp_path / "order.txt").read_text().splitlines()[0] == "0"  # rank 0 first
+    for rank in (0, 1):
+        seen = (tmp_path / f"seen{rank}.txt").read_text().splitlines()
+        assert seen[0].startswith("the processes disagree on the model: rank 0 has 0, rank 1 1")
+        assert seen[1] == f"result {rank}"
+        assert seen[2] == ("pool is damaged" if rank == 0 else "rank 0: pool is damaged")

@@ -220,3 +220,27 @@ def test_a_worker_runs_the_stage_command_dvc_would_run(tmp_path: Path) -> None:
     assert argv[argv.index("--machines") + 1] == "1"
     with pytest.raises(InputError, match="no stage 'nope'"):
         stage_command(ws, "nope")
+
+
+@pytest.mark.slow
+def test_machines_in_different_stages_stop_with_a_message(tmp_path: Path) -> None:
+    """Every stage meets at one address: a worker in `embed` while machine 0 runs `sample`
+    must not compute anything; both stop naming the disagreement."""
+    _stage_inputs(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    meet = ["--machines", "2", "--rendezvous", f"127.0.0.1:{port}"]
+    script = Path(__file__).resolve().parents[1] / "stages" / "embed.py"
+    embed = [sys.executable, str(script), "--input-dir", str(tmp_path), "--pool-dir"]
+    embed += [str(tmp_path / "pools" / "p"), "--out-dir", str(tmp_path / "e")]
+    embed += ["--lock-file", str(tmp_path / "dvc.lock"), "--device", "cpu", *meet]
+    env = dict(os.environ, **{NODE_RANK_VAR: "1"})
+    pipe = subprocess.PIPE
+    worker = subprocess.Popen(embed, cwd=tmp_path, env=env, text=True, stdout=pipe, stderr=pipe)
+    main = _sample(tmp_path, "main.arrow", *meet)
+    _, err = worker.communicate(timeout=300)
+    assert main.returncode != 0 and worker.returncode != 0
+    assert "the processes disagree on the stage they run" in main.stderr
+    assert "the processes disagree on the stage they run" in err
+    assert not (tmp_path / "main.arrow").exists()

@@ -183,7 +183,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     process group does (gloo on CPU included), with two all-reduces per layer forward
     (the sum and count, then the squared deviations from the global mean: two passes,
     as stable as one process's) and two backward. The all-reduces are
-    differentiable (``torch.distributed.nn.functional.all_reduce``): a rank's gradient
+    differentiable (:class:`_SumOverRanks`, our own autograd function): a rank's gradient
     then includes its inputs' share in the other ranks' normalisation, and with
     :class:`_GlobalStep`'s scaling DDP's average is one process's gradient. Eval mode
     is plain BatchNorm (running statistics). State dict keys are BatchNorm's.
