@@ -111,6 +111,9 @@ class Rule:
         check: for other texts (or a list), returns the problem or None.
         whole_numbers_as_text: a whole number is taken as its text (a hand-written
             ``name: 2024`` is the pool ``"2024"``, as datapool always read it).
+        digits_as_number: once checked, a text of digits is stored as the number
+            (``image_size=64`` is written to params.yaml as ``64``, as a hand-written
+            value is, so ``dvc params diff`` never shows ``'64'`` against ``64``).
     """
 
     kind: type
@@ -120,6 +123,7 @@ class Rule:
     choices: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None
     whole_numbers_as_text: bool = False
+    digits_as_number: bool = False
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not acceptable (the text after the key), or None."""
@@ -268,7 +272,9 @@ SETTINGS: dict[str, Rule] = {
     "embed.weights": Rule(str, check=_weights),
     "embed.embedding_dim": Rule(int, low=1),
     # auto, or pixels: stored as text so a hand-written 224 and `image_size=224` agree.
-    "embed.image_size": Rule(str, check=_image_size, whole_numbers_as_text=True),
+    "embed.image_size": Rule(
+        str, check=_image_size, whole_numbers_as_text=True, digits_as_number=True
+    ),
     "embed.batch_size": Rule(int, low=1),
     "embed.num_workers": Rule(int, low=0),
     "embed.device": Rule(str, check=_device),
@@ -285,7 +291,7 @@ REQUIRED = ("input_dir", "datapool.name")
 
 def check_value(key: str, value: Any) -> Any:
     """``value`` for setting ``key``, checked (whole floats become ints, a whole number
-    becomes text where the setting says so).
+    becomes text, or digits a number, where the setting says so).
 
     Raises :class:`InputError` naming the key and value, or listing the known keys.
     """
@@ -301,6 +307,8 @@ def check_value(key: str, value: Any) -> Any:
         return int(value)
     if rule.kind is float:
         return float(value)
+    if rule.digits_as_number and isinstance(value, str) and value.isdigit():
+        return int(value)
     return value
 
 

@@ -162,7 +162,6 @@ def test_other_pool_names_are_refused(name: str) -> None:
         "embed.weights=~/resnet18.pth",
         "embed.weights=weights.pt",
         "embed.image_size=auto",
-        "embed.image_size=96",
     ],
 )
 def test_devices_and_weights_torch_accepts_pass(pair: str) -> None:
@@ -171,9 +170,11 @@ def test_devices_and_weights_torch_accepts_pass(pair: str) -> None:
 
 
 def test_image_size_is_auto_or_pixels_whether_written_or_given() -> None:
-    # A hand-written `image_size: 224` and `image_size=224` on the command line agree.
-    assert check_value("embed.image_size", 224) == "224"
-    assert parse_settings(["embed.image_size=224"]) == {"embed.image_size": "224"}
+    # A hand-written `image_size: 224` and `image_size=224` on the command line agree:
+    # both are the number 224 in params.yaml.
+    assert check_value("embed.image_size", 224) == 224
+    assert parse_settings(["embed.image_size=224"]) == {"embed.image_size": 224}
+    assert parse_settings(["embed.image_size=96"]) == {"embed.image_size": 96}
     assert check_value("embed.image_size", "auto") == "auto"
     with pytest.raises(InputError, match=r"embed\.image_size must be auto or a whole number"):
         check_value("embed.image_size", 8)
