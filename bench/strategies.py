@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory import measure, peak_rss  # bench/memory.py, beside this script
 
 from datapool.selection import k_center_greedy
-from datapool.strategies import TYPICALITY_SAMPLE, Objective, combine, typicality
+from datapool.strategies import TYPICALITY_SAMPLE, Combined, Objective, combine, typicality
 
 
 def make(n: int, d: int, kind: str, seed: int) -> np.ndarray:
@@ -117,18 +117,21 @@ def main() -> None:
     print(f"  combination loop        {t_loop:8.2f} s  peak +{m_loop / 1e6:7.1f} MB")
     total = t_typ + t_loop
     print(f"  diversity x typicality  {total:8.2f} s  (typicality + loop)")
+
+    def run_guarded(lazy: bool) -> Combined:
+        return combine(
+            x,
+            objectives=objective,
+            n_samples=args.picks,
+            threads=threads,
+            diversity=args.guard_strength,
+            guard=args.guard,
+            lazy=lazy,
+        )
+
     guarded = None
     if args.guard:
-        guarded, t_guard, m_guard = measure(
-            lambda: combine(
-                x,
-                objectives=objective,
-                n_samples=args.picks,
-                threads=threads,
-                diversity=args.guard_strength,
-                guard=args.guard,
-            )
-        )
+        guarded, t_guard, m_guard = measure(lambda: run_guarded(True))
         print(
             f"  guarded loop (guard {args.guard:g}) {t_guard:6.2f} s  peak +{m_guard / 1e6:7.1f} MB"
             f"  ({t_guard / t_loop:.2f}x the unguarded loop; with typicality "
@@ -155,17 +158,7 @@ def main() -> None:
             f"coverage radius after {guarded.next_distance:.4f}"
         )
     if args.full_loop and guarded is not None:
-        full_g, t_full_g, _ = measure(
-            lambda: combine(
-                x,
-                objectives=objective,
-                n_samples=args.picks,
-                threads=threads,
-                diversity=args.guard_strength,
-                guard=args.guard,
-                lazy=False,
-            )
-        )
+        full_g, t_full_g, _ = measure(lambda: run_guarded(False))
         same = np.array_equal(full_g.indices, guarded.indices)
         print(
             f"  guarded, one pass per pick {t_full_g:6.2f} s  "

@@ -90,7 +90,7 @@ def main(
     if status is not None:  # the workers did the work (and reported any error)
         raise SystemExit(status)
     with user_errors("sample"):
-        from datapool.distributed import agree, main_first  # torch: after the relaunch
+        from datapool.distributed import agree, main_first, shutdown  # torch: after relaunch
 
         stop = StoppingCondition(n_samples, min_distance, proportion_samples)
         world = _world(device)
@@ -105,7 +105,7 @@ def main(
             raise
         agree(world, None)
         choice = choose_increment(table, pool, stop, selection, world=world)
-        _leave(world)
+        shutdown(world)
         if not world.is_main:  # rank 0 writes; the others only shared the work
             return
         picks, n_fresh = choice.picks, choice.fresh
@@ -144,12 +144,6 @@ def _world(device: str) -> World:
     world = init_from_env(device=None if device == "auto" else device)
     check_same(world, "the stage they run", "sample")
     return world
-
-
-def _leave(world: World) -> None:
-    from datapool.distributed import shutdown
-
-    shutdown(world)
 
 
 def _selection(
