@@ -75,6 +75,7 @@ from datapool.selection import (
     _POOL_TOP,
     _TOP_BYTES,
     _TOP_DIV,
+    PoolPrecision,
     Selection,
     _as_tensor,
     _Centres,
@@ -87,6 +88,7 @@ from datapool.selection import (
     _stuck,
     _Top,
     exact_min,
+    lowp_pool_pass,
     pinned_numerics,
 )
 
@@ -169,6 +171,7 @@ def _pool_split_pass(st: _State, x: torch.Tensor, pool: torch.Tensor, world: Wor
     part = pool[slice_.start : slice_.stop]
     full = _State(x, _Centres(part, x.shape[1], st.dev), st.budget, st.pass_threads)
     full.track = True
+    full.lowp = st.lowp
     full.first_pass(x.shape[0])  # keep every row: no pruning (it would need a global level)
     both = torch.stack([full.a, full.tpool]).to(world.device)
     cmax = torch.tensor([full.pool_cmax], dtype=torch.float64, device=world.device)
@@ -286,8 +289,10 @@ def _select(
     limits: tuple[int, int, float | None],
     budget: int | None,
     threads: int,
+    lowp: bool = False,
 ) -> tuple[list[Any], float]:
-    """Sharded selection: ``[(global index, distance), ...]`` and the next distance."""
+    """Sharded selection: ``[(global index, distance), ...]`` and the next distance
+    (``lowp``: the bfloat16 pool pass, :func:`datapool.selection.lowp_pool_pass`)."""
     limit, planned, min_distance = limits
     n, d = x.shape
     out: list[Any] = []
@@ -301,6 +306,7 @@ def _select(
     whole_pool = pool if split == "candidates" else None
     st = _State(local, _Centres(whole_pool, d, dev), budget, threads)
     st.track = pool is not None  # every union row's pool minimum must be known (docstring)
+    st.lowp = st.track and lowp  # exact results: ranks may differ in it and still agree
     if pool is not None and split == "pool":
         _pool_split_pass(st, x, pool, world)
     else:
@@ -331,6 +337,7 @@ def k_center_greedy_sharded(
     device: str | None = None,
     memory_budget: int | None = None,
     threads: int | None = 1,
+    pool_precision: PoolPrecision = "auto",
 ) -> Selection:
     """:func:`datapool.selection.k_center_greedy`, computed by every rank of ``world`` together.
 
@@ -352,6 +359,7 @@ def k_center_greedy_sharded(
         memory_budget: bytes for this rank's working blocks; default a tenth
             of the candidate rows this rank holds (at least 64 MiB).
         threads: torch CPU threads per rank for the blocked passes (default 1).
+        pool_precision: the pool pass's products, as in ``k_center_greedy``.
 
     Raises:
         InputError: as ``k_center_greedy`` (reported with global row numbers,
@@ -366,8 +374,9 @@ def k_center_greedy_sharded(
     limit = x.shape[0] if n_samples is None else min(n_samples, x.shape[0])
     limits = (limit, 0 if n_samples is None else limit, min_distance)
     passes = threads or torch.get_num_threads()
+    lowp = lowp_pool_pass(dev, pool_precision)
     with pinned_numerics(dev.type, 1):
-        out, nxt = _select(x, p, chosen, world, dev, limits, memory_budget, passes)
+        out, nxt = _select(x, p, chosen, world, dev, limits, memory_budget, passes, lowp)
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist_ = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
     return Selection(idx, dist_, nxt)

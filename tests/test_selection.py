@@ -467,15 +467,19 @@ def test_too_large_values_and_dimensions_are_refused() -> None:
         k_center_greedy(np.ones((5, 2), np.float32), pool=big[2:], n_samples=2)
 
 
-def test_each_row_receives_each_pool_row_once(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_each_row_receives_each_pool_row_once(
+    monkeypatch: pytest.MonkeyPatch, precision: selection.PoolPrecision
+) -> None:
     """The pool pass keeps exact minima, so making rows exact never re-reads the pool."""
     applied: list[int] = []
     rechecked: list[int] = []  # addresses of the centres made exact against
     chunk, exact = selection._State._pool_chunk, selection.exact_min
 
-    def counted(self: selection._State, xb: torch.Tensor, *args: Any) -> None:
-        applied.append(xb.shape[0] * args[-1][0].shape[0])
-        chunk(self, xb, *args)
+    def counted(self: selection._State, rows: Any, *args: Any) -> None:
+        if self.track:  # not the sampled estimate of the level (_drop_level)
+            applied.append(rows.x.shape[0] * self._pool()[args[-1]][0].shape[0])
+        chunk(self, rows, *args)
 
     def recorded(*args: Any) -> torch.Tensor:
         c = args[3]
@@ -487,7 +491,7 @@ def test_each_row_receives_each_pool_row_once(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(selection, "exact_min", recorded)
     x = clustered(np.random.default_rng(5), 3000, 16)
     pool, cand = np.ascontiguousarray(x[:640]), x[640:]
-    sel = k_center_greedy(cand, pool=pool, n_samples=400)
+    sel = k_center_greedy(cand, pool=pool, n_samples=400, pool_precision=precision)
     assert_same(sel, reference(cand, pool, n_samples=400))
     assert 0 < sum(applied) <= len(cand) * len(pool)
     start, end = pool.ctypes.data, pool.ctypes.data + pool.nbytes
@@ -522,3 +526,63 @@ def test_nearest_matches_brute_force() -> None:
     assert np.isinf(empty.distances).all() and (empty.indices == -1).all()
     with pytest.raises(InputError, match="dimension"):
         nearest(queries, centres[:, :3])
+
+
+def _offset(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Clusters far from the origin: the bfloat16 pass's error scales with the norms
+    unless it centres the rows."""
+    out: np.ndarray = clustered(rng, n, d) * 3 + 50
+    return out
+
+
+def _grid(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Small integers: duplicate rows and exactly tied distances."""
+    return rng.integers(0, 3, size=(n, d)).astype(np.float32)
+
+
+LOWP = {"random": unit, "clustered": clustered, "offset": _offset, "grid": _grid}
+
+
+@pytest.mark.parametrize("kind", sorted(LOWP))
+@pytest.mark.parametrize("picks", [350, 3000])  # 350: the pool pass stops rows early
+def test_bfloat16_pool_pass_picks_what_the_float32_pass_picks(kind: str, picks: int) -> None:
+    """Bit for bit, and the textbook's picks where numpy's and torch's sums do not tie
+    (late picks of 3000 meet float32 ties between them, for both passes alike)."""
+    rng = np.random.default_rng(41)
+    x = LOWP[kind](rng, 4500, 6 if kind == "grid" else 24)
+    pool, cand = x[:1500], x[1500:]
+    low = k_center_greedy(cand, pool=pool, n_samples=picks, pool_precision="bfloat16")
+    full = k_center_greedy(cand, pool=pool, n_samples=picks, pool_precision="float32")
+    np.testing.assert_array_equal(low.indices, full.indices)
+    np.testing.assert_array_equal(low.min_distances, full.min_distances)
+    assert low.next_distance == full.next_distance
+    if picks == 350:
+        assert_same(low, reference(cand, pool, n_samples=picks))
+
+
+@pytest.mark.parametrize("d", [3, 64, 128, 700])
+def test_bfloat16_products_stay_within_their_bound(d: int) -> None:
+    """The bound assumes this machine's bf16 GEMM accumulates in float32 and rounds once."""
+    rng = np.random.default_rng(d)
+    scales = np.exp(rng.uniform(-3, 3, size=(1, d))).astype(np.float32)  # mixed magnitudes
+    c = (rng.standard_normal((1024, d)) * scales + 7).astype(np.float32)
+    x = np.concatenate([c[:300] + 1e-3 * rng.standard_normal((300, d)), c[300:600] * -1])
+    xt, ct = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(c)
+    st = selection._State(xt, selection._Centres(ct, d, torch.device("cpu")), 64 << 20)
+    st.lowp = True
+    rows = st._rows_of(xt, (xt * xt).sum(dim=1))
+    g = st._lowp_products(rows, 0).add_(rows.xnc.unsqueeze(1)).double()
+    t = ((xt.unsqueeze(1) - ct.unsqueeze(0)) ** 2).sum(dim=2).double()  # the textbook form
+    cnc = st._pool_lowp()[0][1]
+    bound = (rows.xnc.unsqueeze(1) + cnc.unsqueeze(0)).double() * st.kappa_lowp
+    assert bool(((g - t).abs() <= bound).all())
+    assert float(((g - t).abs() / bound).max()) > 1e-4  # the products really were bf16
+
+
+def test_pool_precision_is_checked_and_auto_stays_off_gpus() -> None:
+    cpu = torch.device("cpu")
+    assert selection.lowp_pool_pass(cpu, "bfloat16") is True
+    assert selection.lowp_pool_pass(cpu, "float32") is False
+    assert selection.lowp_pool_pass(torch.device("cuda"), "auto") is False
+    with pytest.raises(InputError, match="pool_precision must be one of auto, float32"):
+        k_center_greedy(np.zeros((3, 2), np.float32), n_samples=1, pool_precision="fp16")  # type: ignore[arg-type]

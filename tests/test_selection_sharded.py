@@ -5,7 +5,8 @@ each rank's picks must equal ``k_center_greedy``'s exactly: same indices in
 the same order, same distances, same ``next_distance``. Cases cover both
 splits of the pool pass, no pool, ``min_distance``, duplicates and exact
 ties, more picks than a rank's slice, uneven slices, a rank with no rows,
-slices far larger than a top set (many phases) and a pruned pool pass.
+slices far larger than a top set (many phases), a pruned pool pass, and the
+bfloat16 pool pass (compared with one process's float32 pass).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def case(
     return x, pool, {**rule, "split": split}
 
 
+_BF16 = {"pool_precision": "bfloat16"}
+
 # name: (kind, seed, candidates, pool rows, stopping rule, split)
 CASES: dict[str, tuple[str, int, int, int, dict[str, Any], str]] = {
     **{
@@ -80,6 +83,12 @@ CASES: dict[str, tuple[str, int, int, int, dict[str, Any], str]] = {
     "many-phases": ("unit", 16, 5001, 0, {"n_samples": 400}, "auto"),
     # few picks against a pool: the pool pass stops rows early and completes them later
     "pruned-pool-pass": ("clustered", 17, 6001, 2500, {"n_samples": 60}, "candidates"),
+    # the bfloat16 pool pass on every rank (auto picks it only on CPUs with native bf16)
+    **{
+        f"bf16-{split}": ("clustered", 18, 900, 1500, {"n_samples": 300, **_BF16}, split)
+        for split in ("candidates", "pool")
+    },
+    "bf16-pruned": ("unit", 19, 3000, 1200, {"n_samples": 350, **_BF16}, "candidates"),
     "one-row": ("unit", 10, 1, 5, {"n_samples": 3}, "auto"),  # rank 1 holds no candidate
     "one-row-no-pool": ("unit", 11, 1, 0, {"n_samples": 3}, "auto"),
     "pool-of-one": ("unit", 12, 30, 1, {"n_samples": 40}, "pool"),  # rank 1: no pool row
@@ -129,6 +138,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _expected(name: str) -> Selection:
     x, pool, kw = case(name)
     kw.pop("split")
+    kw["pool_precision"] = "float32"  # the picks do not depend on the pool pass's products
     return k_center_greedy(x, pool=pool, **kw)
 
 

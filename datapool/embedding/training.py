@@ -34,6 +34,7 @@ from tqdm import tqdm
 from datapool.embedding.inference import IMAGENET_MEAN, IMAGENET_STD
 from datapool.embedding.model import EmbeddingModel
 from datapool.errors import InputError
+from datapool.hardware import cpu_has_native_bf16
 from datapool.images import CorruptImageError, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -342,22 +343,6 @@ def _check_settings(
         raise InputError(f"training learning_rate must be > 0, got {lr}")
     if not t > 0:
         raise InputError(f"training temperature must be > 0, got {t}")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (x86 ``avx512_bf16`` or ``amx_bf16``).
-
-    Read from ``/proc/cpuinfo``'s flags (False where there is none, e.g. macOS). Not
-    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: that is also true on plain
-    AVX-512 CPUs, where oneDNN emulates bf16 more slowly than fp32.
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _autocast_dtype(device: torch.device, bf16: bool | None) -> torch.dtype | None:
