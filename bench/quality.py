@@ -20,14 +20,20 @@ strategy picks ``--budgets`` (fractions of the candidates):
 * ``guarded``: typicality behind diversity's radius guard (``--guard``,
   diversity's strength ``--guard-strength``, default 0): each pick is the most
   typical candidate among those at least ``guard`` times as far from the earlier
-  picks as the farthest one (the proposed default, same order).
+  picks as the farthest one (issue 12's first default, same order);
+* ``herding``: the default, :mod:`datapool.herding` (``--herding-radius``,
+  ``--herding-bandwidth``): as many kernel-herding picks as fit while greedy
+  k-center, continued from them, still brings the coverage radius within
+  ``radius`` times plain k-center's for the budget (same order).
 
 ``--strategies`` chooses the rows (``random`` is always measured: every
 difference is against it).
 
 Greedy picks are prefix-consistent (each pick depends only on the earlier
 ones), so each strategy runs once per seed at the largest budget and every
-smaller budget is its prefix. The picks are judged in two spaces: ``px``, the
+smaller budget is its prefix; ``herding`` depends on the budget (its radius
+bound and kernel width follow k-center's radius for it) and runs once per
+budget. The picks are judged in two spaces: ``px``, the
 PCA (``--pca`` components, fit on the candidates) of the raw pixels scaled to
 [0, 1], independent of our embedder, and ``ours``, the embeddings:
 
@@ -90,7 +96,7 @@ from datapool.selection import k_center_greedy
 from datapool.strategies import StrategyConfig, parse_strategies, select
 
 CPU = torch.device("cpu")
-STRATEGIES = ("random", "diversity", "div x typ", "guarded")
+STRATEGIES = ("random", "diversity", "div x typ", "guarded", "herding")
 SPACES = ("px", "ours")
 BUDGETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2)
 
@@ -208,7 +214,14 @@ def configured(args: argparse.Namespace) -> dict[str, tuple[StrategyConfig, ...]
         "guarded": parse_strategies(
             [{"strategy": "diversity", "strength": args.guard_strength, "guard": args.guard}, typ]
         ),
-    }
+        "herding": parse_strategies(
+            [{"strategy": "herding", "radius": args.herding_radius,
+              "bandwidth": args.herding_bandwidth}]
+        ),
+    }  # fmt: skip
+
+
+PER_BUDGET = ("herding",)  # not prefix-consistent: run once per budget
 
 
 def pick_orders(
@@ -220,11 +233,25 @@ def pick_orders(
     names = [str(i) for i in range(len(order))]
     out = {"random": order[:k]}
     for name, cfg in configured(args).items():
-        if name in args.strategies:
+        if name in args.strategies and name not in PER_BUDGET:
             out[name] = order[select(x, names, strategies=cfg, n_samples=k, seed=seed).indices]
     if "diversity" in args.strategies:
         out["diversity"] = order[np.asarray(k_center_greedy(x, n_samples=k).indices, np.int64)]
     return {s: out[s] for s in STRATEGIES if s in out}
+
+
+def budget_picks(
+    emb: np.ndarray, cand: Ints, k: int, seed: int, args: argparse.Namespace
+) -> dict[str, Ints]:
+    """The chosen budget-dependent strategies' ``k`` picks, in :func:`pick_orders`' order."""
+    order = cand[np.random.default_rng(seed).permutation(len(cand))]
+    names = [str(i) for i in range(len(order))]
+    cfg = configured(args)
+    return {
+        name: order[select(emb[order], names, strategies=cfg[name], n_samples=k, seed=seed).indices]
+        for name in PER_BUDGET
+        if name in args.strategies
+    }
 
 
 def scores(
@@ -273,7 +300,8 @@ def run_set(data: Labelled, emb: np.ndarray, args: argparse.Namespace) -> tuple[
         sizes = {b: budget_size(b, n_cand) for b in args.budgets}
         orders = pick_orders(emb, cand, max(sizes.values()), seed, args)
         for b, k in sizes.items():
-            for strategy, order in orders.items():
+            chosen = {s: o[:k] for s, o in orders.items()} | budget_picks(emb, cand, k, seed, args)
+            for strategy, order in chosen.items():
                 for sp, space in spaces.items():
                     res[b][strategy][sp].append(scores(space, data.labels, order[:k], cand, test))
     return res, n_cand
@@ -394,6 +422,8 @@ def parse_args() -> argparse.Namespace:
     add("--typicality-k", type=int, default=20, help="typicality's neighbours (default 20)")
     add("--guard", type=float, default=0.9, help="guarded's radius guard (default 0.9)")
     add("--guard-strength", type=float, default=0.0, help="guarded's diversity strength (0)")
+    add("--herding-radius", type=float, default=1.065, help="herding's radius bound (1.065)")
+    add("--herding-bandwidth", type=float, default=0.3, help="herding's kernel width (0.3)")
     add(
         "--strategies",
         nargs="+",

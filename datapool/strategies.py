@@ -89,6 +89,13 @@ the other objectives choose. With DIVERSITY strength 0 and TYPICALITY, each
 pick is the most typical candidate among the far ones: issue 12's measured
 default (docs/BENCHMARKS.md). A guard leaves plain diversity unchanged.
 
+HERDING is not a factor of this product but its own rule
+(:mod:`datapool.herding`, issue 12's default): kernel-herding picks for as long
+as greedy k-center, continued from them, still brings the coverage radius within
+``radius`` times plain k-center's for the budget. It combines only with
+THRESHOLDs (and the relevant / masked / pre-selected inputs); :func:`select`
+dispatches to it.
+
 Exactness and cost
 ------------------
 Distances are the textbook float32 values ``sum((x - c)^2)`` that
@@ -850,6 +857,50 @@ def _plain(
     )
 
 
+def _herded(
+    xc: torch.Tensor,
+    pool: torch.Tensor | None,
+    pre_rows: torch.Tensor | None,
+    budget: int | None,
+    min_distance: float | None,
+    strategies: Sequence[StrategyConfig],
+    seed: int,
+    threads: int | None,
+    world: World | None,
+) -> Combined:
+    """HERDING (:mod:`datapool.herding`) as a :class:`Combined`.
+
+    Recorded per pick: its distance to the pool, pre-selected rows and earlier
+    picks, and ``"diversity"``, that distance over plain k-center's radius ``r``
+    for the budget (not the running maximum the combination loop records).
+    """
+    from datapool.herding import herd_and_cover  # imports this module
+
+    cfg = next(c for c in strategies if c.strategy == "herding")
+    parts = [t.to(torch.float32) for t in (pool, pre_rows) if t is not None]
+    centres = torch.cat(parts) if parts else None
+    x = xc.to("cpu", torch.float32)
+    got = herd_and_cover(
+        x, pool=centres, n_samples=budget, min_distance=min_distance, radius=cfg.radius,
+        bandwidth=cfg.bandwidth, seed=seed, threads=threads, world=world,
+    )  # fmt: skip
+    idx = torch.from_numpy(got.indices)
+    dist = _chain_distances(x[idx], centres)
+    cov = _Coverage(x, threads or torch.get_num_threads())
+    if centres is not None:
+        cov.add(centres)
+    cov.add(x[idx])  # the radius left: next_distance
+    left = float(cov.d2.max().sqrt()) if x.shape[0] else 0.0
+    if budget is not None and len(idx) == budget:
+        reason = "n_samples"
+    elif left == 0:
+        reason = "no candidates left"
+    else:
+        reason = "min_distance"
+    r = got.radius if 0 < got.radius < math.inf else 1.0
+    return Combined(got.indices, dist, {"diversity": dist / r}, left, reason)
+
+
 def _mask(value: Any, n: int, name: str, default: bool) -> npt.NDArray[np.bool_]:
     """``value`` as a bool [n] mask (``default`` everywhere when None)."""
     if value is None:
@@ -1036,6 +1087,8 @@ def select(
             parts = [t.to(torch.float32) for t in (pool_t, pre_rows) if t is not None]
             centres = torch.cat(parts)
         got = _plain(xc, centres, budget, min_distance, threads, world)
+    elif any(c.strategy == "herding" for c in strategies):
+        got = _herded(xc, pool_t, pre_rows, budget, min_distance, strategies, seed, threads, world)
     else:
         div = [c for c in strategies if c.strategy == "diversity"]
         bal = [c for c in strategies if c.strategy == "balance"]

@@ -26,7 +26,7 @@ __all__ = [
     "parse_strategies",
 ]
 
-KINDS = ("diversity", "typicality", "weights", "threshold", "balance", "similarity")
+KINDS = ("diversity", "typicality", "weights", "threshold", "balance", "similarity", "herding")
 OPERATIONS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
 _SUM_TOLERANCE = 1e-6  # explicit balance proportions must sum to 1 within this
 
@@ -49,6 +49,10 @@ class StrategyConfig:
             far from the pool and earlier picks as the farthest candidate that
             could be picked, so the coverage radius tracks greedy k-center's
             while the other objectives choose among the far candidates; 0 is off.
+        radius: ``herding`` only, >= 1: the coverage radius allowed, as a
+            multiple of plain k-center's for the same budget (:mod:`datapool.herding`).
+        bandwidth: ``herding`` only, > 0: the kernel's sigma as a multiple of
+            that radius.
     """
 
     strategy: str
@@ -59,6 +63,8 @@ class StrategyConfig:
     target: str | Mapping[str, float] = "uniform"
     k: int = 20
     guard: float = 0.0
+    radius: float = 1.065
+    bandwidth: float = 0.3
 
     @property
     def name(self) -> str:
@@ -77,6 +83,7 @@ _KEYS = {
     "threshold": {"column", "operation", "value"},
     "balance": {"strength", "column", "target"},
     "similarity": {"strength"},
+    "herding": {"radius", "bandwidth"},
 }
 
 
@@ -141,14 +148,34 @@ def _parse_one(raw: Mapping[str, Any], where: str) -> StrategyConfig:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"{where}.k must be an integer >= 1, got {k!r}")
         cfg = StrategyConfig(kind, strength, k=k)
+    if kind == "herding":
+        cfg = _herding(raw, where)
     return cfg
+
+
+def _herding(raw: Mapping[str, Any], where: str) -> StrategyConfig:
+    """A HERDING entry: ``radius >= 1`` and ``bandwidth > 0`` (defaults 1.065, 0.3)."""
+    radius = _number(raw.get("radius", 1.065), f"{where}.radius")
+    if radius < 1:
+        raise InputError(
+            f"{where}.radius must be >= 1 (a multiple of plain k-center's coverage radius), "
+            f"got {radius:g}"
+        )
+    bandwidth = _number(raw.get("bandwidth", 0.3), f"{where}.bandwidth")
+    if bandwidth <= 0:
+        raise InputError(
+            f"{where}.bandwidth must be > 0 (the kernel's width as a multiple of the "
+            f"coverage radius), got {bandwidth:g}"
+        )
+    return StrategyConfig("herding", radius=radius, bandwidth=bandwidth)
 
 
 def parse_strategies(raw: Sequence[Mapping[str, Any]] | None) -> tuple[StrategyConfig, ...]:
     """Validate ``selection.strategies`` (a list of mappings; None or [] = plain diversity).
 
     Raises InputError for an unknown strategy or key, a non-finite strength,
-    a threshold without column/operation/value, a bad balance target, or two
+    a threshold without column/operation/value, a bad balance target, a herding
+    radius < 1 or bandwidth <= 0, herding beside anything but thresholds, or two
     entries with the same :attr:`StrategyConfig.name`.
     """
     if raw is None:
@@ -165,6 +192,12 @@ def parse_strategies(raw: Sequence[Mapping[str, Any]] | None) -> tuple[StrategyC
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"selection.strategies: {twice[0]} is configured twice")
+    others = [c.strategy for c in out if c.strategy not in ("herding", "threshold")]
+    if others and any(c.strategy == "herding" for c in out):
+        # herding is its own selection rule, not a factor of the combination loop's product
+        raise InputError(
+            f"selection.strategies: herding combines only with threshold, not with {others[0]}"
+        )
     return tuple(out)
 
 
@@ -198,6 +231,8 @@ def describe(configs: Sequence[StrategyConfig]) -> dict[str, dict[str, Any]]:
             entry["target"] = c.target if isinstance(c.target, str) else dict(c.target)
         if c.strategy == "typicality":
             entry["k"] = c.k
+        if c.strategy == "herding":
+            entry = {"strategy": c.strategy, "radius": c.radius, "bandwidth": c.bandwidth}
         if c.guard:  # absent when off: versions recorded before the guard read the same
             entry["guard"] = c.guard
         out[c.name] = entry

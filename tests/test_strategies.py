@@ -651,7 +651,7 @@ def test_guard_settings_are_checked() -> None:
 
 
 def _on_ranks(world: Any, out: Path) -> None:
-    """Typicality (exact and sampled) and the default selection, computed by every rank."""
+    """Typicality (exact and sampled), the guarded selection and herding, by every rank."""
     import pickle
 
     from datapool.strategy_config import parse_strategies
@@ -665,16 +665,18 @@ def _on_ranks(world: Any, out: Path) -> None:
             {"strategy": "typicality", "strength": 1.0, "k": 20},
         ]
     )
+    herding = parse_strategies([{"strategy": "herding"}])  # its k-center runs are sharded
     names = [f"f{i}" for i in range(len(x))]
     result = {
         "exact": typicality(x, k=5, world=world),
         "sampled": typicality(x, k=5, sample=100, seed=3, world=world),
         "picks": select(x, names, strategies=default, pool=pool, n_samples=25, world=world),
+        "herding": select(x, names, strategies=herding, pool=pool, n_samples=25, world=world),
     }
     (out / f"rank{world.rank}.pkl").write_bytes(pickle.dumps(result))
 
 
-def test_typicality_and_the_default_selection_on_two_ranks_equal_one_process(
+def test_typicality_guard_and_herding_on_two_ranks_equal_one_process(
     tmp_path: Path,
 ) -> None:
     import pickle
@@ -692,3 +694,5 @@ def test_typicality_and_the_default_selection_on_two_ranks_equal_one_process(
         np.testing.assert_allclose(got["exact"], want["exact"], rtol=1e-6)
         np.testing.assert_allclose(got["sampled"], want["sampled"], rtol=1e-6)
         assert got["picks"].indices.tolist() == want["picks"].indices.tolist()
+        assert got["herding"].indices.tolist() == want["herding"].indices.tolist()
+        assert 0 < len(set(want["herding"].indices.tolist())) == 25
