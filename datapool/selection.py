@@ -40,11 +40,12 @@ passes:
   (at 10k picks against 200k pool rows that second pass was 3/4 of the time).
 * On CPUs that compute bfloat16 natively (``avx512_bf16``/``amx_bf16``) and
   when the pool minima are kept exact (above), the pool pass multiplies
-  bfloat16 copies of the centred rows (:func:`lowp_error_bound`, Notes): about
-  1.9x the float32 product's speed here (9.3 vs 17.6 ms per 4096 x 1024 x 128
-  block with its minimum, one thread). Its larger error only widens the window
-  of pairs re-computed directly; every value the picks depend on is still the
-  textbook one, so the picks do not change (``pool_precision`` chooses).
+  bfloat16 copies of the centred rows, norms included, and takes row minima on
+  the bits (:func:`lowp_error_bound`, Notes): 6.5-7.4 ms per 4096 x 1024 x 128
+  block against float32's 16-18 ms (one thread, AMD EPYC with avx512_bf16).
+  Its larger error only widens the window of pairs re-computed directly;
+  every value the picks depend on is still the textbook one, so the picks do
+  not change (``pool_precision`` chooses).
 * The blocked passes run on ``threads`` CPU threads (default 1: on a busy
   2-core machine two threads made a 200k-row pool case 2.5x slower, 35 s vs
   14 s, while a quiet one gains 1.9x); the per-pick vector work runs on one.
@@ -112,20 +113,21 @@ absolute term ``eta = 2**-100`` covers them. Squared norms are kept below
 **The bfloat16 pool pass.** Rows and pool rows are first centred on the pool's
 mean ``mu`` (distances do not change; the error scales with the norms): ``x' =
 fl(x - mu)``, ``c' = fl(c - mu)``, with computed squared norms ``xn'``, ``cn'``
-and ``S' = xn' + cn'``. The product ``p = fl_b(sum fl_b(x'_i) fl_b(c'_i))``
-takes bfloat16 inputs (unit roundoff ``w = 2**-8``), whose products are exact
-in float32, accumulates in float32 and rounds the sum to bfloat16 once: how
-oneDNN's bf16 GEMMs work (f32 accumulation buffer, one down-conversion; a test
-checks it on this machine's kernels). So ``|p - x'.c'| <= (3w + 4w^2 + 2 g_d)
-|x'||c'|``; then ``g = fl(fl(cn' - 2p) + xn')`` in float32 adds ``g_d`` per norm
-and two roundings, the centring ``|(x' - c')^2 - (x - c)^2| <= 4u S'`` to first
-order, and the textbook form ``2 g_{d+2} S'`` as above. With ``2|x'||c'| <=
-S'``: ``|g - t| <= K_b S'``, ``K_b = (3w + 4w^2 + 8 g_{d+2} + 16u) / (1 - g_{d+2})``
-(the divisor for norms computed low, times ``1 + 2**-10`` for the rounding of
-``eps`` itself; about ``0.0118``, 480x the float32 bound at d = 128; ``eta`` as
-above, bfloat16 having float32's exponent range). That pass never stores ``g`` as a bound: a
-row leaves it with its textbook pool minimum (the ``2 eps`` window argument holds
-for any valid ``eps``), which is all the rest of the engine reads.
+and ``S' = xn' + cn'``. One product ``g = fl_b([-2x', 1, xn'] . [c', cn', 1])``
+gives the squared distance: bfloat16 inputs (unit roundoff ``w = 2**-8``; ``-2``
+is exact), products exact in float32, accumulated in float32 and rounded to
+bfloat16 once -- how oneDNN's bf16 GEMMs work (an f32 accumulation buffer, one
+down-conversion; a test checks the bound on the machine's kernels). Inputs
+err by ``(2w + w^2) 2|x'||c'| + w S'``, the sum by ``g_{d+2}`` relative, the
+output by ``w |g| <= 2w S'`` (about), so with ``2|x'||c'| <= S'``: ``|g - D'| <=
+(5w + O(w^2)) S'``; the centring moves ``D`` by ``4u S'`` and the textbook form
+errs by ``2 g_{d+2} S'`` as above. Hence ``|g - t| <= K_b S'`` with ``K_b = (5w +
+12w^2 + 8 g_{d+4} + 16u) / (1 - g_{d+4})`` (the divisor for norms computed low,
+times ``1 + 2**-10`` for the rounding of ``eps`` itself; about ``0.0198`` at
+d = 128, 800x the float32 bound; ``eta`` as above, bfloat16 having float32's
+exponent range). The pass never keeps ``g`` as a bound: a row leaves it with its
+textbook pool minimum (the ``2 eps`` window argument holds for any valid
+``eps``), which is all the rest of the engine reads.
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ _TOP_DIV = 50  # top set: this fraction of the rows (at least 256) ...
 _TOP_BYTES = 16 << 20  # ... but its float32 copy at most this size (stays in cache)
 _POOL_TOP = 4  # with a pool, the top set holds at most this many rows per pick
 _POOL_ROWS = 4096  # candidate rows per block in the pool pass
+# ... in the bfloat16 pass (per 4096 rows x 1024 pool rows x 128, product and row minima:
+# 6.5-7.4 ms at 512-4096 rows a block, float32's 16-18 ms; half the blocks of 1024 rows
+# halve the per-block Python work)
+_LOWP_ROWS = 2048
 _SAMPLE = 4096  # rows sampled to estimate the level that matters in the pool pass
 _TRACK_SHARE = 10  # keep exact pool minima when n_samples >= n / this (see _select)
 _MIN_BUDGET = 64 << 20  # bytes; 4096-row pool-pass blocks (~20 % faster than 16 MiB allowed)
@@ -187,10 +193,10 @@ def lowp_error_bound(d: int) -> float:
     """Relative bound ``K_b`` of the bfloat16 pool pass (module Notes).
 
     ``|g - t| <= K_b * (xn' + cn')`` for the centred rows' computed squared
-    norms; about ``0.0118`` at ``d = 128``.
+    norms; about ``0.0198`` at ``d = 128``.
     """
-    g = _gamma(d + 2)
-    return (3 * _W + 4 * _W * _W + 8 * g + 16 * _U) / (1 - g) * (1 + 2.0**-10)
+    g = _gamma(d + 4)
+    return (5 * _W + 12 * _W * _W + 8 * g + 16 * _U) / (1 - g) * (1 + 2.0**-10)
 
 
 def error_bound(d: int) -> float:
@@ -413,8 +419,8 @@ def exact_min(
 @dataclass
 class _Rows:
     """A block of candidate rows in the pool pass: float32 ``x`` [b, d], squared norms
-    ``xn`` [b]; for the bfloat16 pass ``low`` [b, d], ``-2`` times their centred copy in
-    bfloat16, and the centred copy's squared norms ``xnc`` [b] (float32)."""
+    ``xn`` [b]; for the bfloat16 pass ``low`` [b, d + 2], ``[-2 x', 1, xn']`` in bfloat16
+    (``x'`` the centred row), and ``xnc`` [b], the float32 ``xn'``."""
 
     x: torch.Tensor
     xn: torch.Tensor
@@ -428,6 +434,22 @@ class _Rows:
     def head(self, count: int) -> _Rows:
         """The first ``count`` rows."""
         return _Rows(self.x[:count], self.xn[:count], self.low[:count], self.xnc[:count])
+
+
+def _bf16_row_min(g: torch.Tensor) -> torch.Tensor:
+    """Row minima (float32 [b]) of bfloat16 ``g`` [b, k].
+
+    Non-negative bfloat16 values order like their bits read as int16, and an int16
+    minimum runs ~7x faster than a bfloat16 one here (0.04 vs 0.28 ms per 1024 x
+    1024). Rows holding a value with the sign bit set (approximate distances just
+    below 0, or -0.0) are taken again as floats.
+    """
+    bits = g.view(torch.int16).amin(dim=1)
+    out = bits.view(torch.bfloat16).float()
+    neg = bits < 0
+    if bool(neg.any()):
+        out[neg] = g[neg].float().amin(dim=1)
+    return out
 
 
 class _Centres:
@@ -538,14 +560,15 @@ class _State:
             self.mu = (total / max(m, 1)).float()
             # one tensor each, filled in place: kept chunks allocated between the
             # temporaries would pin them in the heap (see _pool)
-            low = torch.empty((m, d), dtype=torch.bfloat16, device=self.dev)
+            low = torch.ones((m, d + 2), dtype=torch.bfloat16, device=self.dev)
             norms = torch.empty(m, dtype=torch.float32, device=self.dev)
             self.pool_lowp = []
             for j, (c, _) in enumerate(chunks):
                 s, e = j * _CHUNK, j * _CHUNK + c.shape[0]
                 centred = c - self.mu
                 torch.sum(centred * centred, dim=1, out=norms[s:e])
-                low[s:e].copy_(centred)
+                low[s:e, :d].copy_(centred)
+                low[s:e, d].copy_(norms[s:e])  # [c', cn', 1]: the product adds both norms
                 self.pool_lowp.append((low[s:e], norms[s:e]))
             self.lowp_cmax = float(norms.max()) if m else 0.0
         return self.pool_lowp
@@ -564,13 +587,15 @@ class _State:
         then start from ``tb`` (exact values are valid approximations).
         """
         c, cn = self._pool()[j]
+        shift = None  # what the products lack of the squared distance (per row)
         if self.lowp:
             g = self._lowp_products(rows, j)
+            gm = _bf16_row_min(g)
             xn, kappa, cmax = rows.xnc, self.kappa_lowp, self.lowp_cmax
         else:
             g = torch.addmm(cn.unsqueeze(0), rows.x, c.T, alpha=-2.0)
             xn, kappa, cmax = rows.xn, self.kappa, self.pool_cmax
-        gm = g.amin(dim=1).add_(xn)
+            gm, shift = g.amin(dim=1).add_(xn), xn
         torch.minimum(ab, gm, out=ab)
         if not self.track:
             return
@@ -578,16 +603,18 @@ class _State:
         sel = (gm <= lim).nonzero().squeeze(1)
         if sel.numel() == 0:
             return
-        gr = g[sel] if sel.numel() < rows.x.shape[0] else g
-        r, k = (gr.add_(xn[sel].unsqueeze(1)) <= lim[sel].unsqueeze(1)).nonzero(as_tuple=True)
+        gr = (g[sel] if sel.numel() < rows.x.shape[0] else g).float()
+        if shift is not None:
+            gr.add_(shift[sel].unsqueeze(1))
+        r, k = (gr <= lim[sel].unsqueeze(1)).nonzero(as_tuple=True)
         r = sel[r]
         tb.scatter_reduce_(0, r, _direct(rows.x[r], c[k]), reduce="amin")
 
     def _lowp_products(self, rows: _Rows, j: int) -> torch.Tensor:
-        """``cn' - 2 x'.c'`` (float32 [b, chunk]) of centred ``rows`` and pool chunk ``j`` from
-        bfloat16 inputs; plus ``xnc`` it is within ``K_b (xn' + cn')`` of the textbook value."""
-        cb, cnc = self._pool_lowp()[j]
-        return torch.mm(rows.low, cb.T).float().add_(cnc)  # rows.low holds -2 x' (exact)
+        """Approximate squared distances (bfloat16 [b, chunk]) of centred ``rows`` and pool
+        chunk ``j``: ``[-2 x', 1, xn'] . [c', cn', 1]``, bfloat16 inputs, one rounding;
+        within ``K_b (xn' + cn')`` of the textbook values (module Notes)."""
+        return torch.mm(rows.low, self._pool_lowp()[j][0].T)
 
     def _rows_of(self, xb: torch.Tensor, xn: torch.Tensor) -> _Rows:
         """Rows ``xb`` (norms ``xn``) with their centred bfloat16 copy when ``lowp``."""
@@ -595,8 +622,12 @@ class _State:
             return _Rows(xb, xn, xb[:, :0], xn)
         self._pool_lowp()  # sets mu
         centred = xb - self.mu
-        low = (centred * -2.0).to(torch.bfloat16)  # -2 x' rounds as x' does: no extra pass
-        return _Rows(xb, xn, low, (centred * centred).sum(dim=1))
+        xnc = (centred * centred).sum(dim=1)
+        d = xb.shape[1]
+        low = torch.ones((xb.shape[0], d + 2), dtype=torch.bfloat16, device=self.dev)
+        low[:, :d].copy_(centred * -2.0)  # -2 x' rounds as x' does
+        low[:, d + 1].copy_(xnc)
+        return _Rows(xb, xn, low, xnc)
 
     def _drop_level(self, keep: int) -> float:
         """Estimated squared distance of the ``keep``-th farthest row from the pool.
@@ -631,7 +662,8 @@ class _State:
         they received.
         """
         n, m = self.x.shape[0], self.centres.m
-        b = max(256, min(_POOL_ROWS, self.budget // (8 * (self.x.shape[1] + _CHUNK))))
+        most = _LOWP_ROWS if self.lowp else _POOL_ROWS
+        b = max(256, min(most, self.budget // (8 * (self.x.shape[1] + _CHUNK))))
         if m == 0:
             for s in range(0, n, b):
                 xb = self.x[s : s + b].to(self.dev, torch.float32)
@@ -1014,7 +1046,7 @@ def k_center_greedy(
             restored afterwards.
         pool_precision: the pool pass's products when many picks are planned
             (``n_samples`` at least a tenth of the rows): ``"auto"`` (bfloat16 on
-            CPUs that compute it natively, ~1.9x faster here), ``"float32"`` or
+            CPUs that compute it natively, ~2.4x faster here), ``"float32"`` or
             ``"bfloat16"`` (:func:`lowp_pool_pass`). The picks are the same either way.
 
     Returns:

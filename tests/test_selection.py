@@ -571,7 +571,7 @@ def test_bfloat16_products_stay_within_their_bound(d: int) -> None:
     st = selection._State(xt, selection._Centres(ct, d, torch.device("cpu")), 64 << 20)
     st.lowp = True
     rows = st._rows_of(xt, (xt * xt).sum(dim=1))
-    g = st._lowp_products(rows, 0).add_(rows.xnc.unsqueeze(1)).double()
+    g = st._lowp_products(rows, 0).double()
     t = ((xt.unsqueeze(1) - ct.unsqueeze(0)) ** 2).sum(dim=2).double()  # the textbook form
     cnc = st._pool_lowp()[0][1]
     bound = (rows.xnc.unsqueeze(1) + cnc.unsqueeze(0)).double() * st.kappa_lowp
