@@ -11,6 +11,9 @@ clusters with ``--data clustered``), no pool:
 * typicality behind diversity's radius guard (``--guard``, default 0.9, 0 skips
   it; diversity strength ``--guard-strength``, default 0): issue 12's proposed
   default, timed against the unguarded loop;
+* HERDING, the default (:func:`datapool.herding.herd_and_cover`, ``--no-herding``
+  skips it): kernel-herding picks kept while greedy k-center, continued from
+  them, covers within ``radius`` times plain k-center's radius;
 * the named peer, plain diversity through :func:`datapool.selection.k_center_greedy`
   (the exact fast path ``select`` keeps for it), on the same data;
 * optionally (``--diversity-loop``) diversity alone through ``combine``, which
@@ -38,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory import measure, peak_rss  # bench/memory.py, beside this script
 
+from datapool.herding import herd_and_cover
 from datapool.selection import k_center_greedy
 from datapool.strategies import TYPICALITY_SAMPLE, Combined, Objective, combine, typicality
 
@@ -85,6 +89,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--guard-strength", type=float, default=0.0, help="diversity strength of the guarded run"
+    )
+    parser.add_argument(
+        "--no-herding", action="store_true", help="skip the herding run (the default strategy)"
     )
     parser.add_argument(
         "--diversity-loop",
@@ -157,6 +164,18 @@ def main() -> None:
             f"  guarded: diversity x typicality / plain = {(t_typ + t_guard) / t_plain:.1f}x; "
             f"coverage radius after {guarded.next_distance:.4f}"
         )
+    if not args.no_herding:
+        xt = torch.from_numpy(x)
+        herd, t_herd, m_herd = measure(
+            lambda: herd_and_cover(xt, n_samples=args.picks, seed=args.seed, threads=threads)
+        )
+        print(
+            f"  herding (default)       {t_herd:8.2f} s  peak +{m_herd / 1e6:7.1f} MB  "
+            f"({t_herd / t_plain:.1f}x plain, {t_herd / total:.2f}x diversity x typicality); "
+            f"{herd.herded} herding picks; radius bound {herd.bound:.4f} "
+            f"(plain k-center's {herd.radius:.4f})"
+        )
+        print(f"load average {os.getloadavg()[0]:.2f}")
     if args.full_loop and guarded is not None:
         full_g, t_full_g, _ = measure(lambda: run_guarded(False))
         same = np.array_equal(full_g.indices, guarded.indices)
