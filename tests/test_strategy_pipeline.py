@@ -107,8 +107,8 @@ def test_history_and_params_diff_show_the_strategies(run: Run) -> None:
     )
     changed = json.loads(shown)["params.yaml"]
     # DVC shows a list value as its text
-    # the template's default: typicality behind diversity's guard
-    assert "'guard': 0.9" in changed["selection.strategies"]["old"]
+    # the template's default: herding
+    assert "'strategy': 'herding'" in changed["selection.strategies"]["old"]
     assert "'typicality', 'strength': 1.0, 'k': 3" in changed["selection.strategies"]["new"]
 
 
