@@ -174,7 +174,7 @@ _POOL_ROWS = 4096  # candidate rows per block in the pool pass
 # 6.5-7.4 ms at 512-4096 rows a block, float32's 16-18 ms; half the blocks of 1024 rows
 # halve the per-block Python work)
 _LOWP_ROWS = 2048
-_SAMPLE = 4096  # rows sampled to estimate the level that matters in the pool pass
+_SAMPLE = 1024  # rows sampled to estimate the level that matters in the pool pass
 _TRACK_SHARE = 10  # keep exact pool minima when n_samples >= n / this (see _select)
 _MIN_BUDGET = 64 << 20  # bytes; 4096-row pool-pass blocks (~20 % faster than 16 MiB allowed)
 _U = 2.0**-24  # float32 unit roundoff
@@ -426,14 +426,62 @@ class _Rows:
     xn: torch.Tensor
     low: torch.Tensor
     xnc: torch.Tensor
+    pos: torch.Tensor  # int64 [b]: each row's position in the block it was cut from
 
     def take(self, keep: torch.Tensor) -> _Rows:
         """The rows where the boolean [b] ``keep`` is true."""
-        return _Rows(self.x[keep], self.xn[keep], self.low[keep], self.xnc[keep])
+        return _Rows(*(t[keep] for t in (self.x, self.xn, self.low, self.xnc, self.pos)))
 
     def head(self, count: int) -> _Rows:
         """The first ``count`` rows."""
-        return _Rows(self.x[:count], self.xn[:count], self.low[:count], self.xnc[:count])
+        return _Rows(*(t[:count] for t in (self.x, self.xn, self.low, self.xnc, self.pos)))
+
+
+class _Pending:
+    """Pairs of the bfloat16 pass that may hold a row's textbook pool minimum.
+
+    A pair within ``2 eps`` of its row's running minimum when its chunk passes is
+    recorded here rather than re-computed at once: most drop out of the window as
+    the minimum keeps falling (re-computing each at once cost 60 % of a 20k-row
+    pool's pass). :meth:`settle` re-computes those still within ``2 eps`` of
+    their row's minimum then (any later minimum only keeps fewer; the true
+    minimum's pair always stays) into ``exact``, the textbook minimum per block
+    position. Entries are settled early when they pass ``cap``, so memory stays
+    bounded however many pairs tie.
+    """
+
+    def __init__(self, st: _State, x: torch.Tensor, exact: torch.Tensor, cap: int) -> None:
+        self.st, self.x, self.exact, self.cap = st, x, exact, cap
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.count = 0
+
+    def add(self, pos: torch.Tensor, pool_rows: torch.Tensor, g: torch.Tensor) -> None:
+        """Record pairs (block position, global pool row, approximate distance)."""
+        self.parts.append((pos, pool_rows, g))
+        self.count += pos.numel()
+
+    def full(self) -> bool:
+        """Whether the entries should be settled now (memory)."""
+        return self.count > self.cap
+
+    def settle(self, limit: torch.Tensor, which: torch.Tensor | None = None) -> None:
+        """Re-compute the entries of rows ``which`` (bool [b]; all when None) whose value is
+        within their row's ``limit`` (float32 [b], by position); keep the others."""
+        if not self.parts:
+            return
+        pos, rows, g = (torch.cat(t) for t in zip(*self.parts, strict=True))
+        self.parts, self.count = [], 0
+        if which is not None:
+            later = ~which[pos]
+            if bool(later.any()):
+                self.add(pos[later], rows[later], g[later])
+            pos, rows, g = pos[~later], rows[~later], g[~later]
+        ok = g <= limit[pos]
+        pos, rows = pos[ok], rows[ok]
+        pool = self.st.centres.pool
+        assert pool is not None  # pairs come from pool chunks
+        c = pool.index_select(0, rows.to(pool.device)).to(self.st.dev, torch.float32)
+        self.exact.scatter_reduce_(0, pos, _direct(self.x[pos], c), reduce="amin")
 
 
 def _bf16_row_min(g: torch.Tensor) -> torch.Tensor:
@@ -573,7 +621,14 @@ class _State:
             self.lowp_cmax = float(norms.max()) if m else 0.0
         return self.pool_lowp
 
-    def _pool_chunk(self, rows: _Rows, ab: torch.Tensor, tb: torch.Tensor, j: int) -> None:
+    def _pool_chunk(
+        self,
+        rows: _Rows,
+        ab: torch.Tensor,
+        tb: torch.Tensor,
+        j: int,
+        pending: _Pending | None = None,
+    ) -> None:
         """Apply pool chunk ``j`` to ``rows`` in place: ``ab`` approximate, ``tb`` exact minima.
 
         A pair can be a row's textbook minimum over the whole pool only if its
@@ -583,32 +638,50 @@ class _State:
         pairs, usually one per row and chunk that lowers the minimum, are
         re-computed directly, so ``tb`` ends as the textbook minimum without a
         second pass over the pool. In the bfloat16 pass (``lowp``) ``g`` is the
-        centred rows' product and ``eps`` its bound (module Notes); ``ab`` must
-        then start from ``tb`` (exact values are valid approximations).
+        centred rows' product and ``eps`` its bound (module Notes); the pairs go to
+        ``pending`` (None: approximate minima only) instead of ``tb``, and ``ab``
+        must start from the exact minimum so far (exact values are valid
+        approximations).
         """
-        c, cn = self._pool()[j]
-        shift = None  # what the products lack of the squared distance (per row)
         if self.lowp:
-            g = self._lowp_products(rows, j)
-            gm = _bf16_row_min(g)
-            xn, kappa, cmax = rows.xnc, self.kappa_lowp, self.lowp_cmax
-        else:
-            g = torch.addmm(cn.unsqueeze(0), rows.x, c.T, alpha=-2.0)
-            xn, kappa, cmax = rows.xn, self.kappa, self.pool_cmax
-            gm, shift = g.amin(dim=1).add_(xn), xn
+            self._lowp_chunk(rows, ab, j, pending)
+            return
+        c, cn = self._pool()[j]
+        g = torch.addmm(cn.unsqueeze(0), rows.x, c.T, alpha=-2.0)
+        gm = g.amin(dim=1).add_(rows.xn)
         torch.minimum(ab, gm, out=ab)
         if not self.track:
             return
-        lim = (xn + cmax).mul_(kappa).add_(_ETA).mul_(2).add_(ab)
+        lim = self.pool_slack(rows).mul_(2).add_(ab)
+        sel = (gm <= lim).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            return
+        gr = g[sel] if sel.numel() < rows.x.shape[0] else g
+        r, k = (gr.add_(rows.xn[sel].unsqueeze(1)) <= lim[sel].unsqueeze(1)).nonzero(as_tuple=True)
+        r = sel[r]
+        tb.scatter_reduce_(0, rows.pos[r], _direct(rows.x[r], c[k]), reduce="amin")
+
+    def _lowp_chunk(self, rows: _Rows, ab: torch.Tensor, j: int, pending: _Pending | None) -> None:
+        """:meth:`_pool_chunk` in the bfloat16 pass: pairs in the window go to ``pending``."""
+        g = self._lowp_products(rows, j)
+        gm = _bf16_row_min(g)
+        torch.minimum(ab, gm, out=ab)
+        if pending is None:
+            return
+        lim = self.pool_slack(rows).mul_(2).add_(ab)
         sel = (gm <= lim).nonzero().squeeze(1)
         if sel.numel() == 0:
             return
         gr = (g[sel] if sel.numel() < rows.x.shape[0] else g).float()
-        if shift is not None:
-            gr.add_(shift[sel].unsqueeze(1))
         r, k = (gr <= lim[sel].unsqueeze(1)).nonzero(as_tuple=True)
-        r = sel[r]
-        tb.scatter_reduce_(0, r, _direct(rows.x[r], c[k]), reduce="amin")
+        pending.add(rows.pos[sel[r]], k + j * _CHUNK, gr[r, k])
+
+    def pool_slack(self, rows: _Rows) -> torch.Tensor:
+        """``eps`` of the pool pass for ``rows`` (float32 [b]): the bfloat16 bound on the
+        centred norms when ``lowp``, else the float32 one."""
+        if self.lowp:
+            return (rows.xnc + self.lowp_cmax).mul_(self.kappa_lowp).add_(_ETA)
+        return (rows.xn + self.pool_cmax).mul_(self.kappa).add_(_ETA)
 
     def _lowp_products(self, rows: _Rows, j: int) -> torch.Tensor:
         """Approximate squared distances (bfloat16 [b, chunk]) of centred ``rows`` and pool
@@ -618,8 +691,9 @@ class _State:
 
     def _rows_of(self, xb: torch.Tensor, xn: torch.Tensor) -> _Rows:
         """Rows ``xb`` (norms ``xn``) with their centred bfloat16 copy when ``lowp``."""
+        pos = torch.arange(xb.shape[0], device=self.dev)
         if not self.lowp:
-            return _Rows(xb, xn, xb[:, :0], xn)
+            return _Rows(xb, xn, xb[:, :0], xn, pos)
         self._pool_lowp()  # sets mu
         centred = xb - self.mu
         xnc = (centred * centred).sum(dim=1)
@@ -627,7 +701,7 @@ class _State:
         low = torch.ones((xb.shape[0], d + 2), dtype=torch.bfloat16, device=self.dev)
         low[:, :d].copy_(centred * -2.0)  # -2 x' rounds as x' does
         low[:, d + 1].copy_(xnc)
-        return _Rows(xb, xn, low, xnc)
+        return _Rows(xb, xn, low, xnc, pos)
 
     def _drop_level(self, keep: int) -> float:
         """Estimated squared distance of the ``keep``-th farthest row from the pool.
@@ -669,7 +743,7 @@ class _State:
                 xb = self.x[s : s + b].to(self.dev, torch.float32)
                 self.xn[s : s + b] = _check_norms((xb * xb).sum(dim=1), "candidates", s)
             return
-        chunks = self._pool()
+        self._pool()  # norms and the largest one, before the level is estimated
         theta = self._drop_level(keep)
         pver = torch.full((n if theta > -math.inf else 0,), m, dtype=torch.int64, device=self.dev)
         if theta > -math.inf:
@@ -679,28 +753,55 @@ class _State:
             xb = self.x[s:e].to(self.dev, torch.float32)
             xn = _check_norms((xb * xb).sum(dim=1), "candidates", s)
             self.xn[s:e] = xn
-            rows = self._rows_of(xb, xn)
-            ab = torch.full_like(xn, math.inf)
-            tb = torch.full_like(xn, math.inf)
-            live = torch.arange(s, e, device=self.dev)
-            for j in range(len(chunks)):
-                self._pool_chunk(rows, ab, tb, j)
-                if theta == -math.inf or j == len(chunks) - 1:
+            self._block_pass(self._rows_of(xb, xn), s, theta, pver)
+
+    def _block_pass(self, rows: _Rows, s: int, theta: float, pver: torch.Tensor) -> None:
+        """The pool pass of rows ``s...`` (``rows``): fills ``a``, ``tpool`` and ``pver``."""
+        chunks = self._pool()
+        ab = torch.full_like(rows.xn, math.inf)
+        tb = torch.full_like(rows.xn, math.inf)  # textbook minima by position
+        pending = _Pending(self, rows.x, tb, self.budget // 24) if self.lowp else None
+        for j in range(len(chunks)):
+            self._pool_chunk(rows, ab, tb, j, pending)
+            if pending is not None and pending.full():
+                self._settle(pending, rows, ab)
+            if theta == -math.inf or j == len(chunks) - 1:
+                continue
+            if pending is None:
+                keep_rows = ab + self.pool_slack(rows) > theta
+            else:  # bfloat16's bound is loose: decide on exact minima where it is unsure
+                unsure = ab - self.pool_slack(rows) <= theta
+                if not bool(unsure.any()):
                     continue
-                # the bfloat16 pass's bound is its exact running minimum
-                keep_rows = (tb if self.lowp else ab + self.slack(rows.xn)) > theta
-                if bool(keep_rows.all()):
-                    continue
-                drop = ~keep_rows
-                self.a[live[drop]] = (tb if self.lowp else ab)[drop]
-                self.tpool[live[drop]] = tb[drop]
-                pver[live[drop]] = (j + 1) * _CHUNK
-                rows, ab, tb = rows.take(keep_rows), ab[keep_rows], tb[keep_rows]
-                live = live[keep_rows]
-                if live.numel() == 0:
-                    break
-            self.a[live] = tb if self.lowp else ab
-            self.tpool[live] = tb
+                self._settle(pending, rows, ab, which=rows.pos[unsure])
+                keep_rows = tb[rows.pos] > theta  # others: tb >= textbook > theta
+            if bool(keep_rows.all()):
+                continue
+            drop = ~keep_rows
+            done = rows.pos[drop]
+            self.a[s + done] = tb[done] if pending is not None else ab[drop]
+            self.tpool[s + done] = tb[done]
+            pver[s + done] = (j + 1) * _CHUNK
+            rows, ab = rows.take(keep_rows), ab[keep_rows]
+            if rows.pos.numel() == 0:
+                break
+        if pending is not None:
+            self._settle(pending, rows, ab)
+        self.a[s + rows.pos] = tb[rows.pos] if pending is not None else ab
+        self.tpool[s + rows.pos] = tb[rows.pos]
+
+    def _settle(
+        self, pending: _Pending, rows: _Rows, ab: torch.Tensor, which: torch.Tensor | None = None
+    ) -> None:
+        """Settle ``pending`` for ``rows`` (running minima ``ab``), or only positions ``which``."""
+        size = pending.exact.numel()
+        limit = torch.full((size,), -math.inf, dtype=torch.float32, device=self.dev)
+        limit[rows.pos] = self.pool_slack(rows).mul_(2).add_(ab)
+        mask = None
+        if which is not None:
+            mask = torch.zeros(size, dtype=torch.bool, device=self.dev)
+            mask[which] = True
+        pending.settle(limit, mask)
 
     def late_mask(self) -> torch.Tensor:
         """Boolean [n]: rows that stopped the pool pass early."""
@@ -730,11 +831,16 @@ class _State:
         assert self.pver is not None
         rows = self._rows_of(self.rows(idx), self.xn[idx])
         ar, tr = self.a[idx], self.tpool[idx]  # with lowp, ar already equals tr
+        pending = _Pending(self, rows.x, tr, self.budget // 24) if self.lowp else None
         for j, chunk in enumerate(self._pool()):
             cnt = int(torch.searchsorted(pv, j * _CHUNK + chunk[0].shape[0]))  # rows missing it
             if cnt == 0:
                 continue
-            self._pool_chunk(rows.head(cnt), ar[:cnt], tr[:cnt], j)
+            self._pool_chunk(rows.head(cnt), ar[:cnt], tr[:cnt], j, pending)
+            if pending is not None and pending.full():
+                self._settle(pending, rows, ar)
+        if pending is not None:
+            self._settle(pending, rows, ar)
         self.a[idx] = tr if self.lowp else ar
         self.tpool[idx] = tr
         self.pver[idx] = self.centres.m

@@ -476,10 +476,10 @@ def test_each_row_receives_each_pool_row_once(
     rechecked: list[int] = []  # addresses of the centres made exact against
     chunk, exact = selection._State._pool_chunk, selection.exact_min
 
-    def counted(self: selection._State, rows: Any, *args: Any) -> None:
+    def counted(self: selection._State, rows: Any, ab: Any, tb: Any, j: int, *rest: Any) -> None:
         if self.track:  # not the sampled estimate of the level (_drop_level)
-            applied.append(rows.x.shape[0] * self._pool()[args[-1]][0].shape[0])
-        chunk(self, rows, *args)
+            applied.append(rows.x.shape[0] * self._pool()[j][0].shape[0])
+        chunk(self, rows, ab, tb, j, *rest)
 
     def recorded(*args: Any) -> torch.Tensor:
         c = args[3]
@@ -586,3 +586,26 @@ def test_pool_precision_is_checked_and_auto_stays_off_gpus() -> None:
     assert selection.lowp_pool_pass(torch.device("cuda"), "auto") is False
     with pytest.raises(InputError, match="pool_precision must be one of auto, float32"):
         k_center_greedy(np.zeros((3, 2), np.float32), n_samples=1, pool_precision="fp16")  # type: ignore[arg-type]
+
+
+def test_bfloat16_pass_settles_early_when_its_pending_pairs_fill_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Duplicate-heavy rows put many pairs in every window; a small budget settles them
+    early (bounded memory) with the same result."""
+    settled: list[int] = []
+    settle = selection._Pending.settle
+
+    def counted(self: selection._Pending, *args: Any) -> None:
+        settled.append(self.count)
+        settle(self, *args)
+
+    monkeypatch.setattr(selection._Pending, "settle", counted)
+    x = _grid(np.random.default_rng(3), 3000, 4)  # 81 distinct rows: ties everywhere
+    pool, cand = x[:2000], x[2000:]
+    kw: dict[str, Any] = {"pool": pool, "n_samples": 400, "memory_budget": 1 << 16}
+    low = k_center_greedy(cand, pool_precision="bfloat16", **kw)
+    full = k_center_greedy(cand, pool_precision="float32", **kw)
+    np.testing.assert_array_equal(low.indices, full.indices)
+    np.testing.assert_array_equal(low.min_distances, full.min_distances)
+    assert max(settled) > (1 << 16) // 24  # settled because the entries passed the cap
