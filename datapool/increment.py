@@ -177,8 +177,9 @@ def check_compatible(prior: pd.DataFrame | None, candidates: pd.DataFrame) -> No
             f"the pool's embeddings have dimension {pool_dim} but this batch's have {cand_dim}; "
             "a pool's dimension is fixed once created (start a new pool with another datapool.name)"
         )
-    pool_models = set(prior["model_id"])
-    cand_models = set(candidates["model_id"])
+    from datapool.store import model_ids
+
+    pool_models, cand_models = set(model_ids(prior)), set(model_ids(candidates))
     if pool_models != cand_models:
         raise PoolError(
             f"the pool was embedded by model(s) {sorted(pool_models)} but this batch by "
@@ -417,6 +418,10 @@ def _from_pool(rows: pd.DataFrame, pool: pd.DataFrame, columns: list[str]) -> pd
     Python objects, so a column of integers does not turn into floats
     (``12345678901`` into ``1.23e+10``) when new rows leave gaps in it.
     """
+    from datapool.store import is_in
+
+    if len(pool) > len(rows):  # an increment's rows against a big pool: look at its matches
+        pool = pool[is_in(pool["content_hash"], rows["content_hash"])]
     values = pool.drop_duplicates("content_hash").set_index("content_hash")[columns].astype(object)
     found = values.reindex(rows["content_hash"])
     out = rows.copy()

@@ -59,12 +59,14 @@ from datapool.store import (
     SHARDS,
     Manifest,
     Plan,
+    check_columns,
     check_rows,
     load_pool,
     plan_version,
     read_manifest,
     write_lightly_csv,
     write_rows,
+    written_rows,
 )
 from datapool.version import crash_point
 
@@ -141,7 +143,8 @@ def save_pool(
     (``merge``; see :attr:`datapool.store.Manifest.latest_batch`), recorded in the
     same transaction; None keeps the one recorded now (an edit of rows is no increment).
     """
-    check_rows(table, source=f"the new version of {pool_dir}")  # what a reader would refuse
+    source = f"the new version of {pool_dir}"
+    check_columns(table, source=source)
     if (pool_dir / INCOMING).exists():
         recover(pool_dir)  # else the last save finished, and the caller read a whole version
     old = read_manifest(pool_dir) if pool_dir.is_dir() else None
@@ -150,6 +153,8 @@ def save_pool(
         latest_batch = old.latest_batch if old is not None else ""
     plan = plan_version(table, old, latest_batch=latest_batch)
     table = plan.table  # in shard order, so the CSV lists rows as the shards do
+    # what a reader would refuse, in the shards to write (the others were checked before)
+    check_rows(table, source=source, only=written_rows(plan))
     csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
     loose = _loose_images(pool_dir) if old is None or old.loose else 0
     try:

@@ -255,3 +255,33 @@ def test_a_stage_left_by_datapool_before_the_shards_rolls_forward_to_its_csv(
     assert recovered is not None and len(recovered) == 4
     assert len(list((pool / IMAGES_DIR).iterdir())) == 4
     assert not (pool / INCOMING).exists()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [("embedding_1", float("nan"), "row 6 .*not a finite number"),
+     ("content_hash", "not-a-hash", "row 6 .*not a content hash")],
+)  # fmt: skip
+def test_a_bad_new_row_is_named_by_its_row_in_the_version(
+    tmp_path: Path, column: str, value: object, message: str
+) -> None:
+    """Only the shards a save writes are checked row by row (the others are the bytes of a
+    checked version); an error still names the row's number in the whole table."""
+    pool, before = _four_image_pool(tmp_path)
+    table, sources = _pool_with_images(tmp_path, 6)
+    table.loc[4:, "batch_id"] = "b2"  # rows 5-6 form the new shard
+    table[column] = table[column].astype(object)
+    table.loc[5, column] = value
+    with pytest.raises(PoolError, match=message):
+        save_pool(pool, table, checkpoint=None, sources=sources)
+    assert snapshot(pool) == before
+
+
+def test_a_new_row_repeating_an_old_shards_image_is_refused(tmp_path: Path) -> None:
+    pool, before = _four_image_pool(tmp_path)
+    table, sources = _pool_with_images(tmp_path, 5)
+    table.loc[4, "batch_id"] = "b2"
+    table.loc[4, "content_hash"] = table.loc[1, "content_hash"]
+    with pytest.raises(PoolError, match=r"row 5 .*repeats the content_hash of row 2"):
+        save_pool(pool, table, checkpoint=None, sources=sources)
+    assert snapshot(pool) == before
