@@ -60,7 +60,8 @@ import numpy.typing as npt
 import torch
 
 from datapool.distributed import World
-from datapool.selection import cpu_threads, exact_min
+from datapool.selection import cpu_threads
+from datapool.strategies import _Coverage  # strategies imports this module only lazily
 
 __all__ = ["SAMPLE", "Herding", "herd_and_cover"]
 
@@ -76,11 +77,14 @@ class Herding:
         x: candidates, float32 [n, d] on the CPU.
         sigma: kernel bandwidth (> 0), in the units of ``x``.
         ref: reference row indices into ``x``, int64 [s], sorted.
-        d2: each candidate's exact squared distance to the pool (float32 [n],
-            ``inf`` without pool); updated in place as picks are added.
+        pool_d2: each candidate's squared distance to the pool (float32 [n],
+            ``inf`` without pool).
         pool: pool rows [m, d] whose kernel coverage starts ``cov``, or None.
         min_distance: candidates closer than this to a centre are ineligible.
-        kappa: :func:`datapool.selection.error_bound` for ``d``.
+
+    Eligibility is checked only for the row about to be picked (its distance to
+    the picks so far, direct float32 differences): distances only shrink, so a
+    row found ineligible stays so, and no per-pick pass over all rows is needed.
     """
 
     def __init__(
@@ -88,21 +92,20 @@ class Herding:
         x: torch.Tensor,
         sigma: float,
         ref: torch.Tensor,
-        d2: torch.Tensor,
+        pool_d2: torch.Tensor,
         pool: torch.Tensor | None,
         min_distance: float | None,
-        kappa: float,
     ) -> None:
-        self.x, self.z, self.d2, self.kappa = x, x[ref], d2, kappa
-        self.xn = (x * x).sum(dim=1)
+        self.x, self.z, self.pool_d2 = x, x[ref], pool_d2
+        self.xn = _Coverage(x, 1).xn  # squared norms, computed in blocks
         self.zn = (self.z * self.z).sum(dim=1)
         self.scale = -1.0 / (2.0 * sigma * sigma)
         self.min_distance = min_distance
+        self.picked = x[:0].clone()
         self.cov = torch.zeros(len(ref), dtype=torch.float32)
         if pool is not None and pool.shape[0]:
             self.cov = self._kernel(pool, (pool * pool).sum(dim=1)).amax(dim=0)
         self.bound = self.gains(torch.arange(x.shape[0]))
-        self.bound[~self._eligible(torch.arange(x.shape[0]))] = -math.inf
 
     def _kernel(self, a: torch.Tensor, an: torch.Tensor) -> torch.Tensor:
         """``K(a_i, z_j)``, float32 [len(a), s] (one block: callers keep ``a`` small)."""
@@ -120,20 +123,19 @@ class Herding:
             out[s : s + step] = (k - self.cov).clamp_(min=0).sum(dim=1, dtype=torch.float64)
         return out
 
-    def _eligible(self, rows: torch.Tensor) -> torch.Tensor:
-        d2 = self.d2[rows]
-        ok = d2 > 0
-        if self.min_distance is not None:
-            ok &= d2.double().sqrt() >= self.min_distance
-        return ok
+    def _eligible(self, j: int) -> bool:
+        """Row ``j``'s distance to the pool and picks is > 0 and ``>= min_distance``."""
+        d2 = float(self.pool_d2[j])
+        if self.picked.shape[0]:
+            d2 = min(d2, float((self.x[j] - self.picked).square().sum(dim=1).min()))
+        return d2 > 0 and (self.min_distance is None or math.sqrt(d2) >= self.min_distance)
 
     def add(self, i: int) -> None:
-        """Make candidate ``i`` a centre: coverage, distances and eligibility."""
+        """Make candidate ``i`` a centre (its kernel coverage; it is never picked again)."""
         xi = self.x[i : i + 1]
         self.cov = torch.maximum(self.cov, self._kernel(xi, self.xn[i : i + 1])[0])
-        self.d2 = exact_min(self.x, self.xn, self.d2, xi, self.kappa)
-        gone = ~self._eligible(torch.arange(self.x.shape[0]))
-        self.bound[gone] = -math.inf
+        self.picked = torch.cat([self.picked, xi])
+        self.bound[i] = -math.inf
 
     def next(self) -> int | None:
         """The eligible candidate with the largest gain (lowest index on ties), or None."""
@@ -144,7 +146,10 @@ class Herding:
             if self.bound[j] == -math.inf:
                 return None
             if fresh[j]:
-                return j
+                if self._eligible(j):
+                    return j
+                self.bound[j] = -math.inf  # for good: distances only shrink
+                continue
             stale = torch.where(fresh, -math.inf, self.bound)
             top = stale.topk(min(batch, int((stale > -math.inf).sum()))).indices
             self.bound[top] = self.gains(top)
@@ -232,16 +237,11 @@ def herd_and_cover(
         # k-center already stops early or covers everything: nothing to trade
         return Covered(base, 0, r, r)
     bound = max(radius * r, min_distance or 0.0)
-    from datapool.selection import error_bound
-
     with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
         d2 = torch.full((n,), math.inf, dtype=torch.float32)
         if pool is not None and pool.shape[0]:
             d2 = _pool_d2(x, pool)
-        state = Herding(
-            x, bandwidth * r, _reference(n, sample, seed), d2.clone(), pool, min_distance,
-            error_bound(max(1, x.shape[1])),
-        )  # fmt: skip
+        state = Herding(x, bandwidth * r, _reference(n, sample, seed), d2, pool, min_distance)
         herd: list[int] = []
         while len(herd) < k:
             j = state.next()
@@ -274,8 +274,6 @@ def herd_and_cover(
 
 def _pool_d2(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     """Exact squared distance of each candidate to its nearest pool row, float32 [n]."""
-    from datapool.strategies import _Coverage  # strategies imports this module
-
     cov = _Coverage(x, torch.get_num_threads())
     cov.add(pool)
     return cov.d2
@@ -295,13 +293,8 @@ def _fill(
     """``picks`` continued by herding (centres: the pool and ``picks``) up to ``k``."""
     centres = _with(pool, x[torch.tensor(picks, dtype=torch.int64)])
     with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
-        from datapool.selection import error_bound
-
         d2 = _pool_d2(x, centres) if centres is not None else torch.full((x.shape[0],), math.inf)
-        state = Herding(
-            x, sigma, _reference(x.shape[0], sample, seed), d2, centres, min_distance,
-            error_bound(max(1, x.shape[1])),
-        )  # fmt: skip
+        state = Herding(x, sigma, _reference(x.shape[0], sample, seed), d2, centres, min_distance)
         out = list(picks)
         while len(out) < k:
             j = state.next()
