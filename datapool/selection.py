@@ -161,6 +161,7 @@ __all__ = [
     "lowp_pool_pass",
     "nearest",
     "pinned_numerics",
+    "pool_minima",
 ]
 
 _CHUNK = 1024  # centres per matrix product
@@ -551,6 +552,8 @@ class _State:
         self.pool_lowp: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.mu = torch.zeros(d, dtype=torch.float32, device=self.dev)  # the pool's mean
         self.lowp_cmax = 0.0  # largest squared norm of a centred pool row
+        # textbook squared distances to centres outside ``pool`` (k_center_greedy's prior)
+        self.prior: torch.Tensor | None = None
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Candidate rows ``idx`` as float32 [len(idx), d] on the device."""
@@ -718,6 +721,8 @@ class _State:
         xs = self.rows(idx)
         rows = self._rows_of(xs, (xs * xs).sum(dim=1))
         t = torch.full_like(rows.xn, math.inf)
+        if self.prior is not None:
+            t = self.prior[idx].clone()
         track, self.track = self.track, False  # an estimate: approximate minima suffice
         try:
             for j in range(len(self._pool())):
@@ -742,6 +747,8 @@ class _State:
             for s in range(0, n, b):
                 xb = self.x[s : s + b].to(self.dev, torch.float32)
                 self.xn[s : s + b] = _check_norms((xb * xb).sum(dim=1), "candidates", s)
+            if self.prior is not None:
+                self.a, self.tpool = self.prior.clone(), self.prior.clone()
             return
         self._pool()  # norms and the largest one, before the level is estimated
         theta = self._drop_level(keep)
@@ -758,8 +765,9 @@ class _State:
     def _block_pass(self, rows: _Rows, s: int, theta: float, pver: torch.Tensor) -> None:
         """The pool pass of rows ``s...`` (``rows``): fills ``a``, ``tpool`` and ``pver``."""
         chunks = self._pool()
-        ab = torch.full_like(rows.xn, math.inf)
-        tb = torch.full_like(rows.xn, math.inf)  # textbook minima by position
+        # exact values are valid approximations: the window argument holds from them
+        ab = self._start(s, rows.xn)
+        tb = self._start(s, rows.xn)  # textbook minima by position
         pending = _Pending(self, rows.x, tb, self.budget // 24) if self.lowp else None
         for j in range(len(chunks)):
             self._pool_chunk(rows, ab, tb, j, pending)
@@ -789,6 +797,12 @@ class _State:
             self._settle(pending, rows, ab)
         self.a[s + rows.pos] = tb[rows.pos] if pending is not None else ab
         self.tpool[s + rows.pos] = tb[rows.pos]
+
+    def _start(self, s: int, xn: torch.Tensor) -> torch.Tensor:
+        """Minima before the pool: the prior of rows ``s...`` (as many as ``xn``), else inf."""
+        if self.prior is None:
+            return torch.full_like(xn, math.inf)
+        return self.prior[s : s + xn.numel()].clone()
 
     def _settle(
         self, pending: _Pending, rows: _Rows, ab: torch.Tensor, which: torch.Tensor | None = None
@@ -878,7 +892,7 @@ class _State:
         if self.track:
             t = self.tpool[idx].clone()
         else:
-            t = torch.full_like(xnr, math.inf)
+            t = torch.full_like(xnr, math.inf) if self.prior is None else self.prior[idx].clone()
             for c, _ in self._pool():
                 t = exact_min(xr, xnr, t, c, self.kappa)
         k = self.centres.k
@@ -1052,16 +1066,19 @@ def _select(
     planned: int,
     pass_threads: int,
     lowp: bool = False,
+    prior: torch.Tensor | None = None,
 ) -> tuple[list[Any], float]:
     """Run the selection; returns ``[(index, distance), ...]`` in pick order and the
     distance of the next pick (:attr:`Selection.next_distance`). ``planned`` is
     the number of picks known in advance (``n_samples``), 0 if unknown; ``lowp``:
-    the bfloat16 pool pass where pool minima are kept exact (:func:`lowp_pool_pass`)."""
+    the bfloat16 pool pass where pool minima are kept exact (:func:`lowp_pool_pass`);
+    ``prior``: float32 [n] on ``dev``, see :func:`k_center_greedy`."""
     n, d = x.shape
     out: list[Any] = []
     if n == 0:
         return out, 0.0
     st = _State(x, _Centres(pool, d, dev), budget, pass_threads)
+    st.prior = prior
     # Keeping exact pool minima costs ~20 % of the pool pass; re-checking a row
     # against the pool costs a pass of that row. It pays once about a tenth of
     # the rows will be made exact (each pick is one): 10k of 10k picks against
@@ -1077,7 +1094,7 @@ def _select(
     # many of them stop the pool pass early would only defer their pool work to
     # smaller, slower blocks
     st.first_pass(max(2 * t_base, 2 * planned))
-    if st.centres.m == 0 and not _start_at_row_0(st, x, out, limit):
+    if st.centres.m == 0 and prior is None and not _start_at_row_0(st, x, out, limit):
         return out, math.inf
     grow = 1
     while True:
@@ -1125,6 +1142,7 @@ def k_center_greedy(
     memory_budget: int | None = None,
     threads: int | None = 1,
     pool_precision: PoolPrecision = "auto",
+    prior: Any = None,
 ) -> Selection:
     """Pick candidates greedily, each the farthest from the pool and earlier picks.
 
@@ -1154,6 +1172,10 @@ def k_center_greedy(
             (``n_samples`` at least a tenth of the rows): ``"auto"`` (bfloat16 on
             CPUs that compute it natively, ~2.4x faster here), ``"float32"`` or
             ``"bfloat16"`` (:func:`lowp_pool_pass`). The picks are the same either way.
+        prior: ``[n]`` textbook squared distances of each candidate to centres not
+            given in ``pool`` (:func:`pool_minima` of a big pool, once): the picks
+            are those with those centres in ``pool``, without another pass over
+            them (``inf``: no such centre). None: no prior.
 
     Returns:
         :class:`Selection`. With an empty pool the first pick is index 0
@@ -1166,7 +1188,8 @@ def k_center_greedy(
 
     Raises:
         InputError: no stopping rule, negative or NaN limits, an unknown
-            ``pool_precision``, non-2-D or
+            ``pool_precision``, a ``prior`` not of shape [n] or with negative or
+            NaN values, non-2-D or
             non-float input, NaN/inf values, a squared norm above ``2**120``,
             dimension above ``2**20``, or pool and candidates of different
             dimension.
@@ -1179,12 +1202,62 @@ def k_center_greedy(
     limit = x.shape[0] if n_samples is None else min(n_samples, x.shape[0])
     passes = threads or torch.get_num_threads()
     lowp = lowp_pool_pass(dev, pool_precision)
+    start = _checked_prior(prior, x.shape[0], dev)
     with pinned_numerics(dev.type, 1):
         planned = 0 if n_samples is None else limit
-        out, nxt = _select(x, pool_t, dev, limit, min_distance, budget, planned, passes, lowp)
+        out, nxt = _select(
+            x, pool_t, dev, limit, min_distance, budget, planned, passes, lowp, start
+        )
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
     return Selection(idx, dist, nxt)
+
+
+def _checked_prior(prior: Any, n: int, dev: torch.device) -> torch.Tensor | None:
+    """``prior`` as float32 [n] on ``dev`` (None stays None); InputError if it is not one."""
+    if prior is None:
+        return None
+    t = torch.as_tensor(np.asarray(prior) if not isinstance(prior, torch.Tensor) else prior)
+    if t.shape != (n,):
+        raise InputError(
+            f"prior must have shape [{n}] (one value per candidate), got {tuple(t.shape)}"
+        )
+    t = t.to(dev, torch.float32)
+    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
+        raise InputError("prior must hold squared distances >= 0 (inf: none), got NaN or < 0")
+    return t
+
+
+def pool_minima(
+    candidates: Any,
+    pool: Any,
+    *,
+    device: str | None = None,
+    threads: int | None = 1,
+    pool_precision: PoolPrecision = "auto",
+) -> npt.NDArray[np.float32]:
+    """Each candidate's textbook squared distance to its nearest pool row, float32 ``[n]``.
+
+    The exact values :func:`k_center_greedy` works from (``sum((x - c)^2)`` in
+    float32), from one blocked pass over the pool (bfloat16 where
+    :func:`lowp_pool_pass` says so); pass them as its ``prior`` to run several
+    selections against one big pool. ``inf`` for every row when the pool is empty.
+    Raises InputError as :func:`k_center_greedy` does for its inputs.
+    """
+    x, pool_t, budget = checked_inputs(candidates, pool, None)
+    dev = torch.device(device) if device is not None else x.device
+    n = x.shape[0]
+    if pool_t is None or n == 0:
+        return np.full(n, np.inf, dtype=np.float32)
+    lowp = lowp_pool_pass(dev, pool_precision)
+    with pinned_numerics(dev.type, 1):
+        st = _State(
+            x, _Centres(pool_t, x.shape[1], dev), budget, threads or torch.get_num_threads()
+        )
+        st.track, st.lowp = True, lowp
+        st.first_pass(n)  # keep every row: no pruning
+        out: npt.NDArray[np.float32] = st.tpool.cpu().numpy()
+    return out
 
 
 @dataclass(frozen=True)

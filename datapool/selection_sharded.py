@@ -82,6 +82,7 @@ from datapool.selection import (
     _check_finite,
     _check_limits,
     _check_norms,
+    _checked_prior,
     _pick_phase,
     _start_at_row_0,
     _State,
@@ -161,7 +162,9 @@ def _inputs(
     return x, p, chosen
 
 
-def _pool_split_pass(st: _State, x: torch.Tensor, pool: torch.Tensor, world: World) -> None:
+def _pool_split_pass(
+    st: _State, x: torch.Tensor, pool: torch.Tensor, world: World, prior: torch.Tensor | None
+) -> None:
     """Fill ``st`` (this rank's candidate slice) from a pass of every candidate over a pool slice.
 
     Approximate and textbook minima are all-reduced with MIN across ranks;
@@ -172,6 +175,7 @@ def _pool_split_pass(st: _State, x: torch.Tensor, pool: torch.Tensor, world: Wor
     full = _State(x, _Centres(part, x.shape[1], st.dev), st.budget, st.pass_threads)
     full.track = True
     full.lowp = st.lowp
+    full.prior = prior  # every candidate's, once: the MIN below keeps it exact
     full.first_pass(x.shape[0])  # keep every row: no pruning (it would need a global level)
     both = torch.stack([full.a, full.tpool]).to(world.device)
     cmax = torch.tensor([full.pool_cmax], dtype=torch.float64, device=world.device)
@@ -290,6 +294,7 @@ def _select(
     budget: int | None,
     threads: int,
     lowp: bool = False,
+    prior: torch.Tensor | None = None,
 ) -> tuple[list[Any], float]:
     """Sharded selection: ``[(global index, distance), ...]`` and the next distance
     (``lowp``: the bfloat16 pool pass, :func:`datapool.selection.lowp_pool_pass`)."""
@@ -305,13 +310,17 @@ def _select(
     t_base = -(-_top_size(local.shape[0], d, budget, pool is not None, limit) // world.size)
     whole_pool = pool if split == "candidates" else None
     st = _State(local, _Centres(whole_pool, d, dev), budget, threads)
-    st.track = pool is not None  # every union row's pool minimum must be known (docstring)
+    # every union row's pool minimum (and prior) must be known (docstring)
+    st.track = pool is not None or prior is not None
     st.lowp = st.track and lowp  # exact results: ranks may differ in it and still agree
     if pool is not None and split == "pool":
-        _pool_split_pass(st, x, pool, world)
+        _pool_split_pass(st, x, pool, world, prior)
     else:
+        st.prior = None if prior is None else prior[mine.start : mine.stop]
         st.first_pass(max(2 * t_base, 2 * planned))
-    if pool is None and not _start_at_row_0(st, x, out, limit):  # global row 0, as one process
+    if (
+        pool is None and prior is None and not _start_at_row_0(st, x, out, limit)
+    ):  # global row 0, as one process
         return out, math.inf
     grow = 1
     while True:
@@ -338,6 +347,7 @@ def k_center_greedy_sharded(
     memory_budget: int | None = None,
     threads: int | None = 1,
     pool_precision: PoolPrecision = "auto",
+    prior: Any = None,
 ) -> Selection:
     """:func:`datapool.selection.k_center_greedy`, computed by every rank of ``world`` together.
 
@@ -360,6 +370,8 @@ def k_center_greedy_sharded(
             of the candidate rows this rank holds (at least 64 MiB).
         threads: torch CPU threads per rank for the blocked passes (default 1).
         pool_precision: the pool pass's products, as in ``k_center_greedy``.
+        prior: ``[n]`` squared distances to centres outside ``pool``, the whole
+            array on every rank, as in ``k_center_greedy``.
 
     Raises:
         InputError: as ``k_center_greedy`` (reported with global row numbers,
@@ -375,8 +387,9 @@ def k_center_greedy_sharded(
     limits = (limit, 0 if n_samples is None else limit, min_distance)
     passes = threads or torch.get_num_threads()
     lowp = lowp_pool_pass(dev, pool_precision)
+    start = _checked_prior(prior, x.shape[0], dev)
     with pinned_numerics(dev.type, 1):
-        out, nxt = _select(x, p, chosen, world, dev, limits, memory_budget, passes, lowp)
+        out, nxt = _select(x, p, chosen, world, dev, limits, memory_budget, passes, lowp, start)
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist_ = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
     return Selection(idx, dist_, nxt)

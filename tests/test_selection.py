@@ -609,3 +609,33 @@ def test_bfloat16_pass_settles_early_when_its_pending_pairs_fill_the_budget(
     np.testing.assert_array_equal(low.indices, full.indices)
     np.testing.assert_array_equal(low.min_distances, full.min_distances)
     assert max(settled) > (1 << 16) // 24  # settled because the entries passed the cap
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("picks", [60, 400, 1200])  # few (pruned, untracked), many, all
+def test_a_prior_stands_for_a_pool_given_once(picks: int, precision: str) -> None:
+    """pool_minima of a big pool, passed as prior, picks what the big pool itself does."""
+    rng = np.random.default_rng(picks)
+    x = clustered(rng, 5200, 16)
+    cand, big, small = x[:1200], x[1200:5150], x[5150:]
+    prior = selection.pool_minima(cand, big, pool_precision=precision)  # type: ignore[arg-type]
+    for pool in (small, None):
+        union = big if pool is None else np.concatenate([big, pool])
+        want = k_center_greedy(cand, pool=union, n_samples=picks, pool_precision="float32")
+        got = k_center_greedy(cand, pool=pool, n_samples=picks, prior=prior)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.min_distances, want.min_distances)
+        assert got.next_distance == want.next_distance
+
+
+def test_pool_minima_are_the_textbook_values_and_a_bad_prior_is_refused() -> None:
+    rng = np.random.default_rng(8)
+    cand, pool = unit(rng, 300, 8), unit(rng, 900, 8)
+    got = selection.pool_minima(cand, pool)
+    want = ((torch.from_numpy(cand)[:, None] - torch.from_numpy(pool)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(got, want.amin(dim=1).numpy())
+    assert np.isinf(selection.pool_minima(cand, None)).all()
+    with pytest.raises(InputError, match=r"prior must have shape \[300\]"):
+        k_center_greedy(cand, n_samples=3, prior=np.zeros(5))
+    with pytest.raises(InputError, match="prior must hold squared distances >= 0"):
+        k_center_greedy(cand, n_samples=3, prior=np.full(300, -1.0))

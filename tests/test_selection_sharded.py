@@ -248,3 +248,33 @@ def test_under_torchrun_init_from_env_joins_and_rank_0_writes_the_picks(tmp_path
     got = np.load(out)
     assert int(got["size"]) == 2
     _assert_same(got, _expected("unit-2-pool"))
+
+
+def _prior_cases(world: World, out: Path) -> None:
+    """A big pool given once as ``prior`` (its pool_minima), a small one as ``pool``."""
+    from datapool.selection import pool_minima
+
+    rng = np.random.default_rng(21)
+    x, big, small = _unit(rng, 700, 12), _unit(rng, 3000, 12), _unit(rng, 40, 12)
+    prior = pool_minima(x, big)
+    for split in ("candidates", "pool"):
+        for pool in (small, None):
+            sel = k_center_greedy_sharded(
+                x, world=world, pool=pool, prior=prior, n_samples=200, split=split
+            )
+            _save(out / f"prior-{split}-{pool is None}.{world.rank}.npz", sel)
+
+
+def test_two_ranks_with_a_prior_pick_what_one_process_picks_with_the_whole_pool(
+    tmp_path: Path,
+) -> None:
+    run_ranks(_prior_cases, 2, tmp_path, tmp_path)
+    rng = np.random.default_rng(21)
+    x, big, small = _unit(rng, 700, 12), _unit(rng, 3000, 12), _unit(rng, 40, 12)
+    for pool in (small, None):
+        union = big if pool is None else np.concatenate([big, pool])
+        want = k_center_greedy(x, pool=union, n_samples=200, pool_precision="float32")
+        for split in ("candidates", "pool"):
+            for rank in (0, 1):
+                got = np.load(tmp_path / f"prior-{split}-{pool is None}.{rank}.npz")
+                _assert_same(got, want)
