@@ -492,10 +492,16 @@ def load_pool(folder: Path, *, overlay: Path | None = None) -> pd.DataFrame | No
 
 
 def _read_shard(path: Path, *, listed_in: Path | None) -> Any:
-    """One Arrow file as a pyarrow Table; PoolError when it is missing or not one."""
+    """One Arrow file as a pyarrow Table; PoolError when it is missing or not one.
+
+    The file is memory-mapped: the table's buffers are the page cache's pages, not a
+    copy (``load_pool`` of 1M x 128 rows: 0.75-0.9 s against 1.3-5.3 s read into fresh
+    memory, on a loaded 2-core machine). Safe as shards are never changed in place:
+    every writer renames a new file over the old one, and a mapping keeps the old one.
+    """
     pa = _arrow()
     try:
-        with pa.OSFile(str(path), "rb") as handle:
+        with pa.memory_map(str(path), "r") as handle:
             return pa.ipc.open_file(handle).read_all()
     except FileNotFoundError:
         where = f" but {listed_in} lists it; bring the version back with `dvc checkout`"
