@@ -72,6 +72,7 @@ from memory import measure  # bench/memory.py, beside this script
 
 from datapool.atomic import atomic_open
 from datapool.increment import (
+    SelectionInputs,
     StoppingCondition,
     image_sources,
     merge_increment,
@@ -332,15 +333,40 @@ class Snapshot:
             (self.pool_dir / name).write_bytes(data)
 
 
+def default_selection() -> SelectionInputs:
+    """The strategies of the repository's params.yaml (the pipeline's default selection)."""
+    import yaml
+
+    from datapool.strategy_config import parse_strategies
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    return SelectionInputs(strategies=parse_strategies(params["selection"]["strategies"]))
+
+
+def describe_selection(kind: str) -> str:
+    """``--selection`` in words, for the log."""
+    if kind == "plain":
+        return "k_center_greedy"
+    from datapool.strategies import describe
+
+    return describe(default_selection().strategies)
+
+
 def one_increment(
-    pool_dir: Path, cands: pd.DataFrame, stop: StoppingCondition, *, ckpt: Path, csv_max: int
+    pool_dir: Path,
+    cands: pd.DataFrame,
+    stop: StoppingCondition,
+    *,
+    ckpt: Path,
+    csv_max: int,
+    selection: SelectionInputs | None = None,
 ) -> dict[str, Any]:
     """load_pool, select_increment, merge_increment, save_pool; seconds of each."""
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     pool = load_pool(pool_dir)
     t1 = time.perf_counter()
-    picks = select_increment(cands, pool, stop)
+    picks = select_increment(cands, pool, stop, selection)
     t2 = time.perf_counter()
     merged = merge_increment(pool, cands, picks, weak_labels=True)
     t3 = time.perf_counter()
@@ -368,7 +394,10 @@ def time_increment(
     last: dict[str, Any] = {}
 
     def run() -> dict[str, Any]:
-        last.update(one_increment(pool_dir, cands, stop, ckpt=ckpt, csv_max=csv_max))
+        chosen = default_selection() if args.selection == "default" else None
+        last.update(
+            one_increment(pool_dir, cands, stop, ckpt=ckpt, csv_max=csv_max, selection=chosen)
+        )
         return dict(last)
 
     def reset() -> None:
@@ -402,18 +431,26 @@ def run_increment(root: Path, args: argparse.Namespace) -> None:
     warm = make_rows(50, d, batch=10_001, rng=rng, picked=False)
     select_increment(warm, None, StoppingCondition(n_samples=5, min_distance=0.0))  # torch
     totals: dict[tuple[int, int], float] = {}
+    settings = args.csv_max if args.csv_max is not None else [CSV_MAX_ROWS, 0]
+    print(f"\nselection: {args.selection} ({describe_selection(args.selection)})")
     for n in args.inc_rows:
         print(f"\n== increment: {k:,} picks of {c:,} candidates into {n:,} x {d} ({load()})")
-        pool_dir = root / f"inc-{n}"
-        build_pool_dir(pool_dir, n, d, args=args, checkpoint=ckpt)
+        cache = Path(args.pool_cache) if args.pool_cache else None
+        pool_dir = (cache if cache else root) / f"inc-{n}x{d}-seed{args.seed}"
+        if cache is None or not (pool_dir / MANIFEST).is_file():
+            shutil.rmtree(pool_dir, ignore_errors=True)
+            build_pool_dir(pool_dir, n, d, args=args, checkpoint=ckpt)
+        else:
+            print(f"  (pool {n:,} x {d} reused from {pool_dir})")
         snap = Snapshot(pool_dir)
-        for csv_max in (CSV_MAX_ROWS, 0):
+        for csv_max in settings:
             totals[(n, csv_max)] = time_increment(
                 pool_dir, cands, stop, ckpt=ckpt, csv_max=csv_max, snap=snap, args=args
             )
-        shutil.rmtree(pool_dir)
+        if cache is None:
+            shutil.rmtree(pool_dir)
     sizes = sorted(args.inc_rows)
-    for csv_max in (CSV_MAX_ROWS, 0):
+    for csv_max in settings:
         small = totals[(sizes[0], csv_max)]
         ratios = ", ".join(f"{n:,}: {totals[(n, csv_max)] / small:.2f}x" for n in sizes[1:])
         if ratios:
@@ -625,6 +662,19 @@ def parse(argv: Iterable[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--inc-picks", type=int, default=200)
     ap.add_argument("--inc-dim", type=int, default=128)
     ap.add_argument("--profile", action="store_true", help="increment: cProfile one more run")
+    ap.add_argument(
+        "--selection",
+        choices=("plain", "default"),
+        default="plain",
+        help="increment: plain k-center, or params.yaml's default strategies (herding...)",
+    )
+    ap.add_argument(
+        "--pool-cache",
+        help="increment: keep each built pool here and reuse it in later runs (a 1M-row pool"
+        " takes 6-13 min to build; it is put back after every increment)",
+    )
+    ap.add_argument("--csv-max", nargs="+", type=int, default=None, help="increment: csv_max_rows"
+                    " settings to time (default: the default and 0)")  # fmt: skip
     ap.add_argument("--repro-rows", nargs="+", type=int, default=[10_000, 100_000])
     ap.add_argument("--repro-dim", type=int, default=128)
     ap.add_argument("--cache-rows", type=int, default=10_000, help="cache: first version's rows")
