@@ -40,10 +40,12 @@ as the budget grows (a fixed sigma herds towards the centre of mass at large
 budgets and loses to random picks there).
 
 Cost (n candidates, s = min(n, 10,000) reference rows, m pool rows, d dims):
-plain k-center once plus about ``log2(k)`` more runs for the search (each with at
-most ``m + k`` pool rows), one ``n x s`` kernel pass for the first gains (like
-typicality's k-NN pass), ``m x n`` distances and ``m x s`` kernels for the pool,
-and per pick one ``s``-row kernel update, a few O(n) passes over the bounds and
+one pass over the pool for every candidate's exact distance to it
+(:func:`datapool.selection.pool_minima`; every later step starts from those, so
+the pool is never read again), plain k-center once plus about ``log2(k)`` more
+runs for the search (each from at most ``k`` herding picks and those distances),
+one ``n x s`` kernel pass for the first gains (like typicality's k-NN pass), and
+per pick one ``s``-row kernel update, a few O(n) passes over the bounds and
 the re-evaluated rows (``s`` kernel values each, 64 rows and up). Measured
 (bench/strategies.py, one thread, 1000 picks, 1M x 128 clustered rows, load ~1.5):
 277 s, against 5.2 s for plain k-center and 90 s for diversity x typicality; at
@@ -64,7 +66,7 @@ import numpy.typing as npt
 import torch
 
 from datapool.distributed import World
-from datapool.selection import cpu_threads
+from datapool.selection import cpu_threads, pool_minima
 from datapool.strategies import _Coverage  # strategies imports this module only lazily
 
 __all__ = ["SAMPLE", "Herding", "herd_and_cover"]
@@ -81,9 +83,10 @@ class Herding:
         x: candidates, float32 [n, d] on the CPU.
         sigma: kernel bandwidth (> 0), in the units of ``x``.
         ref: reference row indices into ``x``, int64 [s], sorted.
-        pool_d2: each candidate's squared distance to the pool (float32 [n],
-            ``inf`` without pool).
-        pool: pool rows [m, d] whose kernel coverage starts ``cov``, or None.
+        pool_d2: each candidate's exact squared distance to the centres already
+            there (float32 [n], ``inf`` without any): the reference rows' kernel
+            coverage starts from it, ``max_c K(c, z) = exp(-min_c |c - z|^2 / 2 sigma^2)``
+            (no pass over the pool's rows).
         min_distance: candidates closer than this to a centre are ineligible.
 
     Eligibility is checked only for the row about to be picked (its distance to
@@ -97,7 +100,6 @@ class Herding:
         sigma: float,
         ref: torch.Tensor,
         pool_d2: torch.Tensor,
-        pool: torch.Tensor | None,
         min_distance: float | None,
     ) -> None:
         self.x, self.z, self.pool_d2 = x, x[ref], pool_d2
@@ -106,9 +108,7 @@ class Herding:
         self.scale = -1.0 / (2.0 * sigma * sigma)
         self.min_distance = min_distance
         self.picked = x[:0].clone()
-        self.cov = torch.zeros(len(ref), dtype=torch.float32)
-        if pool is not None and pool.shape[0]:
-            self.cov = self._kernel(pool, (pool * pool).sum(dim=1)).amax(dim=0)
+        self.cov = pool_d2[ref].mul(self.scale).exp_()  # exp(-inf) = 0: nothing covered
         self.bound = self.gains(torch.arange(x.shape[0]))
 
     def _kernel(self, a: torch.Tensor, an: torch.Tensor) -> torch.Tensor:
@@ -188,29 +188,26 @@ def _reference(n: int, sample: int, seed: int) -> torch.Tensor:
 
 def _k_center(
     x: torch.Tensor,
-    pool: torch.Tensor | None,
+    start: torch.Tensor | None,
     n_samples: int | None,
     min_distance: float | None,
     threads: int | None,
     world: World | None,
+    prior: torch.Tensor | None,
 ) -> tuple[npt.NDArray[np.int64], float]:
-    """Greedy k-center's ``(picks, radius after them)``; shared across ``world``'s ranks."""
+    """Greedy k-center's ``(picks, radius after them)`` from centres ``start`` and the
+    ``prior`` (exact squared distances to the pool); shared across ``world``'s ranks."""
     from datapool.strategies import _plain  # strategies imports this module
 
-    got = _plain(x, pool, n_samples, min_distance, threads, world)
+    got = _plain(x, start, n_samples, min_distance, threads, world, prior=prior)
     return got.indices, got.next_distance
-
-
-def _with(pool: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-    """``pool`` and ``rows`` stacked (None when both are empty)."""
-    parts = [t for t in (pool, rows) if t is not None and t.shape[0]]
-    return torch.cat(parts) if parts else None
 
 
 def herd_and_cover(
     x: torch.Tensor,
     *,
     pool: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
     n_samples: int | None = None,
     min_distance: float | None = None,
     radius: float = 1.065,
@@ -224,6 +221,10 @@ def herd_and_cover(
 
     Args:
         pool: centres already there (pool and pre-selected rows) [m, d], or None.
+        prior: instead of ``pool``, each candidate's exact squared distance to
+            those centres (float32 [n], :func:`datapool.selection.pool_minima`):
+            the pool is then never read again (every k-center run of the search
+            and the kernel coverage start from it).
         n_samples: picks to make; None: at most as many as plain k-center makes
             with ``min_distance``, stopping like it once no candidate is eligible
             (every one closer than ``min_distance``). At least one of the two is
@@ -235,17 +236,17 @@ def herd_and_cover(
         world: ranks sharing the k-center runs (every rank passes the same inputs).
     """
     n = x.shape[0]
-    base, r = _k_center(x, pool, n_samples, min_distance, threads, world)
+    if prior is None and pool is not None and pool.shape[0]:
+        prior = torch.from_numpy(pool_minima(x, pool, threads=threads))
+    base, r = _k_center(x, None, n_samples, min_distance, threads, world, prior)
     k = len(base) if n_samples is None else min(n_samples, n)
     if k == 0 or len(base) < k or not 0 < r < math.inf:
         # k-center already stops early or covers everything: nothing to trade
         return Covered(base, 0, r, r)
     bound = max(radius * r, min_distance or 0.0)
     with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
-        d2 = torch.full((n,), math.inf, dtype=torch.float32)
-        if pool is not None and pool.shape[0]:
-            d2 = _pool_d2(x, pool)
-        state = Herding(x, bandwidth * r, _reference(n, sample, seed), d2, pool, min_distance)
+        d2 = torch.full((n,), math.inf, dtype=torch.float32) if prior is None else prior.clone()
+        state = Herding(x, bandwidth * r, _reference(n, sample, seed), d2, min_distance)
         herd: list[int] = []
         while len(herd) < k:
             j = state.next()
@@ -256,8 +257,8 @@ def herd_and_cover(
 
     def cover(h: int) -> npt.NDArray[np.int64] | None:
         """k-center's picks after ``herd[:h]`` down to ``bound``, or None if over budget."""
-        start = _with(pool, x[torch.tensor(herd[:h], dtype=torch.int64)])
-        picks, left = _k_center(x, start, k - h, bound, threads, world)
+        start = x[torch.tensor(herd[:h], dtype=torch.int64)] if h else None
+        picks, left = _k_center(x, start, k - h, bound, threads, world, prior)
         return picks if left < bound or len(picks) < k - h else None
 
     lo, hi, best = 1, len(herd), cover(0)
@@ -272,33 +273,29 @@ def herd_and_cover(
     assert best is not None  # h = 0 is k-center's own run, which reaches r <= bound
     picks = [*herd[:h], *(int(i) for i in best)]
     if len(picks) < k:
-        picks = _fill(x, picks, k, pool, bandwidth * r, min_distance, seed, sample, threads)
+        picks = _fill(x, picks, k, prior, bandwidth * r, min_distance, seed, sample, threads)
     return Covered(np.asarray(picks, dtype=np.int64), h, r, bound)
-
-
-def _pool_d2(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """Exact squared distance of each candidate to its nearest pool row, float32 [n]."""
-    cov = _Coverage(x, torch.get_num_threads())
-    cov.add(pool)
-    return cov.d2
 
 
 def _fill(
     x: torch.Tensor,
     picks: list[int],
     k: int,
-    pool: torch.Tensor | None,
+    prior: torch.Tensor | None,
     sigma: float,
     min_distance: float | None,
     seed: int,
     sample: int,
     threads: int | None,
 ) -> list[int]:
-    """``picks`` continued by herding (centres: the pool and ``picks``) up to ``k``."""
-    centres = _with(pool, x[torch.tensor(picks, dtype=torch.int64)])
+    """``picks`` continued by herding (centres: the pool, via ``prior``, and ``picks``) up
+    to ``k``."""
     with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
-        d2 = _pool_d2(x, centres) if centres is not None else torch.full((x.shape[0],), math.inf)
-        state = Herding(x, sigma, _reference(x.shape[0], sample, seed), d2, centres, min_distance)
+        cov = _Coverage(x, torch.get_num_threads())
+        if prior is not None:
+            cov.d2 = prior.clone()
+        cov.add(x[torch.tensor(picks, dtype=torch.int64)])
+        state = Herding(x, sigma, _reference(x.shape[0], sample, seed), cov.d2, min_distance)
         out = list(picks)
         while len(out) < k:
             j = state.next()

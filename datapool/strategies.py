@@ -152,6 +152,7 @@ from datapool.selection import (
     k_center_greedy,
     nearest,
     pinned_numerics,
+    pool_minima,
 )
 from datapool.strategy_config import (
     KINDS,
@@ -803,10 +804,15 @@ class Picks:
     strategies: dict[str, dict[str, Any]]
 
 
-def _chain_distances(rows: torch.Tensor, pool: torch.Tensor | None) -> npt.NDArray[np.float64]:
-    """Distance of each of ``rows`` [p, d] to the pool and the rows before it (float64 [p])."""
+def _chain_distances(
+    rows: torch.Tensor, pool: torch.Tensor | None, prior: torch.Tensor | None = None
+) -> npt.NDArray[np.float64]:
+    """Distance of each of ``rows`` [p, d] to the pool and the rows before it (float64 [p]);
+    ``prior``: instead of ``pool``, the rows' exact squared distances to it (float32 [p])."""
     with pinned_numerics("cpu", 1):
         cov = _Coverage(rows.to(torch.float32), 1)
+        if prior is not None:
+            cov.d2 = prior.clone()
         if pool is not None:
             cov.add(pool)
         out = np.empty(rows.shape[0])
@@ -823,23 +829,26 @@ def _plain(
     min_distance: float | None,
     threads: int | None,
     world: World | None = None,
+    prior: torch.Tensor | None = None,
 ) -> Combined:
     """Plain diversity on the exact fast engine, as a :class:`Combined`.
 
     With a ``world`` of several ranks, every rank calls this with the same rows and
     :func:`datapool.selection_sharded.k_center_greedy_sharded` shares the work
-    (identical picks).
+    (identical picks). ``prior``: exact squared distances to centres not in ``pool``
+    (:func:`datapool.selection.k_center_greedy`).
     """
     if world is not None and world.size > 1:
         from datapool.selection_sharded import k_center_greedy_sharded
 
         chosen = k_center_greedy_sharded(
-            xc, world=world, pool=pool, n_samples=budget, min_distance=min_distance
+            xc, world=world, pool=pool, n_samples=budget, min_distance=min_distance, prior=prior
         )
     else:
         chosen = k_center_greedy(
-            xc, pool=pool, n_samples=budget, min_distance=min_distance, threads=threads
-        )
+            xc, pool=pool, n_samples=budget, min_distance=min_distance, threads=threads,
+            prior=prior,
+        )  # fmt: skip
     k = len(chosen.indices)
     if budget is not None and k == budget:
         reason = "n_samples"
@@ -880,15 +889,17 @@ def _herded(
     parts = [t.to(torch.float32) for t in (pool, pre_rows) if t is not None]
     centres = torch.cat(parts) if parts else None
     x = xc.to("cpu", torch.float32)
+    # every candidate's distance to the pool, once: no step below reads the pool again
+    prior = None if centres is None else torch.from_numpy(pool_minima(x, centres, threads=threads))
     got = herd_and_cover(
-        x, pool=centres, n_samples=budget, min_distance=min_distance, radius=cfg.radius,
+        x, prior=prior, n_samples=budget, min_distance=min_distance, radius=cfg.radius,
         bandwidth=cfg.bandwidth, seed=seed, threads=threads, world=world,
     )  # fmt: skip
     idx = torch.from_numpy(got.indices)
-    dist = _chain_distances(x[idx], centres)
+    dist = _chain_distances(x[idx], None, None if prior is None else prior[idx])
     cov = _Coverage(x, threads or torch.get_num_threads())
-    if centres is not None:
-        cov.add(centres)
+    if prior is not None:
+        cov.d2 = prior.clone()
     cov.add(x[idx])  # the radius left: next_distance
     left = float(cov.d2.max().sqrt()) if x.shape[0] else 0.0
     if budget is not None and len(idx) == budget:
