@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
@@ -93,7 +94,7 @@ from datapool.selection import (
     pinned_numerics,
 )
 
-__all__ = ["Split", "choose_split", "k_center_greedy_sharded"]
+__all__ = ["Split", "choose_split", "k_center_greedy_sharded", "pool_minima_sharded"]
 
 Split = Literal["candidates", "pool"]
 
@@ -393,3 +394,24 @@ def k_center_greedy_sharded(
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist_ = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
     return Selection(idx, dist_, nxt)
+
+
+def pool_minima_sharded(
+    candidates: Any, pool: Any, *, world: World, threads: int | None = 1
+) -> npt.NDArray[np.float32]:
+    """:func:`datapool.selection.pool_minima` shared by the ranks of ``world`` (collective).
+
+    Each rank measures every candidate against its slice of the pool; the exact
+    minima are all-reduced with MIN, so every rank returns the one-process values.
+    """
+    from datapool.selection import pool_minima
+
+    p = _as_tensor(pool, "pool") if pool is not None else None
+    m = 0 if p is None else p.shape[0]
+    mine = shard_range(m, world)
+    part = None if p is None or mine.stop <= mine.start else p[mine.start : mine.stop]
+    local = torch.from_numpy(pool_minima(candidates, part, threads=threads)).to(world.device)
+    if world.distributed:
+        dist.all_reduce(local, op=dist.ReduceOp.MIN)
+    out: npt.NDArray[np.float32] = local.cpu().numpy()
+    return out

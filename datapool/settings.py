@@ -388,7 +388,8 @@ def _check_selection(flat: Mapping[str, Any], source: str) -> None:
 def strategies_summary(entries: Any) -> str:
     """``selection.strategies`` (params entries, or the values of
     :func:`datapool.strategies.describe`) in a few words, for history and the report:
-    ``"diversity^1, typicality(k=20)^0.5, threshold(score >= 0.3)"``; ``[]`` or None is
+    ``"diversity^1, typicality(k=20)^0.5, threshold(score >= 0.3)"`` or
+    ``"herding(radius=1.065, bandwidth=0.3)"``; ``[]`` or None is
     ``"diversity"`` (plain). Unreadable entries are shown as they are, never refused:
     this only displays what a version recorded.
     """
@@ -407,6 +408,10 @@ def strategies_summary(entries: Any) -> str:
         if kind == "threshold":
             op, value = entry.get("operation", "?"), entry.get("value", "?")
             words.append(f"threshold({entry.get('column', '?')} {op} {value})")
+            continue
+        if kind == "herding":  # a rule of its own, no strength (datapool.herding)
+            shown = [f"{key}={entry[key]}" for key in ("radius", "bandwidth") if key in entry]
+            words.append(f"herding({', '.join(shown)})" if shown else "herding")
             continue
         detail = [f"k={entry['k']}"] if "k" in entry else []
         if entry.get("guard"):

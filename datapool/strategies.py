@@ -890,7 +890,7 @@ def _herded(
     centres = torch.cat(parts) if parts else None
     x = xc.to("cpu", torch.float32)
     # every candidate's distance to the pool, once: no step below reads the pool again
-    prior = None if centres is None else torch.from_numpy(pool_minima(x, centres, threads=threads))
+    prior = None if centres is None else torch.from_numpy(_minima(x, centres, threads, world))
     got = herd_and_cover(
         x, prior=prior, n_samples=budget, min_distance=min_distance, radius=cfg.radius,
         bandwidth=cfg.bandwidth, seed=seed, threads=threads, world=world,
@@ -910,6 +910,18 @@ def _herded(
         reason = "min_distance"
     r = got.radius if 0 < got.radius < math.inf else 1.0
     return Combined(got.indices, dist, {"diversity": dist / r}, left, reason)
+
+
+def _minima(
+    x: torch.Tensor, pool: torch.Tensor, threads: int | None, world: World | None
+) -> npt.NDArray[np.float32]:
+    """Each candidate's exact squared distance to ``pool``, the ranks of ``world`` sharing
+    the pass (:func:`datapool.selection_sharded.pool_minima_sharded`)."""
+    if world is not None and world.size > 1:
+        from datapool.selection_sharded import pool_minima_sharded
+
+        return pool_minima_sharded(x, pool, world=world, threads=threads)
+    return pool_minima(x, pool, threads=threads)
 
 
 def _mask(value: Any, n: int, name: str, default: bool) -> npt.NDArray[np.bool_]:

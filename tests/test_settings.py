@@ -298,6 +298,8 @@ def test_a_good_selection_passes_and_is_returned_checked() -> None:
         "diversity^1, typicality(k=5)^0.5, threshold(sharp >= 0.3)"
     )
     assert strategies_summary([]) == strategies_summary(None) == "diversity"
+    herding = [{"strategy": "herding", "radius": 1.065, "bandwidth": 0.3}]
+    assert strategies_summary(herding) == "herding(radius=1.065, bandwidth=0.3)"
 
 
 def test_n_samples_and_proportion_samples_are_exclusive() -> None:
