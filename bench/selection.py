@@ -153,6 +153,17 @@ def run_case(name: str, k: int, skip: set[str], seed: int, threads: int) -> None
             f" datapool takes {t_ours / floor:.2f}x that"
         )
     print(f"  process peak RSS {peak_rss() / 1e9:.2f} GB, load average {os.getloadavg()[0]:.2f}")
+    if pool is not None and "float32" not in skip:  # the same engine, float32 pool pass
+        same, t, mem = measure(
+            lambda: k_center_greedy(
+                x, pool=pool, n_samples=k, threads=threads, pool_precision="float32"
+            )
+        )
+        equal = np.array_equal(sel.min_distances, same.min_distances)
+        print(
+            f"  float32 pass  {t:8.2f} s  peak +{mem / 1e6:8.1f} MB  ratio {t / t_ours:5.1f}x"
+            f"  picks: {agreement(ours, same.indices)}{'' if equal else ' (distances differ)'}"
+        )
     others = {"lightly": lightly, "textbook": textbook}
     for other, fn in others.items():
         if other in skip:
@@ -176,8 +187,9 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        choices=["lightly", "textbook"],
-        help="engines to leave out",
+        choices=["lightly", "textbook", "float32"],
+        help="engines to leave out (float32: datapool with pool_precision='float32', the peer"
+        " of its bfloat16 pool pass on CPUs that compute bf16 natively)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
