@@ -844,7 +844,11 @@ class _State:
         """:meth:`complete` for one block of rows sorted by ``pv = pver[idx]``."""
         assert self.pver is not None
         rows = self._rows_of(self.rows(idx), self.xn[idx])
-        ar, tr = self.a[idx], self.tpool[idx]  # with lowp, ar already equals tr
+        # The window must start from the pool's own minima: ``a`` may hold picks' distances
+        # by now (a flush), whose error bound is not the pool pass's (the exact prefix
+        # minimum is a valid approximation; without tracking no window is used).
+        ar = (self.tpool[idx] if self.track else self.a[idx]).clone()
+        tr = self.tpool[idx]
         pending = _Pending(self, rows.x, tr, self.budget // 24) if self.lowp else None
         for j, chunk in enumerate(self._pool()):
             cnt = int(torch.searchsorted(pv, j * _CHUNK + chunk[0].shape[0]))  # rows missing it
@@ -855,7 +859,7 @@ class _State:
                 self._settle(pending, rows, ar)
         if pending is not None:
             self._settle(pending, rows, ar)
-        self.a[idx] = tr if self.lowp else ar
+        self.a[idx] = torch.minimum(self.a[idx], tr if self.lowp else ar)
         self.tpool[idx] = tr
         self.pver[idx] = self.centres.m
 

@@ -486,9 +486,23 @@ def load_pool(folder: Path, *, overlay: Path | None = None) -> pd.DataFrame | No
         metas.append(arrow.drop_columns([EMBEDDING]))
     if not metas:
         return pd.DataFrame(columns=order)
-    meta = pa.concat_tables(metas, promote_options="permissive")
+    meta = _detached(pa.concat_tables(metas, promote_options="permissive"))
     _check_unique(meta, folder)
     return _assemble(meta, vectors).reindex(columns=order)
+
+
+def _detached(table: Any) -> Any:
+    """``table`` copied into fresh memory (one IPC round trip: a memcpy of its buffers).
+
+    The shards are memory-mapped; the frame a reader gets must not keep a mapping:
+    pandas' Arrow-backed text would, and a shard renamed away on a shared file
+    system (NFS: another machine's save) or cut in place would fault on access.
+    """
+    pa = _arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.ipc.open_stream(sink.getvalue()).read_all()
 
 
 def _read_shard(path: Path, *, listed_in: Path | None) -> Any:
@@ -496,8 +510,9 @@ def _read_shard(path: Path, *, listed_in: Path | None) -> Any:
 
     The file is memory-mapped: the table's buffers are the page cache's pages, not a
     copy (``load_pool`` of 1M x 128 rows: 0.75-0.9 s against 1.3-5.3 s read into fresh
-    memory, on a loaded 2-core machine). Safe as shards are never changed in place:
-    every writer renames a new file over the old one, and a mapping keeps the old one.
+    memory, on a loaded 2-core machine). Callers copy what they keep (:func:`load_pool`:
+    the vectors into the frame's block, the other columns by :func:`_detached`), so no
+    mapping outlives the read.
     """
     pa = _arrow()
     try:

@@ -192,6 +192,7 @@ _TOP_MIN = 256  # ... at least this many rows ...
 _TOP_BYTES = 16 << 20  # ... and its float32 copy at most this size (stays in cache)
 _PASS_BYTES = 16 << 20  # product output per block in the blocked passes
 _CHUNK = 1024  # centres per product in the pool pass
+_CHAIN = 256  # rows per block of _chain_distances
 _GUARD_LEVEL = 0.9  # lazy loop with a guard: a phase ends once the max d2 is below this x its start
 
 
@@ -808,17 +809,29 @@ def _chain_distances(
     rows: torch.Tensor, pool: torch.Tensor | None, prior: torch.Tensor | None = None
 ) -> npt.NDArray[np.float64]:
     """Distance of each of ``rows`` [p, d] to the pool and the rows before it (float64 [p]);
-    ``prior``: instead of ``pool``, the rows' exact squared distances to it (float32 [p])."""
+    ``prior``: instead of ``pool``, the rows' exact squared distances to it (float32 [p]).
+
+    Exact (textbook float32) minima, in blocks of :data:`_CHAIN` rows: a block against
+    every earlier block in one product (:func:`datapool.selection.exact_min`), then its
+    rows against the block's earlier rows directly (10,000 picks: ~0.5 s, where one
+    pass per row took 3.6 s).
+    """
     with pinned_numerics("cpu", 1):
         cov = _Coverage(rows.to(torch.float32), 1)
         if prior is not None:
             cov.d2 = prior.clone()
         if pool is not None:
             cov.add(pool)
-        out = np.empty(rows.shape[0])
-        for i in range(rows.shape[0]):
-            out[i] = math.sqrt(float(cov.d2[i]))
-            cov.add(cov.x[i : i + 1])
+        x, xn, d2 = cov.x, cov.xn, cov.d2
+        for a in range(0, x.shape[0], _CHAIN):
+            b = min(x.shape[0], a + _CHAIN)
+            for c in range(0, a, _CHUNK):  # earlier blocks
+                cj = x[c : min(a, c + _CHUNK)]
+                d2[a:b] = exact_min(x[a:b], xn[a:b], d2[a:b], cj, cov.kappa)
+            for i in range(a + 1, b):  # the block's earlier rows, textbook differences
+                diff = x[a:i] - x[i]
+                d2[i] = torch.minimum(d2[i], (diff * diff).sum(dim=1).min())
+    out: npt.NDArray[np.float64] = np.sqrt(d2.double().numpy())
     return out
 
 

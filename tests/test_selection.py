@@ -639,3 +639,30 @@ def test_pool_minima_are_the_textbook_values_and_a_bad_prior_is_refused() -> Non
         k_center_greedy(cand, n_samples=3, prior=np.zeros(5))
     with pytest.raises(InputError, match="prior must hold squared distances >= 0"):
         k_center_greedy(cand, n_samples=3, prior=np.full(300, -1.0))
+
+
+@pytest.mark.parametrize("lowp", [False, True])
+def test_rows_completed_after_a_flush_keep_their_textbook_pool_minimum(lowp: bool) -> None:
+    """A late row is completed after picks were applied to it: the window of its pool pass
+    must start from its pool minimum, not from a pick's distance, whose error bound (far
+    from the origin: large norms) is not the pool pass's (found by review)."""
+    rng = np.random.default_rng(0)
+    d = 8
+    p = (1e5 + rng.standard_normal((3000, d))).astype(np.float32)
+    near = p[2500:2600][rng.integers(0, 100, 2000)] + 1e-2 * rng.standard_normal((2000, d))
+    far = 1e5 + 30 * rng.standard_normal((2000, d))
+    x = torch.from_numpy(np.concatenate([far, near]).astype(np.float32))
+    pool = torch.from_numpy(p)
+    st = selection._State(x, selection._Centres(pool, d, torch.device("cpu")), 64 << 20)
+    st.track, st.lowp = True, lowp
+    st.first_pass(800)
+    late = st.late(torch.arange(len(x)))
+    assert late.numel() > 300 or not lowp  # the bf16 pass stopped many rows early
+    st.centres.add(x[0].clone())
+    st.flush()
+    st.complete(late)
+    rows = late[:300] if late.numel() else torch.arange(300)  # float32: nothing stopped early
+    want = torch.stack([((x[i] - pool) ** 2).sum(dim=1).min() for i in rows])
+    assert torch.equal(st.tpool[rows], want)
+    to_pick = ((x[rows] - x[0]) ** 2).sum(dim=1)
+    assert torch.equal(st.exact(rows, x[rows], st.xn[rows]), torch.minimum(want, to_pick))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from datapool.errors import InputError
 from datapool.selection import k_center_greedy
@@ -696,3 +698,19 @@ def test_typicality_guard_and_herding_on_two_ranks_equal_one_process(
         assert got["picks"].indices.tolist() == want["picks"].indices.tolist()
         assert got["herding"].indices.tolist() == want["herding"].indices.tolist()
         assert 0 < len(set(want["herding"].indices.tolist())) == 25
+
+
+def test_chain_distances_in_blocks_are_each_rows_textbook_distance_to_the_ones_before() -> None:
+    from datapool.strategies import _chain_distances
+
+    rng = np.random.default_rng(4)
+    rows = torch.from_numpy(rng.standard_normal((600, 8)).astype(np.float32))  # 3 blocks
+    rows[300] = rows[20]  # a duplicate across blocks: distance 0
+    pool = torch.from_numpy(rng.standard_normal((50, 8)).astype(np.float32))
+    got = _chain_distances(rows, pool)
+    d2 = ((rows[:, None] - torch.cat([pool, rows])[None]) ** 2).sum(dim=2)
+    d2 = torch.where(torch.arange(650)[None] < 50 + torch.arange(600)[:, None], d2, math.inf)
+    np.testing.assert_array_equal(got, np.sqrt(d2.amin(dim=1).double().numpy()))
+    assert got[300] == 0.0
+    prior = d2[:, :50].amin(dim=1)
+    np.testing.assert_array_equal(_chain_distances(rows, None, prior), got)
