@@ -236,6 +236,10 @@ def pinned_numerics(device_type: str, threads: int | None) -> Iterator[None]:
     mkldnn: Any = torch.backends.mkldnn  # its ``matmul`` is missing from torch's stubs
     backends = (torch.backends.cuda.matmul, mkldnn.matmul)
     saved = [b.fp32_precision for b in backends]
+    # cuBLAS may otherwise round a bf16 product's partial sums to bf16 (the bfloat16 pool
+    # pass's bound assumes float32 accumulation and one rounding)
+    cuda = torch.backends.cuda.matmul
+    saved_reduction = cuda.allow_bf16_reduced_precision_reduction
     saved_threads = torch.get_num_threads()
     no_autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if torch.amp.is_autocast_available(device_type):
@@ -243,6 +247,7 @@ def pinned_numerics(device_type: str, threads: int | None) -> Iterator[None]:
     try:
         for b in backends:
             b.fp32_precision = "ieee"
+        cuda.allow_bf16_reduced_precision_reduction = False
         if threads is not None:
             torch.set_num_threads(threads)
         with no_autocast, torch.no_grad():
@@ -250,6 +255,7 @@ def pinned_numerics(device_type: str, threads: int | None) -> Iterator[None]:
     finally:
         for b, value in zip(backends, saved, strict=True):
             b.fp32_precision = value
+        cuda.allow_bf16_reduced_precision_reduction = saved_reduction
         torch.set_num_threads(saved_threads)
 
 

@@ -360,7 +360,7 @@ def test_exact_ties_beyond_the_top_set_with_a_multi_chunk_pool(
     assert_same(sel, ref)
 
 
-def numerics() -> tuple[str, str, bool, int]:
+def numerics() -> tuple[str, str, bool, int, bool]:
     """The process-wide settings a selection must leave as it found them."""
     mkldnn: Any = torch.backends.mkldnn
     return (
@@ -368,6 +368,7 @@ def numerics() -> tuple[str, str, bool, int]:
         mkldnn.matmul.fp32_precision,
         torch.is_autocast_enabled("cpu"),
         torch.get_num_threads(),
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
     )
 
 
