@@ -127,6 +127,9 @@ class Manifest:
         packs: one per shard, same order: where each batch's images are. Empty in a
             pool of :data:`LOOSE_FORMAT`, whose images are loose files.
         format: :data:`FORMAT`, or :data:`LOOSE_FORMAT` for a pool written before the packs.
+        csv_sha256: sha256 of the ``datapool_latest.csv`` written with this version
+            (``""``: none, or written before this was recorded). The next version appends
+            its new rows to that file when it still has this digest (:func:`csv_base`).
     """
 
     dim: int
@@ -137,6 +140,7 @@ class Manifest:
     latest_batch: str = ""
     packs: list[Pack] = field(default_factory=list)
     format: str = FORMAT
+    csv_sha256: str = ""
 
     @property
     def loose(self) -> bool:
@@ -196,6 +200,7 @@ def parse_manifest(text: str, *, source: str) -> Manifest:
             latest_batch=str(data.get("latest_batch", "")),
             packs=[Pack(**p) for p in data.get("packs", [])],
             format=str(data["format"]),
+            csv_sha256=str(data.get("csv_sha256", "")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise PoolError(f"{source} is not a datapool manifest: {err}") from err
@@ -749,16 +754,55 @@ def fingerprint(rows: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def write_lightly_csv(table: pd.DataFrame, path: Path) -> None:
-    """Write ``table`` as Lightly's embeddings CSV plus our columns, atomically.
+def write_lightly_csv(
+    table: pd.DataFrame, path: Path, *, base: Path | None = None, start: int = 0
+) -> str:
+    """Write ``table`` as Lightly's embeddings CSV plus our columns, atomically; returns
+    the file's sha256.
 
     Columns: ``filenames, embedding_0..D-1, labels``, ours, then user columns.
     Written by Arrow's C++ CSV writer (about 10x pandas' ``to_csv`` at 1M x 128);
     floats in their shortest round-trip form, empty cells for missing values.
-    This file is derived from the shards and never read back by datapool.
+    ``base``: a CSV holding ``table``'s first ``start`` rows as this function wrote
+    them (:func:`csv_base`); its bytes are copied and only the rows after them
+    formatted (types are taken from the whole table, so the bytes are those of a
+    whole write). This file is derived from the shards and never read back by datapool.
     """
     import pyarrow.csv as pcsv
 
+    arrow = _csv_columns(table)
+    if base is not None and not _csv_columns(table.iloc[:start]).schema.equals(arrow.schema):
+        base = None  # the new rows change a column's type: the old rows would read otherwise
+    digest = hashlib.sha256()
+    with atomic_open(path, "wb") as handle:
+        if base is not None:
+            with base.open("rb") as old:
+                while chunk := old.read(1 << 22):
+                    handle.write(chunk)
+                    digest.update(chunk)
+        out = _Hashing(handle, digest)
+        options = pcsv.WriteOptions(include_header=base is None)
+        pcsv.write_csv(arrow.slice(start if base is not None else 0), out, write_options=options)
+    return digest.hexdigest()
+
+
+class _Hashing:
+    """A binary file that also feeds what is written to a sha256 (for pyarrow's writer)."""
+
+    def __init__(self, handle: IO[bytes], digest: Any) -> None:
+        self.handle, self.digest, self.closed = handle, digest, False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        return self.handle.write(view)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _csv_columns(table: pd.DataFrame) -> Any:
+    """``table`` in the CSV's column order as a pyarrow Table (embeddings one column each)."""
     pa = _arrow()
     dim = embedding_dim(table)
     ours = column_order(dim)
@@ -771,8 +815,27 @@ def write_lightly_csv(table: pd.DataFrame, path: Path) -> None:
             columns[name] = arrow.column(name)
         else:  # embedding_i
             columns[name] = pa.array(vectors[:, int(name.removeprefix("embedding_"))])
-    with atomic_open(path, "wb") as handle:
-        pcsv.write_csv(pa.table(columns), handle)
+    return pa.table(columns)
+
+
+def csv_base(folder: Path, old: Manifest | None, new: Manifest) -> tuple[Path, int] | None:
+    """The current ``datapool_latest.csv`` of ``folder`` and its row count, when the
+    next version's CSV may start from it: the old version recorded its digest and the
+    file still has it (not edited since), and the old version's shards are the new
+    one's first shards, unchanged, with the same columns. None otherwise."""
+    path = folder / POOL_CSV
+    if old is None or not old.csv_sha256 or not path.is_file():
+        return None
+    head = [(s.file, s.fingerprint) for s in new.shards[: len(old.shards)]]
+    if head != [(s.file, s.fingerprint) for s in old.shards]:
+        return None
+    if (old.dim, old.user_columns) != (new.dim, new.user_columns):
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return (path, old.rows) if digest.hexdigest() == old.csv_sha256 else None
 
 
 def is_in(values: pd.Series, others: pd.Series) -> np.ndarray:

@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from datapool.store import (
     Plan,
     check_columns,
     check_rows,
+    csv_base,
     load_pool,
     plan_version,
     read_manifest,
@@ -158,14 +159,16 @@ def save_pool(
     csv = 0 < len(table) <= csv_max_rows if csv_max_rows else False
     loose = _loose_images(pool_dir) if old is None or old.loose else 0
     try:
-        _stage(pool_dir, table, plan, old=old, checkpoint=checkpoint, sources=sources, csv=csv)
+        manifest = _stage(
+            pool_dir, table, plan, old=old, checkpoint=checkpoint, sources=sources, csv=csv
+        )
     except BaseException:
         recover(pool_dir)  # no COMPLETE mark yet: drops the stage
         raise
     crash_point("staged")
     _apply(pool_dir, table)
     return Saved(
-        plan.manifest,
+        manifest,
         shards_written=len(plan.writes),
         csv=csv,
         migrated=migrated,
@@ -192,17 +195,24 @@ def _stage(
     checkpoint: Path | None,
     sources: Mapping[str, Source],
     csv: bool,
-) -> None:
+) -> Manifest:
     """Write the changed packs and shards, manifest, CSV and model to the stage, then
-    mark it COMPLETE (listing the staged shards and packs and whether a CSV belongs to it)."""
+    mark it COMPLETE (listing the staged shards and packs and whether a CSV belongs to it).
+    Returns the manifest written (``plan``'s, with the CSV's digest)."""
     staging = pool_dir / INCOMING
+    manifest = plan.manifest
     staging.mkdir(parents=True)
     _write_packs(pool_dir, plan, old=old, sources=sources)
     fingerprints = {s.file: s.fingerprint for s in plan.manifest.shards}
     for name, rows in plan.writes.items():
         write_rows(rows, staging / name, fingerprint=fingerprints[name])
-    if csv:
-        write_lightly_csv(table, staging / POOL_CSV)
+    if csv:  # the previous version's file, when it may be continued (O(rows added))
+        base = csv_base(pool_dir, old, plan.manifest)
+        start = base[1] if base else 0
+        digest = write_lightly_csv(
+            table, staging / POOL_CSV, base=base[0] if base else None, start=start
+        )
+        manifest = replace(manifest, csv_sha256=digest)
     current = pool_dir / CHECKPOINT
     if checkpoint is not None and (
         not current.exists() or current.read_bytes() != checkpoint.read_bytes()
@@ -210,13 +220,14 @@ def _stage(
         with atomic_open(staging / CHECKPOINT, "wb") as handle:
             handle.write(checkpoint.read_bytes())
     with atomic_open(staging / MANIFEST, "w") as handle:
-        handle.write(plan.manifest.to_json())
+        handle.write(manifest.to_json())
     for folder in (staging / SHARDS, staging / IMAGES_DIR, staging):
         if folder.is_dir():
             fsync_dir(folder)
     mark = {"csv": csv, "shards": sorted(plan.writes), "packs": sorted(plan.packs)}
     with atomic_open(staging / COMPLETE, "w") as handle:
         handle.write(json.dumps(mark) + "\n")
+    return manifest
 
 
 def _write_packs(

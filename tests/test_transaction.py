@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -285,3 +286,39 @@ def test_a_new_row_repeating_an_old_shards_image_is_refused(tmp_path: Path) -> N
     with pytest.raises(PoolError, match=r"row 5 .*repeats the content_hash of row 2"):
         save_pool(pool, table, checkpoint=None, sources=sources)
     assert snapshot(pool) == before
+
+
+def test_the_csv_continues_the_previous_versions_file_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version that only adds shards appends their rows to the last version's CSV (whose
+    digest the manifest recorded); the bytes equal a whole write. An edited CSV is
+    written whole again."""
+    from datapool import transaction
+    from datapool.store import write_lightly_csv
+
+    bases: list[object] = []
+    write = transaction.write_lightly_csv
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        bases.append(kwargs.get("base"))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(transaction, "write_lightly_csv", spy)
+    table, sources = _pool_with_images(tmp_path, 9)
+    table.loc[3:5, "batch_id"] = "b2"
+    table.loc[6:, "batch_id"] = "b3"
+    pool = tmp_path / "pool"
+    for rows, tag in ((3, "v1"), (6, "v2")):
+        save_pool(pool, table.iloc[:rows], checkpoint=None, sources=sources)
+        write_lightly_csv(table.iloc[:rows], tmp_path / f"{tag}.csv")
+        got = (pool / POOL_CSV).read_bytes()
+        assert got == (tmp_path / f"{tag}.csv").read_bytes()
+        manifest = read_manifest(pool)
+        assert manifest is not None and manifest.csv_sha256 == hashlib.sha256(got).hexdigest()
+    assert bases[0] is None and bases[1] is not None  # v2 continued v1's file
+    (pool / POOL_CSV).write_bytes((pool / POOL_CSV).read_bytes() + b"edited\n")
+    save_pool(pool, table, checkpoint=None, sources=sources)
+    write_lightly_csv(table, tmp_path / "v3.csv")
+    assert (pool / POOL_CSV).read_bytes() == (tmp_path / "v3.csv").read_bytes()
+    assert bases[2] is None  # the edited file was not trusted
