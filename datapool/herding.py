@@ -141,6 +141,17 @@ class Herding:
         self.picked = torch.cat([self.picked, xi])
         self.bound[i] = -math.inf
 
+    def extend(self, picks: list[int], k: int) -> list[int]:
+        """``picks`` followed by herding picks (each made a centre) until ``k`` or none is
+        eligible; the centres ``picks`` must already be in the state's distances."""
+        while len(picks) < k:
+            j = self.next()
+            if j is None:
+                break
+            picks.append(j)
+            self.add(j)
+        return picks
+
     def next(self) -> int | None:
         """The eligible candidate with the largest gain (lowest index on ties), or None."""
         fresh = torch.zeros(self.x.shape[0], dtype=torch.bool)
@@ -247,13 +258,7 @@ def herd_and_cover(
     with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
         d2 = torch.full((n,), math.inf, dtype=torch.float32) if prior is None else prior.clone()
         state = Herding(x, bandwidth * r, _reference(n, sample, seed), d2, min_distance)
-        herd: list[int] = []
-        while len(herd) < k:
-            j = state.next()
-            if j is None:
-                break
-            herd.append(j)
-            state.add(j)
+        herd = state.extend([], k)
 
     def cover(h: int) -> npt.NDArray[np.int64] | None:
         """k-center's picks after ``herd[:h]`` down to ``bound``, or None if over budget."""
@@ -291,16 +296,7 @@ def _fill(
     """``picks`` continued by herding (centres: the pool, via ``prior``, and ``picks``) up
     to ``k``."""
     with torch.no_grad(), cpu_threads(threads or torch.get_num_threads()):
-        cov = _Coverage(x, torch.get_num_threads())
-        if prior is not None:
-            cov.d2 = prior.clone()
+        cov = _Coverage(x, torch.get_num_threads(), prior)
         cov.add(x[torch.tensor(picks, dtype=torch.int64)])
         state = Herding(x, sigma, _reference(x.shape[0], sample, seed), cov.d2, min_distance)
-        out = list(picks)
-        while len(out) < k:
-            j = state.next()
-            if j is None:
-                break
-            out.append(j)
-            state.add(j)
-    return out
+        return state.extend(list(picks), k)

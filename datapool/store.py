@@ -771,7 +771,7 @@ def write_lightly_csv(
     import pyarrow.csv as pcsv
 
     arrow = _csv_columns(table)
-    if base is not None and not _csv_columns(table.iloc[:start]).schema.equals(arrow.schema):
+    if base is not None and not _meta_schema(table.iloc[:start]).equals(_meta_schema(table)):
         base = None  # the new rows change a column's type: the old rows would read otherwise
     digest = hashlib.sha256()
     with atomic_open(path, "wb") as handle:
@@ -816,6 +816,11 @@ def _csv_columns(table: pd.DataFrame) -> Any:
         else:  # embedding_i
             columns[name] = pa.array(vectors[:, int(name.removeprefix("embedding_"))])
     return pa.table(columns)
+
+
+def _meta_schema(table: pd.DataFrame) -> Any:
+    """The Arrow types of ``table``'s columns other than the (always float32) embeddings."""
+    return to_arrow(table.drop(columns=embedding_columns(embedding_dim(table)))).schema
 
 
 def csv_base(folder: Path, old: Manifest | None, new: Manifest) -> tuple[Path, int] | None:

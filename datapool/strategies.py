@@ -394,15 +394,25 @@ class Combined:
 
 
 class _Coverage:
-    """Exact (textbook float32) squared distance ``d2`` [n] of each row to its nearest centre."""
+    """Exact (textbook float32) squared distance ``d2`` [n] of each row to its nearest centre.
 
-    def __init__(self, x: torch.Tensor, pass_threads: int) -> None:
+    ``start``: exact squared distances to centres already applied elsewhere (float32 [n],
+    e.g. :func:`datapool.selection.pool_minima` of a pool), copied; default ``inf``.
+    """
+
+    def __init__(
+        self, x: torch.Tensor, pass_threads: int, start: torch.Tensor | None = None
+    ) -> None:
         self.x = x
         self.xn = torch.empty(x.shape[0], dtype=torch.float32)
         for s in range(0, x.shape[0], _PICK_ROWS):  # blocked: x * x would copy all of x
             b = x[s : s + _PICK_ROWS]
             self.xn[s : s + _PICK_ROWS] = (b * b).sum(dim=1)
-        self.d2 = torch.full((x.shape[0],), math.inf, dtype=torch.float32)
+        self.d2 = (
+            torch.full((x.shape[0],), math.inf, dtype=torch.float32)
+            if start is None
+            else start.clone()
+        )
         self.kappa = error_bound(max(1, x.shape[1]))
         self.threads = pass_threads
         self.centres = 0
@@ -817,9 +827,7 @@ def _chain_distances(
     pass per row took 3.6 s).
     """
     with pinned_numerics("cpu", 1):
-        cov = _Coverage(rows.to(torch.float32), 1)
-        if prior is not None:
-            cov.d2 = prior.clone()
+        cov = _Coverage(rows.to(torch.float32), 1, prior)
         if pool is not None:
             cov.add(pool)
         x, xn, d2 = cov.x, cov.xn, cov.d2
@@ -910,9 +918,7 @@ def _herded(
     )  # fmt: skip
     idx = torch.from_numpy(got.indices)
     dist = _chain_distances(x[idx], None, None if prior is None else prior[idx])
-    cov = _Coverage(x, threads or torch.get_num_threads())
-    if prior is not None:
-        cov.d2 = prior.clone()
+    cov = _Coverage(x, threads or torch.get_num_threads(), prior)
     cov.add(x[idx])  # the radius left: next_distance
     left = float(cov.d2.max().sqrt()) if x.shape[0] else 0.0
     if budget is not None and len(idx) == budget:
