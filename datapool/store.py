@@ -265,6 +265,9 @@ def _arrow() -> Any:
     return pa
 
 
+_NUMBERS = ("pick_rank", "pick_distance")  # our columns kept as numbers (all others text)
+
+
 def to_arrow(table: pd.DataFrame) -> Any:
     """``table`` (the wide in-memory layout) as a pyarrow Table in the shard layout.
 
@@ -282,21 +285,35 @@ def to_arrow(table: pd.DataFrame) -> Any:
         if name in embedded:
             continue
         values = table[column]
-        if name in ("pick_rank", "pick_distance"):
+        if name in _NUMBERS:
             arrays[name] = pa.array(values.to_numpy(), from_pandas=True)
         else:
-            arrays[name] = pa.array(_as_text(values), type=pa.string())
+            arrays[name] = _as_text(values)
     if dim:
         flat = table[embedding_columns(dim)].to_numpy(dtype=np.float32).reshape(-1)
         arrays[EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
     return pa.table(arrays)
 
 
-def _as_text(values: pd.Series) -> list[str]:
-    """Each value as the text a CSV cell would hold: str(value), ``""`` for missing ones."""
-    if values.dtype == object and all(isinstance(v, str) for v in values):
-        return list(values)
-    return ["" if _missing(v) else str(v) for v in values]
+def _as_text(values: pd.Series) -> Any:
+    """Each value as the text a CSV cell would hold, a pyarrow string array: str(value),
+    ``""`` for missing ones.
+
+    Text columns (pandas' string dtype, or objects that are all text or missing) go
+    through Arrow's C++ conversion: a Python loop over them cost ~1 s per 20k-row
+    table of 6 text columns (every row, every save).
+    """
+    pa = _arrow()
+    import pyarrow.compute as pc
+
+    if isinstance(values.dtype, pd.StringDtype) or (
+        values.dtype == object and pd.api.types.infer_dtype(values, skipna=True) in _TEXTUAL
+    ):
+        return pc.fill_null(pa.array(values, type=pa.string(), from_pandas=True), "")
+    return pa.array(["" if _missing(v) else str(v) for v in values], type=pa.string())
+
+
+_TEXTUAL = ("string", "empty")  # pandas' infer_dtype of text-or-missing / all-missing objects
 
 
 def _missing(value: object) -> bool:
@@ -754,36 +771,44 @@ def fingerprint(rows: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def write_lightly_csv(
-    table: pd.DataFrame, path: Path, *, base: Path | None = None, start: int = 0
-) -> str:
+def write_lightly_csv(table: pd.DataFrame, path: Path, *, base: CsvBase | None = None) -> str:
     """Write ``table`` as Lightly's embeddings CSV plus our columns, atomically; returns
     the file's sha256.
 
     Columns: ``filenames, embedding_0..D-1, labels``, ours, then user columns.
     Written by Arrow's C++ CSV writer (about 10x pandas' ``to_csv`` at 1M x 128);
     floats in their shortest round-trip form, empty cells for missing values.
-    ``base``: a CSV holding ``table``'s first ``start`` rows as this function wrote
-    them (:func:`csv_base`); its bytes are copied and only the rows after them
-    formatted (types are taken from the whole table, so the bytes are those of a
-    whole write). This file is derived from the shards and never read back by datapool.
+    A row's text depends on its own values only (embeddings float32, ``pick_rank``
+    and ``pick_distance`` float64 whatever their dtype -- an integral double prints
+    as an integer -- every other column text). So ``base`` (:func:`csv_base`), a
+    CSV this function wrote of ``table``'s first ``base.rows`` rows, is copied and
+    only the rows after them are converted and formatted: the bytes are those of a
+    whole write. The copy is hashed as it goes (one read of the old file); if it
+    does not have the digest its version recorded (edited since), the whole table
+    is written instead. This file is derived from the shards and never read back
+    by datapool.
     """
     import pyarrow.csv as pcsv
 
-    arrow = _csv_columns(table)
-    if base is not None and not _meta_schema(table.iloc[:start]).equals(_meta_schema(table)):
-        base = None  # the new rows change a column's type: the old rows would read otherwise
-    digest = hashlib.sha256()
     with atomic_open(path, "wb") as handle:
-        if base is not None:
-            with base.open("rb") as old:
-                while chunk := old.read(1 << 22):
-                    handle.write(chunk)
-                    digest.update(chunk)
-        out = _Hashing(handle, digest)
+        digest = hashlib.sha256()
+        if base is not None and not _copy_verified(base, handle, digest):
+            handle.seek(0)
+            handle.truncate()
+            digest, base = hashlib.sha256(), None
+        arrow = _csv_columns(table.iloc[base.rows :] if base is not None else table)
         options = pcsv.WriteOptions(include_header=base is None)
-        pcsv.write_csv(arrow.slice(start if base is not None else 0), out, write_options=options)
+        pcsv.write_csv(arrow, _Hashing(handle, digest), write_options=options)
     return digest.hexdigest()
+
+
+def _copy_verified(base: CsvBase, handle: IO[bytes], digest: Any) -> bool:
+    """Copy ``base.path`` to ``handle``, feeding ``digest``; whether it had ``base.sha256``."""
+    with base.path.open("rb") as old:
+        while chunk := old.read(1 << 22):
+            handle.write(chunk)
+            digest.update(chunk)
+    return bool(digest.copy().hexdigest() == base.sha256)
 
 
 class _Hashing:
@@ -812,22 +837,36 @@ def _csv_columns(table: pd.DataFrame) -> Any:
     columns: dict[str, Any] = {}
     for name in order:
         if name in arrow.column_names:
-            columns[name] = arrow.column(name)
+            column = arrow.column(name)
+            # one type whatever the dtype (int64, or float64 with a gap): see write_lightly_csv
+            numeric = pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+            columns[name] = column.cast(pa.float64()) if name in _NUMBERS and numeric else column
         else:  # embedding_i
             columns[name] = pa.array(vectors[:, int(name.removeprefix("embedding_"))])
     return pa.table(columns)
 
 
-def _meta_schema(table: pd.DataFrame) -> Any:
-    """The Arrow types of ``table``'s columns other than the (always float32) embeddings."""
-    return to_arrow(table.drop(columns=embedding_columns(embedding_dim(table)))).schema
+@dataclass(frozen=True)
+class CsvBase:
+    """A ``datapool_latest.csv`` the next version's may continue (:func:`csv_base`).
+
+    Attributes:
+        path: the file.
+        rows: the pool rows it holds (its version's ``rows``).
+        sha256: the digest its version recorded; the file is trusted only if it still
+            has it (checked while it is copied, :func:`write_lightly_csv`).
+    """
+
+    path: Path
+    rows: int
+    sha256: str
 
 
-def csv_base(folder: Path, old: Manifest | None, new: Manifest) -> tuple[Path, int] | None:
-    """The current ``datapool_latest.csv`` of ``folder`` and its row count, when the
-    next version's CSV may start from it: the old version recorded its digest and the
-    file still has it (not edited since), and the old version's shards are the new
-    one's first shards, unchanged, with the same columns. None otherwise."""
+def csv_base(folder: Path, old: Manifest | None, new: Manifest) -> CsvBase | None:
+    """The current ``datapool_latest.csv`` of ``folder``, when the next version's CSV
+    may start from it: the old version recorded its digest, the file exists, and the
+    old version's shards are the new one's first shards, unchanged, with the same
+    columns. None otherwise. Reads no file: the digest is checked on the copy."""
     path = folder / POOL_CSV
     if old is None or not old.csv_sha256 or not path.is_file():
         return None
@@ -836,11 +875,7 @@ def csv_base(folder: Path, old: Manifest | None, new: Manifest) -> tuple[Path, i
         return None
     if (old.dim, old.user_columns) != (new.dim, new.user_columns):
         return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return (path, old.rows) if digest.hexdigest() == old.csv_sha256 else None
+    return CsvBase(path, old.rows, old.csv_sha256)
 
 
 def is_in(values: pd.Series, others: pd.Series) -> np.ndarray:

@@ -208,10 +208,7 @@ def _stage(
         write_rows(rows, staging / name, fingerprint=fingerprints[name])
     if csv:  # the previous version's file, when it may be continued (O(rows added))
         base = csv_base(pool_dir, old, plan.manifest)
-        start = base[1] if base else 0
-        digest = write_lightly_csv(
-            table, staging / POOL_CSV, base=base[0] if base else None, start=start
-        )
+        digest = write_lightly_csv(table, staging / POOL_CSV, base=base)
         manifest = replace(manifest, csv_sha256=digest)
     current = pool_dir / CHECKPOINT
     if checkpoint is not None and (

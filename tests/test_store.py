@@ -271,6 +271,42 @@ def test_write_lightly_csv_is_atomic_and_complete(tmp_path: Path) -> None:
     assert hashlib.sha256((tmp_path / POOL_CSV).read_bytes()).hexdigest() == digest
 
 
+def test_a_csv_row_reads_the_same_whatever_the_other_rows_are(tmp_path: Path) -> None:
+    """Continuing a CSV is only sound if a row's text never depends on the other rows: a
+    later row without a pick rank (float64 column) or with text in a user column leaves
+    the earlier rows' text as an int64 / absent column wrote it."""
+    from datapool.store import CsvBase
+
+    first = batches(3)
+    first["pick_rank"] = np.arange(1, 4, dtype=np.int64)
+    first["pick_distance"] = np.float32(0.1)  # float32 here, its float64 value below
+    first["note"] = pd.Series([None, None, None], dtype=object)  # all missing: ""
+    digest = write_lightly_csv(first, tmp_path / "v1.csv")
+    later = batches(3, 2)
+    later["pick_rank"] = [1.0, 2.0, 3.0, np.nan, 5.0]
+    later["pick_distance"] = [float(np.float32(0.1))] * 3 + [0.5, np.nan]
+    later["note"] = ["", "", "", "new", None]
+    base = CsvBase(tmp_path / "v1.csv", 3, digest)
+    got = write_lightly_csv(later, tmp_path / "v2.csv", base=base)
+    whole = write_lightly_csv(later, tmp_path / "whole.csv")
+    assert (tmp_path / "v2.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert got == whole == hashlib.sha256((tmp_path / "whole.csv").read_bytes()).hexdigest()
+    text = (tmp_path / "whole.csv").read_text().splitlines()
+    assert text[1].endswith(',1,0.10000000149011612,""') and text[4].endswith(',,0.5,"new"')
+
+
+def test_a_csv_base_without_its_recorded_digest_is_written_whole(tmp_path: Path) -> None:
+    from datapool.store import CsvBase
+
+    table = batches(2, 2)
+    write_lightly_csv(table.iloc[:2], tmp_path / "old.csv")
+    base = CsvBase(tmp_path / "old.csv", 2, "0" * 64)  # the file was edited since
+    got = write_lightly_csv(table, tmp_path / "new.csv", base=base)
+    write_lightly_csv(table, tmp_path / "whole.csv")
+    assert (tmp_path / "new.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert got == hashlib.sha256((tmp_path / "whole.csv").read_bytes()).hexdigest()
+
+
 def test_a_shard_of_another_version_is_caught_by_its_fingerprint(tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     table = batches(3, 2)
