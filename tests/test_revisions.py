@@ -93,14 +93,26 @@ def with_pipeline(repo: Path) -> None:
     git_commit(repo, "pipeline", paths=["dvc.yaml"])
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC repository with one commit (params.yaml naming pool A), made once:
+    `git init` + `dvc init` + a commit cost ~1 s, and some 25 tests start from it."""
+    ws = tmp_path_factory.mktemp("made") / "ws"
     ws.mkdir()
     run_tool(["git", "init", "-q"], cwd=ws, quiet=True)
     run_tool(["dvc", "init", "-q"], cwd=ws, quiet=True)
     (ws / "params.yaml").write_text("datapool:\n  name: A\nstopping_condition:\n  n_samples: 5\n")
     git_commit(ws, "start", paths=[".dvc", ".dvcignore", "params.yaml"])
+    return ws
+
+
+@pytest.fixture
+def repo(made: Path, tmp_path: Path) -> Path:
+    """A private copy of :func:`made` at ``tmp_path / "ws"`` (tests use ``tmp_path`` beside
+    it for clones and shared caches). Nothing in ``.git`` or ``.dvc`` names the folder, and
+    DVC keys its site cache by the repository's path, so a copy is a repository of its own."""
+    ws = tmp_path / "ws"
+    shutil.copytree(made, ws, symlinks=True)
     return ws
 
 
