@@ -401,3 +401,29 @@ def test_a_save_killed_after_staging_csv_rows_recovers_the_csv(tmp_path: Path) -
     assert (pool / INCOMING / COMPLETE).is_file() and (pool / INCOMING / CSV_TAIL).is_file()
     assert recover(pool) is not None
     assert (pool / POOL_CSV).read_bytes() == _whole(tmp_path, batches(3, 2, 2), "v2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("link", ["hardlink", "symlink", "copy"])
+def test_every_dvc_cache_type_keeps_the_recorded_versions_csv(tmp_path: Path, link: str) -> None:
+    """Real DVC: a version recorded with ``cache.type`` ``link``, then the next version
+    appending CSV rows; checking the first version out again gives its CSV intact."""
+    from datapool.tools import run_tool
+
+    from .test_store import batches, save
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    run_tool(["git", "init", "-q"], cwd=ws, quiet=True)
+    run_tool(["dvc", "init", "-q"], cwd=ws, quiet=True)
+    run_tool(["dvc", "config", "cache.type", link], cwd=ws, quiet=True)
+    pool = ws / "pool"
+    save(pool, batches(3, 2))
+    v1 = (pool / POOL_CSV).read_bytes()
+    run_tool(["dvc", "add", "-q", "pool"], cwd=ws, quiet=True)
+    shutil.copy(ws / "pool.dvc", tmp_path / "v1.dvc")
+    save(pool, batches(3, 2, 2))
+    assert (pool / POOL_CSV).read_bytes() == _whole(tmp_path, batches(3, 2, 2), "v2")
+    shutil.copy(tmp_path / "v1.dvc", ws / "pool.dvc")
+    run_tool(["dvc", "checkout", "-q", "--force", "pool"], cwd=ws, quiet=True)
+    assert (pool / POOL_CSV).read_bytes() == v1
