@@ -210,20 +210,6 @@ def test_check_new_name(repo: Path) -> None:
             check_new_name(repo, name)
 
 
-def test_new_modules_import_without_typer_or_dvc() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, datapool.revisions, datapool.combine, datapool.exchange, "
-        "datapool.container, datapool.tools, datapool.workspace; "
-        "bad = [m for m in ('typer', 'dvc', 'click') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def _two_pools(repo: Path) -> Path:
     """Pool A is the pipeline's (dvc.lock), pool B is parked (pools/B.dvc), both present."""
     for name in ("A", "B"):
@@ -240,45 +226,63 @@ def _two_pools(repo: Path) -> Path:
     return repo / "pools" / "B.dvc"
 
 
+@pytest.fixture(scope="module")
+def made_two(made: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`made` after :func:`_two_pools` (its `dvc add` costs ~1 s), made once."""
+    ws = tmp_path_factory.mktemp("two") / "ws"
+    shutil.copytree(made, ws, symlinks=True)
+    _two_pools(ws)
+    return ws
+
+
+@pytest.fixture
+def two(made_two: Path, tmp_path: Path) -> Path:
+    """A private copy of :func:`made_two` at ``tmp_path / "ws"``: pool A the pipeline's,
+    B parked (its record ``pools/B.dvc``), both present and committed."""
+    ws = tmp_path / "ws"
+    shutil.copytree(made_two, ws, symlinks=True)
+    return ws
+
+
 def _corrupt_cache_object(repo: Path, file: Path) -> None:
     """Put a folder where DVC will store ``file``'s object: `dvc add` of it then fails."""
     md5 = hashlib.md5(file.read_bytes()).hexdigest()
     (cache_file(repo / ".dvc" / "cache", md5) / "corrupt").mkdir(parents=True)
 
 
-def test_a_failed_switch_leaves_both_pools_recorded(repo: Path) -> None:
+def test_a_failed_switch_leaves_both_pools_recorded(two: Path) -> None:
     # Switching the pipeline to B parks A with `dvc add`; a corrupt cache object
     # makes that fail. B's record must still be there (it used to be deleted first).
-    record = _two_pools(repo)
+    record = two / "pools" / "B.dvc"
     before = record.read_text()
-    _corrupt_cache_object(repo, repo / "pools" / "A" / "datapool_latest.csv")
+    _corrupt_cache_object(two, two / "pools" / "A" / "datapool_latest.csv")
     with pytest.raises(InputError, match=r"dvc add pools/A.*Is a directory"):
-        adopt(repo, "B")
+        adopt(two, "B")
     assert record.read_text() == before
-    assert current_record(repo, "A") is not None and not parked_file(repo, "A").exists()
-    assert git_output(repo, "status", "--porcelain", "pools") == ""
+    assert current_record(two, "A") is not None and not parked_file(two, "A").exists()
+    assert git_output(two, "status", "--porcelain", "pools") == ""
 
 
 def test_a_switch_is_refused_before_anything_changes_when_the_old_pool_is_absent(
-    repo: Path,
+    two: Path,
 ) -> None:
-    record = _two_pools(repo)
-    shutil.rmtree(repo / "pools" / "A")  # e.g. a clone whose `dvc pull` missed an object
+    record = two / "pools" / "B.dvc"
+    shutil.rmtree(two / "pools" / "A")  # e.g. a clone whose `dvc pull` missed an object
     with pytest.raises(PoolError, match="missing from"):
-        adopt(repo, "B")
+        adopt(two, "B")
     assert record.is_file()
 
 
-def test_a_record_lost_by_an_earlier_failed_switch_is_restored(repo: Path) -> None:
+def test_a_record_lost_by_an_earlier_failed_switch_is_restored(two: Path) -> None:
     # What a failed run used to leave: B's record deleted in the working tree
     # (HEAD still has it), its folder present. The next run must not commit that.
-    record = _two_pools(repo)
+    record = two / "pools" / "B.dvc"
     before = record.read_text()
     record.unlink()
-    adopt(repo, "A")
+    adopt(two, "A")
     assert record.read_text() == before
-    git_commit(repo, "next run", paths=version_paths(repo))
-    assert record_at(repo, "HEAD", "B") is not None
+    git_commit(two, "next run", paths=version_paths(two))
+    assert record_at(two, "HEAD", "B") is not None
 
 
 def test_forget_history_keeps_versions_a_tag_or_branch_uses(repo: Path) -> None:
@@ -357,31 +361,29 @@ FAILING_MERGE = """stages:
 """
 
 
-def test_a_run_that_fails_after_the_switch_undoes_it(repo: Path) -> None:
+def test_a_run_that_fails_after_the_switch_undoes_it(two: Path) -> None:
     # params.yaml names B (so dvc.yaml declares pools/B); the pipeline then fails
     # for real. Until dvc.lock records B the switch has not happened: both
     # pools' records and pools/.gitignore must be as HEAD has them.
-    _two_pools(repo)
-    (repo / "dvc.yaml").write_text(FAILING_MERGE)
-    with pytest.raises(InputError, match="merge failed"), transaction(repo) as txn:
+    (two / "dvc.yaml").write_text(FAILING_MERGE)
+    with pytest.raises(InputError, match="merge failed"), transaction(two) as txn:
         txn.begin(command="run", pool="B", message="pool B", parked=False)
-        adopt(repo, "B")
-        assert not parked_file(repo, "B").exists() and parked_file(repo, "A").exists()
-        run_tool(["dvc", "repro"], cwd=repo, quiet=True)
-    assert git_output(repo, "status", "--porcelain", "pools") == ""
-    assert record_at(repo, "HEAD", "B") == current_record(repo, "B")
+        adopt(two, "B")
+        assert not parked_file(two, "B").exists() and parked_file(two, "A").exists()
+        run_tool(["dvc", "repro"], cwd=two, quiet=True)
+    assert git_output(two, "status", "--porcelain", "pools") == ""
+    assert record_at(two, "HEAD", "B") == current_record(two, "B")
 
 
-def test_a_switch_that_took_effect_is_kept_and_committed(repo: Path) -> None:
-    _two_pools(repo)
-    with pytest.raises(RuntimeError), transaction(repo) as txn:
+def test_a_switch_that_took_effect_is_kept_and_committed(two: Path) -> None:
+    with pytest.raises(RuntimeError), transaction(two) as txn:
         txn.begin(command="run", pool="B", message="pool B: kept", parked=False)
-        adopt(repo, "B")
-        (repo / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
+        adopt(two, "B")
+        (two / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
         raise RuntimeError("failed after the merge stage recorded pool B")
-    assert not parked_file(repo, "B").exists() and parked_file(repo, "A").exists()
-    assert git_output(repo, "log", "-1", "--format=%s") == "pool B: kept\n"
-    assert record_at(repo, "HEAD", "B") == current_record(repo, "B")
+    assert not parked_file(two, "B").exists() and parked_file(two, "A").exists()
+    assert git_output(two, "log", "-1", "--format=%s") == "pool B: kept\n"
+    assert record_at(two, "HEAD", "B") == current_record(two, "B")
 
 
 def _leave_user_changes(repo: Path) -> None:
@@ -400,17 +402,16 @@ def _user_changes_left(repo: Path) -> list[str]:
     return sorted((git_output(repo, "status", "--porcelain") or "").splitlines())
 
 
-def test_a_switch_commits_its_records_and_the_dropped_one_as_a_deletion(repo: Path) -> None:
-    _two_pools(repo)
-    _leave_user_changes(repo)
-    adopt(repo, "B")  # parks A, drops pools/B.dvc: merge's output records B from now on
-    (repo / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
-    (repo / "params.yaml").write_text("datapool:\n  name: B\n")
-    paths = version_paths(repo)
+def test_a_switch_commits_its_records_and_the_dropped_one_as_a_deletion(two: Path) -> None:
+    _leave_user_changes(two)
+    adopt(two, "B")  # parks A, drops pools/B.dvc: merge's output records B from now on
+    (two / "dvc.lock").write_text(LOCK.format(name="B", digest="1" * 32 + ".dir"))
+    (two / "params.yaml").write_text("datapool:\n  name: B\n")
+    paths = version_paths(two)
     assert {"pools/A.dvc", "pools/B.dvc", "dvc.lock", "params.yaml"} <= set(paths)
-    assert git_commit(repo, "pool B", paths=paths)
-    assert _changed(repo) == ["A\tpools/A.dvc", "D\tpools/B.dvc", "M\tdvc.lock", "M\tparams.yaml"]
-    assert _user_changes_left(repo) == [" M .dvcignore", "?? notes.txt"]
+    assert git_commit(two, "pool B", paths=paths)
+    assert _changed(two) == ["A\tpools/A.dvc", "D\tpools/B.dvc", "M\tdvc.lock", "M\tparams.yaml"]
+    assert _user_changes_left(two) == [" M .dvcignore", "?? notes.txt"]
 
 
 def test_forget_history_drops_the_uncommitted_version_each_run_replaced(repo: Path) -> None:
