@@ -119,6 +119,23 @@ def ws(made: Path, tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "root" / "ws"
 
 
+@pytest.fixture(scope="module")
+def made_parked(made: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`made` with two parked pools committed (:func:`two_parked_pools`: two
+    `dvc add`, ~2 s), made once for the tests that start from them."""
+    root = tmp_path_factory.mktemp("parked")
+    shutil.copytree(made, root / "root", symlinks=True)
+    two_parked_pools(root / "root" / "ws", root)
+    return root / "root"
+
+
+@pytest.fixture
+def parked(made_parked: Path, tmp_path: Path) -> Iterator[Path]:
+    """A copy of :func:`made_parked`'s workspace: pools P (2 rows) and Q (2) parked."""
+    shutil.copytree(made_parked, tmp_path / "root", symlinks=True)
+    yield tmp_path / "root" / "ws"
+
+
 def killed(ws: Path, *args: str, crash_at: str | None = None) -> None:
     """``python -m datapool ARGS --workspace WS`` in a subprocess that must die by SIGKILL:
     at ``crash_at`` (:data:`CRASH_AT`), or by a pipeline stage."""
@@ -214,8 +231,8 @@ def test_import_then_history_reads_the_new_layout_through_dvc(ws: Path, tmp_path
 # --- a failing step rolls back, every command ------------------------------------------------
 
 
-def test_a_run_whose_merge_fails_puts_every_file_back(ws: Path, tmp_path: Path) -> None:
-    two_parked_pools(ws, tmp_path)
+def test_a_run_whose_merge_fails_puts_every_file_back(parked: Path) -> None:
+    ws = parked
     # Adopting P drops its record; then the merge stage fails for real (exit 1).
     (ws / "dvc.yaml").write_text(FAILING_PIPELINE)
     git_commit(ws, "a failing merge", paths=["dvc.yaml"])
@@ -226,8 +243,8 @@ def test_a_run_whose_merge_fails_puts_every_file_back(ws: Path, tmp_path: Path) 
     assert not (ws / JOURNAL).exists()
 
 
-def test_restore_combine_import_that_fail_put_every_file_back(ws: Path, tmp_path: Path) -> None:
-    two_parked_pools(ws, tmp_path)
+def test_restore_combine_import_that_fail_put_every_file_back(parked: Path, tmp_path: Path) -> None:
+    ws = parked
     first = head(ws)
     (ws / "params.yaml").write_text((ws / "params.yaml").read_text().replace("my_datapool", "P"))
     git_commit(ws, "P is the pipeline's pool now", paths=["params.yaml"])
@@ -271,9 +288,9 @@ def test_a_run_killed_after_repro_is_finished_by_the_next_command(ws: Path) -> N
 
 
 def test_a_run_killed_mid_repro_before_merge_is_rolled_back_byte_for_byte(
-    ws: Path, tmp_path: Path
+    parked: Path,
 ) -> None:
-    two_parked_pools(ws, tmp_path)
+    ws = parked
     (ws / "dvc.yaml").write_text(KILLING_PIPELINE)
     git_commit(ws, "a stage that kills datapool", paths=["dvc.yaml"])
     before, rev = state(ws), head(ws)
@@ -316,9 +333,9 @@ def test_an_import_killed_after_its_record_is_complete_is_kept(
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["restore", "combine"])
 def test_restore_and_combine_write_a_journal_and_roll_back_after_a_kill(
-    ws: Path, tmp_path: Path, command: str
+    parked: Path, tmp_path: Path, command: str
 ) -> None:
-    two_parked_pools(ws, tmp_path)
+    ws = parked
     first = head(ws)
     shutil.rmtree(pool_dir(ws, "P"))
     shutil.move(make_pool(tmp_path / "P2", "P", [5]), pool_dir(ws, "P"))
