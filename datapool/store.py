@@ -36,11 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import re
-import shutil
-import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,7 +309,13 @@ def _as_text(values: pd.Series) -> Any:
     if isinstance(values.dtype, pd.StringDtype) or (
         values.dtype == object and pd.api.types.infer_dtype(values, skipna=True) in _TEXTUAL
     ):
-        return pc.fill_null(pa.array(values, type=pa.string(), from_pandas=True), "")
+        try:
+            text = pc.fill_null(pa.array(values, type=pa.string(), from_pandas=True), "")
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            pass  # a gap Arrow does not take for one (e.g. a numpy float32 NaN): the loop
+        else:
+            # one chunk whatever the column's memory layout: equal tables, equal shard bytes
+            return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
     return pa.array(["" if _missing(v) else str(v) for v in values], type=pa.string())
 
 
@@ -806,72 +808,13 @@ def write_lightly_csv(table: pd.DataFrame, path: Path, *, base: CsvBase | None =
     return digest.hexdigest()
 
 
-def _copy_verified(
-    base: CsvBase, handle: IO[bytes] | None, digest: Any, *, size: int | None = None
-) -> bool:
-    """Feed ``base.path`` (its first ``size`` bytes; all when None) to ``digest``, and to
-    ``handle`` unless None; whether it had ``base.sha256`` (and at least ``size`` bytes)."""
-    left = math.inf if size is None else size
+def _copy_verified(base: CsvBase, handle: IO[bytes], digest: Any) -> bool:
+    """Copy ``base.path`` to ``handle``, feeding ``digest``; whether it had ``base.sha256``."""
     with base.path.open("rb") as old:
-        while left > 0 and (chunk := old.read(int(min(1 << 22, left)))):
-            if handle is not None:
-                handle.write(chunk)
+        while chunk := old.read(1 << 22):
+            handle.write(chunk)
             digest.update(chunk)
-            left -= len(chunk)
-    return (size is None or left == 0) and bool(digest.copy().hexdigest() == base.sha256)
-
-
-def lightly_csv_tail(table: pd.DataFrame, base: CsvBase, tail: Path) -> tuple[str, int] | None:
-    """The rows of ``table`` after ``base.rows`` as CSV text without a header, written
-    to ``tail`` atomically, when ``base`` still has its recorded digest (read, not
-    copied); returns ``(sha256 of base + tail, base's size in bytes)``, else None
-    (nothing written). ``base`` followed by ``tail`` is byte for byte what
-    :func:`write_lightly_csv` writes of ``table``; :func:`append_csv_tail` joins them."""
-    import pyarrow.csv as pcsv
-
-    digest = hashlib.sha256()
-    size = base.path.stat().st_size
-    if not _copy_verified(base, None, digest, size=size):
-        return None
-    with atomic_open(tail, "wb") as handle:
-        options = pcsv.WriteOptions(include_header=False)
-        pcsv.write_csv(_csv_columns(table.iloc[base.rows :]), _Hashing(handle, digest), options)
-    return digest.hexdigest(), size
-
-
-def csv_appendable(csv: Path, size: int = 0) -> bool:
-    """Whether ``csv`` may be changed in place (:func:`append_csv_tail`): a regular file
-    of at least ``size`` bytes, writable, with no other hard link."""
-    try:
-        info = csv.lstat()
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size < size:
-        return False
-    return os.access(csv, os.W_OK)
-
-
-def append_csv_tail(csv: Path, tail: Path, size: int, *, base_sha256: str | None = None) -> bool:
-    """Make ``csv`` its first ``size`` bytes followed by ``tail``'s, in place; idempotent
-    (a repeat after a crash cuts back to ``size`` first). With ``base_sha256``, only if
-    those ``size`` bytes still have that digest. False (``csv`` untouched) when the
-    file is shorter than ``size``, fails that check, or is not safe to change in place:
-    a symlink, a file with other hard links (DVC's ``hardlink``/``symlink`` cache types
-    link the workspace file to the cache object, which must never change), or one
-    not writable. The caller then writes the whole file instead."""
-    if not csv_appendable(csv, size):
-        return False
-    if base_sha256 is not None and not _copy_verified(
-        CsvBase(csv, 0, base_sha256), None, hashlib.sha256(), size=size
-    ):
-        return False
-    with csv.open("r+b") as handle, tail.open("rb") as new:
-        handle.truncate(size)
-        handle.seek(size)
-        shutil.copyfileobj(new, handle, 1 << 22)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return True
+    return bool(digest.copy().hexdigest() == base.sha256)
 
 
 class _Hashing:

@@ -59,12 +59,9 @@ from datapool.store import (
     SHARDS,
     Manifest,
     Plan,
-    append_csv_tail,
     check_columns,
     check_rows,
-    csv_appendable,
     csv_base,
-    lightly_csv_tail,
     load_pool,
     plan_version,
     read_manifest,
@@ -78,8 +75,6 @@ from datapool.version import crash_point
 # at 100,000 x 64 it is ~100 MB and ~2 s to write; beyond, every version would add
 # a whole-table copy to the DVC cache, which the shards exist to avoid.
 CSV_MAX_ROWS = 100_000
-# In the stage: the new CSV rows of a version that continues the current file in place
-CSV_TAIL = "datapool_latest.csv.tail"
 
 
 @dataclass(frozen=True)
@@ -211,9 +206,9 @@ def _stage(
     fingerprints = {s.file: s.fingerprint for s in plan.manifest.shards}
     for name, rows in plan.writes.items():
         write_rows(rows, staging / name, fingerprint=fingerprints[name])
-    append = None
-    if csv:
-        digest, append = _stage_csv(pool_dir, table, plan, old)
+    if csv:  # the previous version's file, when it may be continued (O(rows added))
+        base = csv_base(pool_dir, old, plan.manifest)
+        digest = write_lightly_csv(table, staging / POOL_CSV, base=base)
         manifest = replace(manifest, csv_sha256=digest)
     current = pool_dir / CHECKPOINT
     if checkpoint is not None and (
@@ -226,35 +221,10 @@ def _stage(
     for folder in (staging / SHARDS, staging / IMAGES_DIR, staging):
         if folder.is_dir():
             fsync_dir(folder)
-    mark: dict[str, Any] = {"csv": csv, "shards": sorted(plan.writes), "packs": sorted(plan.packs)}
-    if append is not None:
-        mark["csv_append"] = append
+    mark = {"csv": csv, "shards": sorted(plan.writes), "packs": sorted(plan.packs)}
     with atomic_open(staging / COMPLETE, "w") as handle:
         handle.write(json.dumps(mark) + "\n")
     return manifest
-
-
-def _stage_csv(
-    pool_dir: Path, table: pd.DataFrame, plan: Plan, old: Manifest | None
-) -> tuple[str, dict[str, Any] | None]:
-    """Stage the new ``datapool_latest.csv``; returns its sha256 and, when only its new
-    rows were staged (:data:`CSV_TAIL`, appended in place by :func:`_apply`), the mark's
-    ``csv_append`` entry: ``{"size": bytes of the old file kept, "base": their sha256}``.
-
-    A version that only adds shards continues the last version's file when it still
-    has the digest that version recorded (:func:`~datapool.store.csv_base`): in place
-    when the file may be changed so (:func:`~datapool.store.csv_appendable`: O(rows
-    added) written and fsynced, the old bytes only read to check them), else as a
-    copy; any other version, or an edited file, is written whole.
-    """
-    staging = pool_dir / INCOMING
-    base = csv_base(pool_dir, old, plan.manifest)
-    if base is not None and csv_appendable(base.path):
-        got = lightly_csv_tail(table, base, staging / CSV_TAIL)
-        if got is not None:
-            return got[0], {"size": got[1], "base": base.sha256}
-        base = None  # edited since its version: written whole
-    return write_lightly_csv(table, staging / POOL_CSV, base=base), None
 
 
 def _write_packs(
@@ -362,7 +332,7 @@ def recover(pool_dir: Path) -> pd.DataFrame | None:
         table = _staged_version(pool_dir)
         if table is None:
             raise PoolError(f"{staging} is marked complete but holds no version; remove it")
-        _apply(pool_dir, table, recovering=True)
+        _apply(pool_dir, table)
         return table
     if not staging.exists():
         # No stage: the last save finished (its sweep ran before the stage went).
@@ -418,11 +388,9 @@ def _checkout_advice(pool_dir: Path) -> str:
     )
 
 
-def _apply(pool_dir: Path, table: pd.DataFrame | None, *, recovering: bool = False) -> None:
-    """Rename the staged files into place (shards and packs, checkpoint, CSV -- or the
-    staged CSV rows appended to the current file -- then the manifest) and sweep by the
-    new manifest (``table``: its rows); idempotent. ``recovering``: a roll-forward,
-    which checks the CSV's old bytes again before appending to them."""
+def _apply(pool_dir: Path, table: pd.DataFrame | None) -> None:
+    """Rename the staged files into place (shards and packs, checkpoint, CSV, then the
+    manifest) and sweep by the new manifest (``table``: its rows); idempotent."""
     staging = pool_dir / INCOMING
     for folder in (SHARDS, IMAGES_DIR):
         staged = staging / folder
@@ -435,9 +403,6 @@ def _apply(pool_dir: Path, table: pd.DataFrame | None, *, recovering: bool = Fal
     for name in (CHECKPOINT, POOL_CSV):
         if (staging / name).exists():
             (staging / name).replace(pool_dir / name)
-    append = _mark(staging).get("csv_append")
-    if append is not None:
-        _append_csv(pool_dir, table, append, check=recovering)
     if not _mark(staging)["csv"]:
         (pool_dir / POOL_CSV).unlink(missing_ok=True)  # would show an older version
     if (staging / MANIFEST).exists():
@@ -445,21 +410,6 @@ def _apply(pool_dir: Path, table: pd.DataFrame | None, *, recovering: bool = Fal
     fsync_dir(pool_dir)
     _sweep(pool_dir, table)
     shutil.rmtree(staging)
-
-
-def _append_csv(
-    pool_dir: Path, table: pd.DataFrame | None, append: dict[str, Any], *, check: bool
-) -> None:
-    """Append the staged CSV rows (:func:`_stage_csv`) to ``datapool_latest.csv`` in place,
-    or, when that file can no longer take them (changed, cut, linked), write it whole
-    from ``table`` (the same bytes: the digest the new manifest records still holds)."""
-    tail, csv = pool_dir / INCOMING / CSV_TAIL, pool_dir / POOL_CSV
-    size, base = int(append["size"]), str(append["base"])
-    if tail.is_file() and append_csv_tail(csv, tail, size, base_sha256=base if check else None):
-        return
-    if table is None:
-        raise PoolError(f"{pool_dir / INCOMING} stages CSV rows but no version; remove it")
-    write_lightly_csv(table, csv)
 
 
 def _valid_table(folder: Path, *, advice: str, overlay: Path | None = None) -> pd.DataFrame | None:

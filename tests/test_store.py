@@ -295,6 +295,33 @@ def test_a_csv_row_reads_the_same_whatever_the_other_rows_are(tmp_path: Path) ->
     assert text[1].endswith(',1,0.10000000149011612,""') and text[4].endswith(',,0.5,"new"')
 
 
+def test_equal_tables_give_equal_shard_bytes_however_their_text_is_chunked(
+    tmp_path: Path,
+) -> None:
+    """A loaded pool's text columns are Arrow arrays in one chunk per shard; a shard
+    written from them must not depend on that (DVC stores equal files once)."""
+    import pyarrow as pa
+
+    table = batches(4)
+    chunked = table.copy()
+    for column in ("filenames", "labels", "content_hash"):
+        values = [str(v) for v in table[column]]
+        parts = pa.chunked_array([pa.array(values[:1]), pa.array(values[1:])])
+        chunked[column] = pd.Series(pd.arrays.ArrowStringArray(parts))
+    write_rows(table, tmp_path / "one.arrow")
+    write_rows(chunked, tmp_path / "two.arrow")
+    assert (tmp_path / "one.arrow").read_bytes() == (tmp_path / "two.arrow").read_bytes()
+
+
+def test_a_text_column_with_a_numpy_nan_gap_is_written_with_an_empty_cell(
+    tmp_path: Path,
+) -> None:
+    table = batches(3)
+    table["note"] = pd.Series(["x", np.float32("nan"), "y"], dtype=object)
+    save(tmp_path / "pool", table)
+    assert list(load_pool(tmp_path / "pool")["note"]) == ["x", "", "y"]  # type: ignore[index]
+
+
 def test_a_csv_base_without_its_recorded_digest_is_written_whole(tmp_path: Path) -> None:
     from datapool.store import CsvBase
 

@@ -304,42 +304,39 @@ def _whole(tmp_path: Path, table: pd.DataFrame, tag: str) -> bytes:
     return (tmp_path / f"{tag}.csv").read_bytes()
 
 
-def test_the_csv_continues_the_previous_versions_file_in_place(
+def test_the_csv_continues_the_previous_versions_file_byte_for_byte(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A version that only adds shards appends their rows to the last version's CSV (whose
-    digest the manifest recorded) in place: same file, bytes of a whole write. An edited
-    CSV is written whole again."""
+    """A version that only adds shards continues the last version's CSV (whose digest the
+    manifest recorded): the bytes equal a whole write. An edited CSV is written whole."""
     from datapool import transaction
 
-    whole: list[object] = []
+    bases: list[object] = []
     write = transaction.write_lightly_csv
 
     def spy(*args: Any, **kwargs: Any) -> str:
-        whole.append(kwargs.get("base"))
+        bases.append(kwargs.get("base"))
         return write(*args, **kwargs)
 
     monkeypatch.setattr(transaction, "write_lightly_csv", spy)
     table, sources = _three_batches(tmp_path)
     pool = tmp_path / "pool"
-    inodes = []
     for rows, tag in ((3, "v1"), (6, "v2")):
         save_pool(pool, table.iloc[:rows], checkpoint=None, sources=sources)
         got = (pool / POOL_CSV).read_bytes()
         assert got == _whole(tmp_path, table.iloc[:rows], tag)
         manifest = read_manifest(pool)
         assert manifest is not None and manifest.csv_sha256 == hashlib.sha256(got).hexdigest()
-        inodes.append((pool / POOL_CSV).stat().st_ino)
-    assert whole == [None] and inodes[0] == inodes[1]  # v2 appended to v1's file
+    assert bases[0] is None and bases[1] is not None  # v2 continued v1's file
     (pool / POOL_CSV).write_bytes((pool / POOL_CSV).read_bytes().replace(b"cat", b"dog"))
     save_pool(pool, table, checkpoint=None, sources=sources)
     assert (pool / POOL_CSV).read_bytes() == _whole(tmp_path, table, "v3")
-    assert whole == [None, None]  # the edited file was not continued
+    assert bases[2] is not None  # offered, but its digest no longer matched: written whole
 
 
 def test_a_csv_hard_linked_to_dvcs_cache_is_copied_not_changed(tmp_path: Path) -> None:
-    """With DVC's hardlink cache type the CSV is the cache object itself: appending in
-    place would change a recorded version, so the new version's file is a copy."""
+    """With DVC's hardlink cache type the CSV is the cache object itself: the next
+    version's CSV (continuing it) is a new file, the recorded one stays as it was."""
     table, sources = _three_batches(tmp_path)
     pool = tmp_path / "pool"
     save_pool(pool, table.iloc[:3], checkpoint=None, sources=sources)
@@ -351,54 +348,17 @@ def test_a_csv_hard_linked_to_dvcs_cache_is_copied_not_changed(tmp_path: Path) -
     assert (pool / POOL_CSV).read_bytes() == _whole(tmp_path, table.iloc[:6], "v2")
 
 
-@pytest.mark.parametrize("left", ["nothing appended", "half appended", "all appended", "replaced"])
-def test_a_crash_while_appending_to_the_csv_rolls_forward(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: str
-) -> None:
-    """Killed at ``applying`` (stage complete, the CSV's new rows staged), with the append
-    not begun, torn, or done, or the file replaced meanwhile: recovery ends with the new
-    version's CSV, byte for byte."""
-    from datapool import transaction
-
-    class Killed(BaseException):
-        pass
-
-    def crash(where: str) -> None:
-        if where == "applying":
-            raise Killed
-
-    table, sources = _three_batches(tmp_path)
-    pool = tmp_path / "pool"
-    save_pool(pool, table.iloc[:3], checkpoint=None, sources=sources)
-    monkeypatch.setattr(transaction, "crash_point", crash)
-    with pytest.raises(Killed):
-        save_pool(pool, table.iloc[:6], checkpoint=None, sources=sources)
-    monkeypatch.undo()
-    tail = (pool / INCOMING / transaction.CSV_TAIL).read_bytes()
-    csv = pool / POOL_CSV
-    if left == "half appended":
-        csv.write_bytes(csv.read_bytes() + tail[: len(tail) // 2])
-    elif left == "all appended":
-        csv.write_bytes(csv.read_bytes() + tail)
-    elif left == "replaced":
-        csv.write_bytes(b"someone else's file\n" * 50)
-    assert recover(pool) is not None
-    assert csv.read_bytes() == _whole(tmp_path, table.iloc[:6], "v2")
-    assert not (pool / INCOMING).exists()
-
-
-def test_a_save_killed_after_staging_csv_rows_recovers_the_csv(tmp_path: Path) -> None:
-    """Real SIGKILL at ``applying`` while a version that only adds a batch is applied:
-    the next reader's recovery appends the staged rows; the CSV is a whole write's."""
+def test_a_save_killed_before_its_csv_is_renamed_in_recovers_the_csv(tmp_path: Path) -> None:
+    """Real SIGKILL at ``applying`` while a version that only adds a batch (its CSV
+    continuing the last one) is applied: recovery renames the staged CSV in; its bytes
+    are a whole write's."""
     from .test_packs import _crash_save
     from .test_store import batches, save
 
     pool = tmp_path / "pool"
     save(pool, batches(3, 2))
     _crash_save(pool, batches(3, 2, 2), "applying", tmp_path)
-    from datapool.transaction import CSV_TAIL
-
-    assert (pool / INCOMING / COMPLETE).is_file() and (pool / INCOMING / CSV_TAIL).is_file()
+    assert (pool / INCOMING / COMPLETE).is_file() and (pool / INCOMING / POOL_CSV).is_file()
     assert recover(pool) is not None
     assert (pool / POOL_CSV).read_bytes() == _whole(tmp_path, batches(3, 2, 2), "v2")
 
@@ -407,7 +367,7 @@ def test_a_save_killed_after_staging_csv_rows_recovers_the_csv(tmp_path: Path) -
 @pytest.mark.parametrize("link", ["hardlink", "symlink", "copy"])
 def test_every_dvc_cache_type_keeps_the_recorded_versions_csv(tmp_path: Path, link: str) -> None:
     """Real DVC: a version recorded with ``cache.type`` ``link``, then the next version
-    appending CSV rows; checking the first version out again gives its CSV intact."""
+    continuing its CSV; checking the first version out again gives its CSV intact."""
     from datapool.tools import run_tool
 
     from .test_store import batches, save
