@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+# Under pytest-xdist each core already runs a worker; torch's default of one thread per
+# core would put workers x cores threads on the cores, and a thread waiting for a
+# descheduled peer spins. Share the cores out instead (1 thread each with -n auto), unless
+# the caller set OMP_NUM_THREADS. Set before any test module imports torch, which reads it
+# when it starts. Measured with one core kept busy (the other worker): training and
+# pool-model tests 28.4 s -> 24.4 s, strategy tests 27.3 s -> 24.5 s.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "datapool" / "examples" / "digits"
 

@@ -206,8 +206,17 @@ def test_autocast_follows_the_device_and_the_cpu() -> None:
     assert _autocast_dtype(CPU, True) == torch.bfloat16
 
 
-def test_the_thread_count_is_restored_after_each_batch() -> None:
-    threads = torch.get_num_threads()
+@pytest.fixture
+def three_threads() -> Iterator[int]:
+    """Torch on 3 threads for the test (an xdist worker runs on 1, see tests/conftest.py,
+    where "restored to 1" could not be told from "never changed")."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(saved)
+
+
+def test_the_thread_count_is_restored_after_each_batch(three_threads: int) -> None:
     made, used = [], []
 
     def batches() -> Iterator[int]:
@@ -218,5 +227,5 @@ def test_the_thread_count_is_restored_after_each_batch() -> None:
     for _ in _one_thread(batches()):
         used.append(torch.get_num_threads())
     assert made == [1, 1, 1]
-    assert used == [threads] * 3
-    assert torch.get_num_threads() == threads
+    assert used == [three_threads] * 3
+    assert torch.get_num_threads() == three_threads
