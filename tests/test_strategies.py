@@ -540,10 +540,25 @@ def textbook_guarded(
     return picks
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("pool_rows", [0, 40])
-@pytest.mark.parametrize("div", [1.0, 0.0])  # 0: the most typical of the far rows (the default)
-@pytest.mark.parametrize(("guard", "min_distance"), [(0.9, 0.0), (0.5, 0.0), (0.8, 1.2)])
+def _guard_cases() -> list[Any]:
+    """(guard, min_distance, div, pool_rows, seed): every combination of the first four
+    with each of 3 seeds. The default suite takes one seed per combination, in turn (so
+    all three seeds and every setting run); the other two (24 cases, ~8 s) run with -m slow.
+    div 0: the most typical of the far rows (the default)."""
+    settings = [
+        (guard, min_distance, div, pool_rows)
+        for guard, min_distance in [(0.9, 0.0), (0.5, 0.0), (0.8, 1.2)]
+        for div in (1.0, 0.0)
+        for pool_rows in (0, 40)
+    ]
+    return [
+        pytest.param(*setting, seed, marks=[] if seed == i % 3 else [pytest.mark.slow])
+        for i, setting in enumerate(settings)
+        for seed in (0, 1, 2)
+    ]
+
+
+@pytest.mark.parametrize(("guard", "min_distance", "div", "pool_rows", "seed"), _guard_cases())
 def test_guard_matches_the_written_rule(
     monkeypatch: pytest.MonkeyPatch,
     seed: int,
