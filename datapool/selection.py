@@ -176,6 +176,9 @@ _POOL_ROWS = 4096  # candidate rows per block in the pool pass
 # halve the per-block Python work)
 _LOWP_ROWS = 2048
 _SAMPLE = 1024  # rows sampled to estimate the level that matters in the pool pass
+# "auto" takes the bfloat16 pass below this share of probed pairs in its window
+# (measured: 0.0007-0.0008 where it paid, 0.0063-0.010 where it lost; _State._lowp_pays)
+_LOWP_SHARE = 0.002
 _TRACK_SHARE = 10  # keep exact pool minima when n_samples >= n / this (see _select)
 _MIN_BUDGET = 64 << 20  # bytes; 4096-row pool-pass blocks (~20 % faster than 16 MiB allowed)
 _U = 2.0**-24  # float32 unit roundoff
@@ -554,6 +557,8 @@ class _State:
         self.pool_cmax = 0.0  # largest squared norm of a pool row
         # bfloat16 pool pass (module Notes); set by the caller before first_pass, with track
         self.lowp = False
+        # "auto": first_pass keeps ``lowp`` only where it pays (:meth:`_lowp_pays`)
+        self.lowp_probe = False
         self.kappa_lowp = lowp_error_bound(d)
         self.pool_lowp: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.mu = torch.zeros(d, dtype=torch.float32, device=self.dev)  # the pool's mean
@@ -712,6 +717,38 @@ class _State:
         low[:, d + 1].copy_(xnc)
         return _Rows(xb, xn, low, xnc, pos)
 
+    def _prunes(self, keep: int) -> bool:
+        """Whether the pool pass may stop rows early (:meth:`_drop_level`): fewer than half
+        the rows are to be kept, and there are enough to sample a level from."""
+        n = self.x.shape[0]
+        return keep < n // 2 and min(_SAMPLE, n // 4) >= 64
+
+    def _lowp_pays(self) -> bool:
+        """Whether the bfloat16 pass beats float32 here (``pool_precision="auto"``).
+
+        Its products are ~2.3x faster, but every pair within ``2 eps`` of its row's
+        running minimum is kept and re-computed, and ``eps`` is ~800x float32's
+        (module Notes). Probed on up to 256 evenly spaced rows against up to 8
+        evenly spaced pool chunks (float32, centred like the pass): the share of pairs
+        within ``2 eps`` of their row's minimum. Spread data (random directions,
+        wide clusters) measured ~0.0007-0.0008 and the pass paid (10k of 10k picks:
+        0.45x float32's time at 1M pool rows, 0.72x at 100k); tight clusters
+        measured 0.0063-0.010 and it cost 1.6-2.35x float32's (docs/BENCHMARKS.md).
+        With pruning (:meth:`_prunes`) it never paid (0.98-1.11x spread, 1.5-2.1x
+        clustered), so the caller asks only when no row may stop early.
+        """
+        n, chunks = self.x.shape[0], self._pool()
+        idx = torch.linspace(0, n - 1, min(256, n), dtype=torch.float64, device=self.dev).long()
+        picked = torch.linspace(0, len(chunks) - 1, min(8, len(chunks))).round().long()
+        c = torch.cat([chunks[j][0] for j in sorted({int(v) for v in picked})])
+        mu = c.mean(dim=0)
+        xc, cc = self.rows(idx) - mu, c - mu
+        xn, cn = (xc * xc).sum(dim=1), (cc * cc).sum(dim=1)
+        g = torch.addmm(cn.unsqueeze(0), xc, cc.T, alpha=-2.0).add_(xn.unsqueeze(1))
+        eps = (xn + cn.max()).mul_(2 * self.kappa_lowp)
+        share = float((g <= (g.amin(dim=1) + eps).unsqueeze(1)).float().mean())
+        return share < _LOWP_SHARE
+
     def _drop_level(self, keep: int) -> float:
         """Estimated squared distance of the ``keep``-th farthest row from the pool.
 
@@ -720,9 +757,9 @@ class _State:
         (they are completed later only if they reach the top set).
         """
         n = self.x.shape[0]
-        ns = min(_SAMPLE, n // 4)
-        if keep >= n // 2 or ns < 64:
+        if not self._prunes(keep):
             return -math.inf
+        ns = min(_SAMPLE, n // 4)
         idx = torch.linspace(0, n - 1, ns, dtype=torch.float64, device=self.dev).long()
         xs = self.rows(idx)
         rows = self._rows_of(xs, (xs * xs).sum(dim=1))
@@ -757,6 +794,8 @@ class _State:
                 self.a, self.tpool = self.prior.clone(), self.prior.clone()
             return
         self._pool()  # norms and the largest one, before the level is estimated
+        if self.lowp and self.lowp_probe:
+            self.lowp = not self._prunes(keep) and self._lowp_pays()
         theta = self._drop_level(keep)
         pver = torch.full((n if theta > -math.inf else 0,), m, dtype=torch.int64, device=self.dev)
         if theta > -math.inf:
@@ -1077,11 +1116,13 @@ def _select(
     pass_threads: int,
     lowp: bool = False,
     prior: torch.Tensor | None = None,
+    probe: bool = False,
 ) -> tuple[list[Any], float]:
     """Run the selection; returns ``[(index, distance), ...]`` in pick order and the
     distance of the next pick (:attr:`Selection.next_distance`). ``planned`` is
     the number of picks known in advance (``n_samples``), 0 if unknown; ``lowp``:
-    the bfloat16 pool pass where pool minima are kept exact (:func:`lowp_pool_pass`);
+    the bfloat16 pool pass where pool minima are kept exact (:func:`lowp_pool_pass`),
+    only where it pays with ``probe`` (``"auto"``);
     ``prior``: float32 [n] on ``dev``, see :func:`k_center_greedy`."""
     n, d = x.shape
     out: list[Any] = []
@@ -1096,6 +1137,7 @@ def _select(
     # 20k rows 0.25 s without, 0.32 s with.
     st.track = pool is not None and planned * _TRACK_SHARE >= n
     st.lowp = st.track and lowp  # its approximate minima are no bound: only exact ones leave it
+    st.lowp_probe = probe
     t_cap = max(64, budget // (8 * d))
     t_base = min(t_cap, _TOP_BYTES // (4 * d), max(256, n // _TOP_DIV))
     if pool is not None:  # the pool pass costs work per row kept: keep fewer
@@ -1216,7 +1258,17 @@ def k_center_greedy(
     with pinned_numerics(dev.type, 1):
         planned = 0 if n_samples is None else limit
         out, nxt = _select(
-            x, pool_t, dev, limit, min_distance, budget, planned, passes, lowp, start
+            x,
+            pool_t,
+            dev,
+            limit,
+            min_distance,
+            budget,
+            planned,
+            passes,
+            lowp,
+            start,
+            probe=pool_precision == "auto",
         )
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
@@ -1264,7 +1316,7 @@ def pool_minima(
         st = _State(
             x, _Centres(pool_t, x.shape[1], dev), budget, threads or torch.get_num_threads()
         )
-        st.track, st.lowp = True, lowp
+        st.track, st.lowp, st.lowp_probe = True, lowp, pool_precision == "auto"
         st.first_pass(n)  # keep every row: no pruning
         out: npt.NDArray[np.float32] = st.tpool.cpu().numpy()
     return out

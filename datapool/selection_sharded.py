@@ -175,7 +175,7 @@ def _pool_split_pass(
     part = pool[slice_.start : slice_.stop]
     full = _State(x, _Centres(part, x.shape[1], st.dev), st.budget, st.pass_threads)
     full.track = True
-    full.lowp = st.lowp
+    full.lowp, full.lowp_probe = st.lowp, st.lowp_probe
     full.prior = prior  # every candidate's, once: the MIN below keeps it exact
     full.first_pass(x.shape[0])  # keep every row: no pruning (it would need a global level)
     both = torch.stack([full.a, full.tpool]).to(world.device)
@@ -296,9 +296,11 @@ def _select(
     threads: int,
     lowp: bool = False,
     prior: torch.Tensor | None = None,
+    probe: bool = False,
 ) -> tuple[list[Any], float]:
     """Sharded selection: ``[(global index, distance), ...]`` and the next distance
-    (``lowp``: the bfloat16 pool pass, :func:`datapool.selection.lowp_pool_pass`)."""
+    (``lowp``: the bfloat16 pool pass, :func:`datapool.selection.lowp_pool_pass`; with
+    ``probe``, only where it pays)."""
     limit, planned, min_distance = limits
     n, d = x.shape
     out: list[Any] = []
@@ -314,6 +316,7 @@ def _select(
     # every union row's pool minimum (and prior) must be known (docstring)
     st.track = pool is not None or prior is not None
     st.lowp = st.track and lowp  # exact results: ranks may differ in it and still agree
+    st.lowp_probe = probe
     if pool is not None and split == "pool":
         _pool_split_pass(st, x, pool, world, prior)
     else:
@@ -390,7 +393,19 @@ def k_center_greedy_sharded(
     lowp = lowp_pool_pass(dev, pool_precision)
     start = _checked_prior(prior, x.shape[0], dev)
     with pinned_numerics(dev.type, 1):
-        out, nxt = _select(x, p, chosen, world, dev, limits, memory_budget, passes, lowp, start)
+        out, nxt = _select(
+            x,
+            p,
+            chosen,
+            world,
+            dev,
+            limits,
+            memory_budget,
+            passes,
+            lowp,
+            start,
+            probe=pool_precision == "auto",
+        )
     idx = np.fromiter((i for i, _ in out), dtype=np.int64, count=len(out))
     dist_ = np.fromiter((s for _, s in out), dtype=np.float64, count=len(out))
     return Selection(idx, dist_, nxt)

@@ -607,6 +607,43 @@ def test_pool_precision_is_checked_and_auto_stays_off_gpus() -> None:
         k_center_greedy(np.zeros((3, 2), np.float32), n_samples=1, pool_precision="fp16")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("data", "picks", "taken"),
+    [("spread", 600, True), ("tight clusters", 600, False), ("spread", 20, False)],
+)
+def test_auto_takes_the_bfloat16_pass_only_where_it_pays(
+    monkeypatch: pytest.MonkeyPatch, data: str, picks: int, taken: bool
+) -> None:
+    """``auto`` probes the share of pairs in the bfloat16 window: spread rows without
+    pruning take it; tight clusters (a wide window) or a pass that prunes (few picks)
+    stay float32. The picks are the float32 pass's either way."""
+    from datapool.hardware import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("auto keeps float32 on CPUs without native bfloat16")
+    rng = np.random.default_rng(5)
+    if data == "spread":
+        x = rng.standard_normal((3600, 128)).astype(np.float32)
+    else:
+        centres = rng.standard_normal((20, 128)).astype(np.float32)
+        x = centres[rng.integers(0, 20, 3600)] + 0.2 * rng.standard_normal((3600, 128))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    pool, cand = x[:3000], x[3000:]
+    used: list[bool] = []
+    lowp_chunk = selection._State._lowp_chunk
+
+    def spy(self: Any, *args: Any) -> None:
+        used.append(True)
+        lowp_chunk(self, *args)
+
+    monkeypatch.setattr(selection._State, "_lowp_chunk", spy)
+    auto = k_center_greedy(cand, pool=pool, n_samples=picks, pool_precision="auto")
+    assert bool(used) is taken
+    full = k_center_greedy(cand, pool=pool, n_samples=picks, pool_precision="float32")
+    np.testing.assert_array_equal(auto.indices, full.indices)
+    np.testing.assert_array_equal(auto.min_distances, full.min_distances)
+
+
 def test_bfloat16_pass_settles_early_when_its_pending_pairs_fill_the_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
