@@ -163,11 +163,20 @@ def sh(*cmd: str, cwd: Path) -> str:
 # ---------------------------------------------------------------- data
 
 
+# ``--data clustered``: every embedding is one of these centres plus noise (set by main)
+CLUSTERS: np.ndarray | None = None
+SPREAD = 0.4  # the noise's standard deviation per coordinate, relative to a centre's
+
+
 def unit_vectors(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
-    """Random unit vectors [n, d] float32, made in blocks."""
+    """Unit vectors [n, d] float32, made in blocks: random directions, or (``CLUSTERS``
+    set) a random centre plus ``SPREAD`` Gaussian noise, normalised -- tight clusters
+    like a trained model's embeddings, where the bfloat16 pool pass does not pay."""
     x = np.empty((n, d), dtype=np.float32)
     for s in range(0, n, 1 << 16):
         b = rng.standard_normal((min(n - s, 1 << 16), d), dtype=np.float32)
+        if CLUSTERS is not None:
+            b = CLUSTERS[rng.integers(0, len(CLUSTERS), len(b))] + np.float32(SPREAD) * b
         x[s : s + len(b)] = b / np.linalg.norm(b, axis=1, keepdims=True)
     return x
 
@@ -349,7 +358,7 @@ def describe_selection(kind: str) -> str:
         return "k_center_greedy"
     from datapool.strategies import describe
 
-    return describe(default_selection().strategies)
+    return str(describe(default_selection().strategies))
 
 
 def one_increment(
@@ -436,7 +445,8 @@ def run_increment(root: Path, args: argparse.Namespace) -> None:
     for n in args.inc_rows:
         print(f"\n== increment: {k:,} picks of {c:,} candidates into {n:,} x {d} ({load()})")
         cache = Path(args.pool_cache) if args.pool_cache else None
-        pool_dir = (cache if cache else root) / f"inc-{n}x{d}-seed{args.seed}"
+        kind = "" if args.data == "random" else f"-{args.data}"
+        pool_dir = (cache if cache else root) / f"inc-{n}x{d}-seed{args.seed}{kind}"
         if cache is None or not (pool_dir / MANIFEST).is_file():
             shutil.rmtree(pool_dir, ignore_errors=True)
             build_pool_dir(pool_dir, n, d, args=args, checkpoint=ckpt)
@@ -684,6 +694,12 @@ def parse(argv: Iterable[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat-budget", type=float, default=30.0, help="no repeat after a run > s")
     ap.add_argument("--tmp", help="where to write (default: the system temp folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--data",
+        choices=["random", "clustered"],
+        default="random",
+        help="embeddings: random unit directions, or 100 tight clusters (see unit_vectors)",
+    )
     return ap.parse_args(argv)
 
 
@@ -708,7 +724,12 @@ def io_cases(root: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse()
+    global CLUSTERS
+    if args.data == "clustered":  # the same centres for the pool and the candidates
+        centres = np.random.default_rng(args.seed + 1000).standard_normal((100, args.inc_dim))
+        CLUSTERS = centres.astype(np.float32)
     print(f"numpy {np.__version__}, pandas {pd.__version__}, python {sys.version.split()[0]}")
+    print(f"embeddings: {args.data}")
     print(f"{load()}; started {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="pool_scale-") as tmp:
         root = Path(tmp)
