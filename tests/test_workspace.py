@@ -20,9 +20,9 @@ from typer.testing import CliRunner, Result
 from datapool.cli import app
 from datapool.errors import InputError
 from datapool.exchange import export_pool
-from datapool.layout import LOCK, pool_dir
+from datapool.layout import LOCK, PoolPaths, pool_dir
 from datapool.pool import read_pool
-from datapool.revisions import lock_pool, park, parked_paths
+from datapool.revisions import lock_pool, parked_paths
 from datapool.settings import load_params
 from datapool.tools import head, run_tool
 from datapool.workspace import (
@@ -207,15 +207,11 @@ def test_pool_names_are_checked_where_they_enter(ws: Path, command: list[str]) -
 
 
 def test_pools_named_before_the_strict_rule_can_still_be_read_and_restored(
-    ws: Path, tmp_path: Path
+    parked: Path, tmp_path: Path
 ) -> None:
     # import and combine once took any name without '/' or a leading '.'.
-    name = "my pool"
-    parked_pool(ws, tmp_path, name, [1, 2])
-    git_commit(ws, "one", paths=parked_paths(name))
-    first = head(ws)
-    parked_pool(ws, tmp_path, name, [3])
-    git_commit(ws, "two", paths=parked_paths(name))
+    ws, name = parked, "my pool"
+    first = revision(ws, "first")  # "my pool": 2 rows there, 1 now
     listed = cli("history", name, "--workspace", str(ws))
     assert listed.exit_code == 0 and first[:7] in listed.output, listed.output
     exported = cli("export", name, "--out", str(tmp_path / "out"), "--workspace", str(ws))
@@ -343,18 +339,49 @@ def test_import_commits_the_new_pools_record_only(ws: Path, tmp_path: Path) -> N
     assert user_changes(ws) == left
 
 
-def parked_pool(ws: Path, tmp_path: Path, name: str, seeds: list[int]) -> None:
-    """A pool of drawn images (model ``m1``) moved into the workspace and parked."""
-    shutil.rmtree(pool_dir(ws, name), ignore_errors=True)
-    pool_dir(ws, name).parent.mkdir(exist_ok=True)
-    shutil.move(make_pool(tmp_path / f"v{len(seeds)}", name, seeds), pool_dir(ws, name))
-    park(ws, name)
+# Parked pools in two committed revisions, tagged: ``first`` and ``second``.
+PARKED = {
+    "first": {"P": [1, 2], "Q": [2, 3], "my pool": [1, 2]},
+    "second": {"P": [3], "my pool": [3]},
+}
 
 
-def test_combine_commits_the_new_pools_record_only(ws: Path, tmp_path: Path) -> None:
-    for name, seeds in (("P", [1, 2]), ("Q", [2, 3])):
-        parked_pool(ws, tmp_path, name, seeds)
-    git_commit(ws, "two pools", paths=[*parked_paths("P"), *parked_paths("Q")])
+@pytest.fixture(scope="module")
+def made_parked(made: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`made` with the pools of :data:`PARKED` parked and committed, made once.
+
+    Each revision parks its pools with one `dvc add` of all their folders (what
+    :func:`~datapool.revisions.park` runs for one), ~1 s where a park per pool took
+    ~1 s each; three tests start from it. "my pool" is a name from before the strict rule.
+    """
+    root = tmp_path_factory.mktemp("parked")
+    ws = root / "ws"
+    shutil.copytree(made, ws, symlinks=True)
+    for tag, pools in PARKED.items():
+        for name, seeds in pools.items():
+            shutil.rmtree(pool_dir(ws, name), ignore_errors=True)
+            pool_dir(ws, name).parent.mkdir(exist_ok=True)
+            shutil.move(make_pool(root / tag, name, seeds), pool_dir(ws, name))
+        run_tool(["dvc", "add", *(PoolPaths(n).folder for n in pools)], cwd=ws, quiet=True)
+        git_commit(ws, tag, paths=[path for name in pools for path in parked_paths(name)])
+        run_tool(["git", "tag", tag], cwd=ws, quiet=True)
+    return ws
+
+
+def revision(ws: Path, tag: str) -> str:
+    """The commit id ``tag`` names (the commands are given ids, as a user copies them)."""
+    return run_tool(["git", "rev-parse", tag], cwd=ws, quiet=True).strip()
+
+
+@pytest.fixture
+def parked(made_parked: Path, tmp_path: Path) -> Iterator[Path]:
+    """A copy of :func:`made_parked`: the workspace at revision ``second``."""
+    shutil.copytree(made_parked, tmp_path / "ws", symlinks=True)
+    yield tmp_path / "ws"
+
+
+def test_combine_commits_the_new_pools_record_only(parked: Path) -> None:
+    ws = parked
     left = leave_user_changes(ws)
     result = cli("combine", "P", "Q", "--into", "R", "--workspace", str(ws))
     assert result.exit_code == 0, result.output
@@ -362,14 +389,10 @@ def test_combine_commits_the_new_pools_record_only(ws: Path, tmp_path: Path) -> 
     assert user_changes(ws) == left
 
 
-def test_restoring_a_parked_version_commits_its_record_only(ws: Path, tmp_path: Path) -> None:
-    parked_pool(ws, tmp_path, "P", [1, 2])
-    git_commit(ws, "P", paths=parked_paths("P"))
-    first = head(ws)
-    parked_pool(ws, tmp_path, "P", [3])
-    git_commit(ws, "P again", paths=parked_paths("P"))
+def test_restoring_a_parked_version_commits_its_record_only(parked: Path) -> None:
+    ws = parked
     left = leave_user_changes(ws)
-    result = cli("restore", "P", first, "--workspace", str(ws))
+    result = cli("restore", "P", revision(ws, "first"), "--workspace", str(ws))
     assert result.exit_code == 0, result.output
     assert committed(ws) == ["M\tpools/P.dvc"]
     assert user_changes(ws) == left
