@@ -320,6 +320,7 @@ def test_forget_history_leaves_a_shared_cache_alone(repo: Path, tmp_path: Path) 
     assert missing_objects(shared, used.digest) == []
 
 
+@pytest.mark.slow  # DVC retries its lock for ~3 s before giving up (as test_version's recovery)
 def test_forget_history_waits_for_dvcs_lock_and_deletes_nothing_without_it(repo: Path) -> None:
     # Another DVC command holds the repository lock: nothing is deleted behind its back.
     commit_version(repo, "A", ["h1"], 5)
