@@ -19,11 +19,11 @@ from datapool.embedding.training import (
     _one_thread,
     _PairDataset,
     augment,
-    cpu_has_native_bf16,
     nt_xent_loss,
     train_contrastive,
 )
 from datapool.errors import InputError
+from datapool.hardware import cpu_has_native_bf16
 from tests.conftest import draw_image
 
 TINY = ModelConfig(arch="resnet18", embedding_dim=8, image_size=32)
