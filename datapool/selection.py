@@ -179,6 +179,9 @@ _SAMPLE = 1024  # rows sampled to estimate the level that matters in the pool pa
 # "auto" takes the bfloat16 pass below this share of probed pairs in its window
 # (measured: 0.0007-0.0008 where it paid, 0.0063-0.010 where it lost; _State._lowp_pays)
 _LOWP_SHARE = 0.002
+# ... and whatever the pruning when float32's window holds this many times more pairs
+# (measured: unit vectors 0.02-0.2x, rows 50 or 1e5 from the origin 44-1400x)
+_LOWP_WIDER = 10
 _TRACK_SHARE = 10  # keep exact pool minima when n_samples >= n / this (see _select)
 _MIN_BUDGET = 64 << 20  # bytes; 4096-row pool-pass blocks (~20 % faster than 16 MiB allowed)
 _U = 2.0**-24  # float32 unit roundoff
@@ -723,31 +726,39 @@ class _State:
         n = self.x.shape[0]
         return keep < n // 2 and min(_SAMPLE, n // 4) >= 64
 
-    def _lowp_pays(self) -> bool:
+    def _lowp_pays(self, *, prunes: bool) -> bool:
         """Whether the bfloat16 pass beats float32 here (``pool_precision="auto"``).
 
         Its products are ~2.3x faster, but every pair within ``2 eps`` of its row's
-        running minimum is kept and re-computed, and ``eps`` is ~800x float32's
-        (module Notes). Probed on up to 256 evenly spaced rows against up to 8
-        evenly spaced pool chunks (float32, centred like the pass): the share of pairs
-        within ``2 eps`` of their row's minimum. Spread data (random directions,
-        wide clusters) measured ~0.0007-0.0008 and the pass paid (10k of 10k picks:
-        0.45x float32's time at 1M pool rows, 0.72x at 100k); tight clusters
-        measured 0.0063-0.010 and it cost 1.6-2.35x float32's (docs/BENCHMARKS.md).
-        With pruning (:meth:`_prunes`) it never paid (0.98-1.11x spread, 1.5-2.1x
-        clustered), so the caller asks only when no row may stop early.
+        running minimum is kept and re-computed, and its ``eps`` is ~800x float32's
+        on centred rows (module Notes). Probed on up to 256 evenly spaced rows against
+        up to 8 evenly spaced pool chunks (float32): the share of pairs within each
+        pass's ``2 eps`` of their row's minimum. On unit vectors it paid only without
+        pruning (``prunes``: rows may stop early, which float32 does cheaply; with it
+        0.98-1.2x float32's time on spread rows, 1.5-2.1x on tight clusters) and
+        with a thin window: spread data measured a share of 0.0007-0.0008 and took
+        0.45-0.81x float32's time, tight clusters 0.0063-0.010 and 1.6-2.35x
+        (docs/BENCHMARKS.md). Far from the origin float32's own window (its ``eps``
+        grows with the uncentred norms) holds nearly every pair, and the centred
+        bfloat16 pass wins whatever the pruning (0.08 vs 1.9 s at 1e5 from the origin).
         """
         n, chunks = self.x.shape[0], self._pool()
         idx = torch.linspace(0, n - 1, min(256, n), dtype=torch.float64, device=self.dev).long()
         picked = torch.linspace(0, len(chunks) - 1, min(8, len(chunks))).round().long()
         c = torch.cat([chunks[j][0] for j in sorted({int(v) for v in picked})])
+        x = self.rows(idx)
         mu = c.mean(dim=0)
-        xc, cc = self.rows(idx) - mu, c - mu
+        xc, cc = x - mu, c - mu
         xn, cn = (xc * xc).sum(dim=1), (cc * cc).sum(dim=1)
         g = torch.addmm(cn.unsqueeze(0), xc, cc.T, alpha=-2.0).add_(xn.unsqueeze(1))
-        eps = (xn + cn.max()).mul_(2 * self.kappa_lowp)
-        share = float((g <= (g.amin(dim=1) + eps).unsqueeze(1)).float().mean())
-        return share < _LOWP_SHARE
+        gm = g.amin(dim=1)
+        eps_b = (xn + cn.max()).mul_(2 * self.kappa_lowp)
+        eps_f = ((x * x).sum(dim=1) + (c * c).sum(dim=1).max()).mul_(2 * self.kappa)
+        share_b = float((g <= (gm + eps_b).unsqueeze(1)).float().mean())
+        share_f = float((g <= (gm + eps_f).unsqueeze(1)).float().mean())
+        if share_f > _LOWP_WIDER * share_b:
+            return True
+        return not prunes and share_b < _LOWP_SHARE
 
     def _drop_level(self, keep: int) -> float:
         """Estimated squared distance of the ``keep``-th farthest row from the pool.
@@ -795,7 +806,7 @@ class _State:
             return
         self._pool()  # norms and the largest one, before the level is estimated
         if self.lowp and self.lowp_probe:
-            self.lowp = not self._prunes(keep) and self._lowp_pays()
+            self.lowp = self._lowp_pays(prunes=self._prunes(keep))
         theta = self._drop_level(keep)
         pver = torch.full((n if theta > -math.inf else 0,), m, dtype=torch.int64, device=self.dev)
         if theta > -math.inf:

@@ -608,26 +608,32 @@ def test_pool_precision_is_checked_and_auto_stays_off_gpus() -> None:
 
 
 @pytest.mark.parametrize(
-    ("data", "picks", "taken"),
-    [("spread", 600, True), ("tight clusters", 600, False), ("spread", 20, False)],
+    ("data", "rows", "picks", "taken"),
+    [  # 300 of 3000: exact pool minima are kept (>= a tenth) and rows may stop early
+        ("spread", 600, 600, True),
+        ("tight clusters", 600, 600, False),
+        ("spread", 3000, 300, False),
+        ("far from the origin", 3000, 300, True),
+    ],
 )
 def test_auto_takes_the_bfloat16_pass_only_where_it_pays(
-    monkeypatch: pytest.MonkeyPatch, data: str, picks: int, taken: bool
+    monkeypatch: pytest.MonkeyPatch, data: str, rows: int, picks: int, taken: bool
 ) -> None:
     """``auto`` probes the share of pairs in the bfloat16 window: spread rows without
     pruning take it; tight clusters (a wide window) or a pass that prunes (few picks)
-    stay float32. The picks are the float32 pass's either way."""
+    stay float32, unless float32's own window is far wider (rows far from the origin:
+    its bound grows with the uncentred norms). The picks are the float32 pass's."""
     from datapool.hardware import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         pytest.skip("auto keeps float32 on CPUs without native bfloat16")
     rng = np.random.default_rng(5)
-    if data == "spread":
-        x = rng.standard_normal((3600, 128)).astype(np.float32)
-    else:
-        centres = rng.standard_normal((20, 128)).astype(np.float32)
-        x = centres[rng.integers(0, 20, 3600)] + 0.2 * rng.standard_normal((3600, 128))
+    x = rng.standard_normal((3000 + rows, 128))
+    if data == "tight clusters":
+        x = rng.standard_normal((20, 128))[rng.integers(0, 20, 3000 + rows)] + 0.2 * x
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    if data == "far from the origin":
+        x += np.float32(50)
     pool, cand = x[:3000], x[3000:]
     used: list[bool] = []
     lowp_chunk = selection._State._lowp_chunk
@@ -639,7 +645,10 @@ def test_auto_takes_the_bfloat16_pass_only_where_it_pays(
     monkeypatch.setattr(selection._State, "_lowp_chunk", spy)
     auto = k_center_greedy(cand, pool=pool, n_samples=picks, pool_precision="auto")
     assert bool(used) is taken
-    full = k_center_greedy(cand, pool=pool, n_samples=picks, pool_precision="float32")
+    # far from the origin the float32 pass is the slow one (seconds): the bfloat16 pass's
+    # picks are checked against it on such data in test_bfloat16_pool_pass_picks_...
+    peer: selection.PoolPrecision = "bfloat16" if data == "far from the origin" else "float32"
+    full = k_center_greedy(cand, pool=pool, n_samples=picks, pool_precision=peer)
     np.testing.assert_array_equal(auto.indices, full.indices)
     np.testing.assert_array_equal(auto.min_distances, full.min_distances)
 
