@@ -182,6 +182,7 @@ _LOWP_SHARE = 0.002
 # ... and whatever the pruning when float32's window holds this many times more pairs
 # (measured: unit vectors 0.02-0.2x, rows 50 or 1e5 from the origin 44-1400x)
 _LOWP_WIDER = 10
+_PROBE_MIN = 1 << 24  # multiply-adds of a whole pass below which auto takes float32 unprobed
 _TRACK_SHARE = 10  # keep exact pool minima when n_samples >= n / this (see _select)
 _MIN_BUDGET = 64 << 20  # bytes; 4096-row pool-pass blocks (~20 % faster than 16 MiB allowed)
 _U = 2.0**-24  # float32 unit roundoff
@@ -743,17 +744,29 @@ class _State:
         bfloat16 pass wins whatever the pruning (0.08 vs 1.9 s at 1e5 from the origin).
         """
         n, chunks = self.x.shape[0], self._pool()
+        if n * self.centres.m * self.x.shape[1] < _PROBE_MIN:
+            return False  # the probe would be most of the pass: float32 is cheap here anyway
         idx = torch.linspace(0, n - 1, min(256, n), dtype=torch.float64, device=self.dev).long()
-        picked = torch.linspace(0, len(chunks) - 1, min(8, len(chunks))).round().long()
-        c = torch.cat([chunks[j][0] for j in sorted({int(v) for v in picked})])
+        js = sorted({int(v) for v in torch.linspace(0, len(chunks) - 1, min(8, len(chunks)))})
+        # (chunk by chunk, no temporary beyond one chunk's centred copy: freed blocks of
+        # that size stay in the heap, ~100 MB more at d = 2048 before)
+        mu = torch.stack([chunks[j][0].sum(dim=0) for j in js]).sum(dim=0)
+        mu /= sum(chunks[j][0].shape[0] for j in js)
         x = self.rows(idx)
-        mu = c.mean(dim=0)
-        xc, cc = x - mu, c - mu
-        xn, cn = (xc * xc).sum(dim=1), (cc * cc).sum(dim=1)
-        g = torch.addmm(cn.unsqueeze(0), xc, cc.T, alpha=-2.0).add_(xn.unsqueeze(1))
+        xc = x - mu
+        xn = (xc * xc).sum(dim=1)
+        columns, cn_max = [], 0.0
+        for j in js:  # one chunk's centred copy at a time (memory: the budget's blocks)
+            cc = chunks[j][0] - mu
+            products = torch.mm(xc, cc.T)
+            cn = cc.mul_(cc).sum(dim=1)
+            columns.append(products.mul_(-2.0).add_(cn.unsqueeze(0)))
+            cn_max = max(cn_max, float(cn.max()))
+        g = torch.cat(columns, dim=1).add_(xn.unsqueeze(1))  # <= 256 x 8192 float32
         gm = g.amin(dim=1)
-        eps_b = (xn + cn.max()).mul_(2 * self.kappa_lowp)
-        eps_f = ((x * x).sum(dim=1) + (c * c).sum(dim=1).max()).mul_(2 * self.kappa)
+        eps_b = (xn + cn_max).mul_(2 * self.kappa_lowp)
+        c_max = max(float(chunks[j][1].max()) for j in js)  # uncentred, as _pool stored them
+        eps_f = ((x * x).sum(dim=1) + c_max).mul_(2 * self.kappa)
         share_b = float((g <= (gm + eps_b).unsqueeze(1)).float().mean())
         share_f = float((g <= (gm + eps_f).unsqueeze(1)).float().mean())
         if share_f > _LOWP_WIDER * share_b:
@@ -795,6 +808,9 @@ class _State:
         they received.
         """
         n, m = self.x.shape[0], self.centres.m
+        if m and self.lowp and self.lowp_probe:  # before the block size, which depends on it
+            self._pool()
+            self.lowp = self._lowp_pays(prunes=self._prunes(keep))
         most = _LOWP_ROWS if self.lowp else _POOL_ROWS
         b = max(256, min(most, self.budget // (8 * (self.x.shape[1] + _CHUNK))))
         if m == 0:
@@ -805,8 +821,6 @@ class _State:
                 self.a, self.tpool = self.prior.clone(), self.prior.clone()
             return
         self._pool()  # norms and the largest one, before the level is estimated
-        if self.lowp and self.lowp_probe:
-            self.lowp = self._lowp_pays(prunes=self._prunes(keep))
         theta = self._drop_level(keep)
         pver = torch.full((n if theta > -math.inf else 0,), m, dtype=torch.int64, device=self.dev)
         if theta > -math.inf:
@@ -1233,8 +1247,10 @@ def k_center_greedy(
             restored afterwards.
         pool_precision: the pool pass's products when many picks are planned
             (``n_samples`` at least a tenth of the rows): ``"auto"`` (bfloat16 on
-            CPUs that compute it natively, ~2.4x faster here), ``"float32"`` or
-            ``"bfloat16"`` (:func:`lowp_pool_pass`). The picks are the same either way.
+            CPUs that compute it natively, where a probe finds that it pays: spread
+            rows and no pruning, or rows far from the origin; see ``_lowp_pays``),
+            ``"float32"`` or ``"bfloat16"`` (:func:`lowp_pool_pass`). The picks are
+            the same either way.
         prior: ``[n]`` textbook squared distances of each candidate to centres not
             given in ``pool`` (:func:`pool_minima` of a big pool, once): the picks
             are those with those centres in ``pool``, without another pass over
