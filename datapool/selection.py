@@ -1339,13 +1339,26 @@ def pool_minima(
     if pool_t is None or n == 0:
         return np.full(n, np.inf, dtype=np.float32)
     lowp = lowp_pool_pass(dev, pool_precision)
+    passes = threads or torch.get_num_threads()
+    out = np.full(n, np.inf, dtype=np.float32)
+    rest = np.ones(n, dtype=bool)
     with pinned_numerics(dev.type, 1):
-        st = _State(
-            x, _Centres(pool_t, x.shape[1], dev), budget, threads or torch.get_num_threads()
-        )
-        st.track, st.lowp, st.lowp_probe = True, lowp, pool_precision == "auto"
-        st.first_pass(n)  # keep every row: no pruning
-        out: npt.NDArray[np.float32] = st.tpool.cpu().numpy()
+        if dev.type == "cpu" and x.device.type == "cpu" and pool_t.device.type == "cpu":
+            from datapool.pool_index import pruned_minima
+
+            with cpu_threads(passes):
+                start = torch.full((n,), math.inf)
+                got = pruned_minima(x.float(), pool_t.float(), start)
+            if got is not None:  # clustered rows: whole chunks of the pool skipped
+                out[:] = got[0].numpy()
+                rest = ~got[1].numpy()
+        if rest.any():
+            idx = np.flatnonzero(rest)
+            xr = x if rest.all() else x[torch.from_numpy(idx).to(x.device)]
+            st = _State(xr, _Centres(pool_t, x.shape[1], dev), budget, passes)
+            st.track, st.lowp, st.lowp_probe = True, lowp, pool_precision == "auto"
+            st.first_pass(len(idx))  # keep every row: no pruning
+            out[idx] = st.tpool.cpu().numpy()
     return out
 
 

@@ -931,6 +931,17 @@ def _herded(
     return Combined(got.indices, dist, {"diversity": dist / r}, left, reason)
 
 
+def _reads_pool_whole(x: torch.Tensor, pool: torch.Tensor, budget: int | None) -> bool:
+    """Whether plain k-center's pool pass would keep every row's exact pool minimum (a
+    tenth of the rows or more to pick, :mod:`datapool.selection`) over a pool big
+    enough for :func:`datapool.pool_index.pruned_minima`: then those minima are
+    taken first, as the prior (same picks), so whole chunks of a clustered pool are
+    skipped; an engine pass that may stop rows early is left as it is."""
+    from datapool.pool_index import MIN_POOL
+
+    return budget is not None and pool.shape[0] >= MIN_POOL and budget * 10 >= x.shape[0]
+
+
 def _minima(
     x: torch.Tensor, pool: torch.Tensor, threads: int | None, world: World | None
 ) -> npt.NDArray[np.float32]:
@@ -1128,7 +1139,11 @@ def select(
         if pre_rows is not None:
             parts = [t.to(torch.float32) for t in (pool_t, pre_rows) if t is not None]
             centres = torch.cat(parts)
-        got = _plain(xc, centres, budget, min_distance, threads, world)
+        prior = None
+        if centres is not None and _reads_pool_whole(xc, centres, budget):
+            # exact minima first: whole chunks of a clustered pool may be skipped
+            prior, centres = torch.from_numpy(_minima(xc, centres, threads, world)), None
+        got = _plain(xc, centres, budget, min_distance, threads, world, prior=prior)
     elif any(c.strategy == "herding" for c in strategies):
         got = _herded(xc, pool_t, pre_rows, budget, min_distance, strategies, seed, threads, world)
     else:
