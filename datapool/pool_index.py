@@ -126,12 +126,12 @@ def _chunks(
     groups = pivots.shape[0]
     near = _nearest(pool, pivots)
     order = torch.argsort(near, stable=True)
-    bounds = torch.searchsorted(near[order], torch.arange(groups + 1))
+    bounds = torch.searchsorted(near[order], torch.arange(groups + 1)).tolist()
+    ordered = pool[order]  # one copy, grouped; the chunks are views of it
     chunks, centres, radii = [], [], []
     for gi in range(groups):
-        members = order[int(bounds[gi]) : int(bounds[gi + 1])]
-        for s in range(0, members.numel(), CHUNK):
-            c = pool[members[s : s + CHUNK]]
+        for s in range(bounds[gi], bounds[gi + 1], CHUNK):
+            c = ordered[s : min(s + CHUNK, bounds[gi + 1])]
             z = c.double().mean(dim=0)
             chunks.append(c)
             centres.append(z)
