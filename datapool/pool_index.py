@@ -12,9 +12,11 @@ chunks of at most 1,024 rows, and keeps each chunk's centre ``z`` (float64 mean)
 and radius ``R`` (float64, the largest member distance). For a row ``x`` and a
 chunk, ``LB = |x - z| - R`` bounds every member's distance from below (triangle
 inequality), so the chunk cannot lower the row's exact running minimum ``t``
-when ``(1 - 2 g_{d+2}) LB^2 > t``: a textbook value ``fl(sum (x - c)^2)`` is at
-least ``(1 - g_{d+2})`` times the true squared distance (module Notes of
-:mod:`datapool.selection`), and ``LB`` is computed in float64 less a slack of
+when ``(1 - 2 g_{d+2}) LB^2 > t + eta``: a textbook value ``fl(sum (x - c)^2)``
+is at least ``(1 - g_{d+2})`` times the true squared distance less ``eta =
+2^-100`` for underflow (module Notes of :mod:`datapool.selection`; a reviewer's
+subnormal rows showed the absolute term is needed), and ``LB`` is computed in
+float64 less a slack of
 ``1e-7 sqrt(d) (|x| + |z| + R)``, above float64's error in ``|x - z|``
 (``sqrt(d 2^-52) (|x| + |z|)`` at worst, near ``x = z``) and ``R``. Chunks are
 applied with :func:`datapool.selection.exact_min` (the float32 product, then the
@@ -38,7 +40,7 @@ import math
 
 import torch
 
-from datapool.selection import _gamma, error_bound, exact_min
+from datapool.selection import _ETA, _gamma, error_bound, exact_min
 
 __all__ = ["CHUNK", "MIN_POOL", "pruned_minima"]
 
@@ -160,9 +162,16 @@ def _block(
     lb = (dist - radii.unsqueeze(0) - slack * norms).clamp_(min=0.0)
     lb2 = lb.square_().mul_(shrink)  # below every member's textbook value
     t = minima[rows].clone()
+    nearest = lb2.amin(dim=0)
+    order = torch.argsort(nearest).tolist()
     skipped = 0
-    for j in torch.argsort(lb2.amin(dim=0)).tolist():
-        need = (lb2[:, j] <= t.double()).nonzero().squeeze(1)
+    for i, j in enumerate(order):
+        # + _ETA: under underflow each rounding errs absolutely (selection's Notes)
+        limit = t.double() + _ETA
+        if float(nearest[j]) > float(limit.max()):  # so are all later chunks: nearest first
+            skipped += xb.shape[0] * (len(order) - i)
+            break
+        need = (lb2[:, j] <= limit).nonzero().squeeze(1)
         skipped += xb.shape[0] - need.numel()
         if need.numel():
             t[need] = exact_min(xb[need], xn[need], t[need], chunks[j], kappa)

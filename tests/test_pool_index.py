@@ -106,3 +106,27 @@ def test_plain_k_center_with_a_big_pool_picks_the_same_through_the_minima(
     assert got.preselected == 5 and list(got.indices[:5]) == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(got.indices[5:], direct.indices + 5)
     np.testing.assert_array_equal(got.distances[5:], direct.min_distances)
+
+
+def test_a_chunk_is_not_skipped_on_a_bound_that_underflow_breaks(
+    small: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subnormal rows (found by review): ``b``'s textbook value is 0 (every term
+    underflows) though its true squared distance to the origin is ~13 * 2**-150, below
+    ``a``'s 2**-149. The skip rule needs the absolute term of the error bound, or the
+    chunk holding ``b`` is skipped and the minimum is 2**-149, not 0."""
+    d = 16
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((8, d))
+    e = centres[np.sort(rng.integers(0, 8, 6400))] + 0.25 * rng.standard_normal((6400, d))
+    e = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+    pool, x = e[::2][:2600].copy(), e[1::2][:600].copy()
+    pivot = int(pool_index._pivots(2600, 20)[3])
+    tiny = np.float32(2.0**-75)
+    pool[pivot - 63 : pivot + 1] = 0.0
+    pool[pivot - 63 : pivot + 1, 0] = np.float32(1.1) * tiny  # |a|^2 = 2**-149 (64 copies)
+    pool[pivot + 500] = np.float32(0.9) * tiny  # |b|^2 rounds to 0
+    x[0] = 0.0
+    got = pool_minima(x, pool)
+    assert got[0] == 0.0
+    np.testing.assert_array_equal(got, plain_minima(x, pool, monkeypatch))
