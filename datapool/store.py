@@ -266,6 +266,7 @@ def _arrow() -> Any:
 
 
 _NUMBERS = ("pick_rank", "pick_distance")  # our columns kept as numbers (all others text)
+_TEXTUAL = ("string", "empty")  # pandas' infer_dtype of text-or-missing / all-missing objects
 
 
 def to_arrow(table: pd.DataFrame) -> Any:
@@ -317,9 +318,6 @@ def _as_text(values: pd.Series) -> Any:
             # one chunk whatever the column's memory layout: equal tables, equal shard bytes
             return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
     return pa.array(["" if _missing(v) else str(v) for v in values], type=pa.string())
-
-
-_TEXTUAL = ("string", "empty")  # pandas' infer_dtype of text-or-missing / all-missing objects
 
 
 def _missing(value: object) -> bool:

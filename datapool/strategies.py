@@ -938,8 +938,10 @@ def _reads_pool_whole(x: torch.Tensor, pool: torch.Tensor, budget: int | None) -
     taken first, as the prior (same picks), so whole chunks of a clustered pool are
     skipped; an engine pass that may stop rows early is left as it is."""
     from datapool.pool_index import MIN_POOL
+    from datapool.selection import _TRACK_SHARE  # the engine's own rule, not a copy of it
 
-    return budget is not None and pool.shape[0] >= MIN_POOL and budget * 10 >= x.shape[0]
+    big = pool.shape[0] >= MIN_POOL
+    return budget is not None and big and budget * _TRACK_SHARE >= x.shape[0]
 
 
 def _minima(
